@@ -1,0 +1,147 @@
+"""Training data: the prepared photos and captions, class images, and the caches that make steps cheap.
+
+The VAE encode of a 512 px photo costs more than a UNet forward pass, so each photo is encoded
+once and its latent distribution (mean, std) is cached on disk, keyed by the photo's bytes, the
+resolution and the base model; a training step then only draws `mean + std * noise`.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import fileio
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+@dataclass
+class Example:
+    path: Path
+    caption: str | None  # the photo's own .txt caption, or None for the instance prompt
+
+
+def list_examples(folder: Path) -> list[Example]:
+    """The images in a folder (sorted, so their order is stable) with their same-name .txt captions."""
+    examples = []
+    for path in sorted(Path(folder).glob("*")):
+        if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
+            txt = path.with_suffix(".txt")
+            caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else None
+            examples.append(Example(path=path, caption=caption or None))
+    return examples
+
+
+def load_image_tensor(path: Path, resolution: int) -> torch.Tensor:
+    """An RGB image as a [3, H, W] tensor in [-1, 1], resized to a square of `resolution` if needed."""
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        if img.size != (resolution, resolution):
+            side = min(img.size)
+            left, top = (img.width - side) // 2, (img.height - side) // 2
+            img = img.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.LANCZOS)
+        array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def cached_latents(
+    vae,
+    paths: list[Path],
+    resolution: int,
+    cache_dir: Path,
+    model_key: str,
+    *,
+    flip: bool = False,
+    batch_size: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the VAE's latent distribution for each image, [N, 4, h, w] on the CPU in fp32.
+
+    With `flip`, the mirrored images follow the originals (2N rows). Cached under `cache_dir` by content.
+    """
+    from safetensors.torch import load_file, save_file
+
+    key_text = "|".join([model_key, str(resolution), str(flip)] + [_file_digest(p) for p in paths])
+    key = hashlib.sha256(key_text.encode()).hexdigest()[:20]
+    cache_file = Path(cache_dir) / f"latents-{key}.safetensors"
+    if cache_file.is_file():
+        cached = load_file(str(cache_file))
+        return cached["mean"], cached["std"]
+    device, dtype = vae.device, vae.dtype
+    images = [load_image_tensor(p, resolution) for p in paths]
+    if flip:
+        images += [img.flip(-1) for img in images]
+    means, stds = [], []
+    for start in range(0, len(images), batch_size):
+        batch = torch.stack(images[start : start + batch_size]).to(device, dtype)
+        dist = vae.encode(batch).latent_dist
+        means.append(dist.mean.float().cpu())
+        stds.append(dist.std.float().cpu())
+    mean, std = torch.cat(means), torch.cat(stds)
+    fileio.save_with(cache_file, lambda tmp: save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(tmp)))
+    return mean, std
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def encode_prompts(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
+    """The text encoder's last hidden state, which is what the SD UNet cross-attends to."""
+    return text_encoder(input_ids.to(text_encoder.device))[0]
+
+
+def class_images_dir(class_root: Path, model_key: str, class_prompt: str, resolution: int) -> Path:
+    """Class images are reusable by every attempt with the same base model, prompt and size."""
+    digest = hashlib.sha256(f"{model_key}|{class_prompt}|{resolution}".encode()).hexdigest()[:12]
+    slug = "".join(c if c.isalnum() else "-" for c in class_prompt.lower()).strip("-")[:40]
+    return Path(class_root) / f"{slug}-{resolution}-{digest}"
+
+
+@torch.no_grad()
+def ensure_class_images(
+    pipe,
+    folder: Path,
+    class_prompt: str,
+    count: int,
+    resolution: int,
+    *,
+    batch_size: int = 4,
+    num_inference_steps: int = 25,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Path]:
+    """Generate the missing class images (seeded by index, so a resumed generation matches) and list them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    wanted = [folder / f"class-{i:04d}.png" for i in range(count)]
+    missing = [i for i, p in enumerate(wanted) if not p.exists()]
+    pipe.set_progress_bar_config(disable=True)
+    for start in range(0, len(missing), batch_size):
+        indices = missing[start : start + batch_size]
+        generators = [torch.Generator(device="cpu").manual_seed(10_000 + i) for i in indices]
+        images = pipe(
+            [class_prompt] * len(indices),
+            num_inference_steps=num_inference_steps,
+            height=resolution,
+            width=resolution,
+            generator=generators,
+        ).images
+        for i, image in zip(indices, images):
+            fileio.save_with(wanted[i], lambda tmp, image=image: image.save(tmp, format="PNG"))
+        if progress:
+            progress(min(start + batch_size, len(missing)), len(missing))
+    return wanted
+

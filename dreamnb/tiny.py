@@ -1,0 +1,115 @@
+"""Tiny Stable Diffusion models with the real architectures, for tests and the CPU demo.
+
+No machine here can download real weights, so tests build models with the same classes and
+layouts as SD 1.x and SD 2.x (four UNet levels, four VAE levels, a CLIP text encoder with the
+real tokenizer) but only a few channels, and load them through the same code path as a real
+model: a diffusers folder and an A1111-style single file.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_DIR = Path(__file__).parent / "data" / "clip-tokenizer"
+
+# "sd1": SD 1.x shape (CLIP ViT-L text encoder, epsilon prediction).
+# "sd2-v": SD 2.x shape (OpenCLIP-style text encoder with GELU, linear attention projections,
+#          v-prediction), as stabilityai/stable-diffusion-2-1.
+TINY_KINDS = ("sd1", "sd2-v")
+
+
+@dataclass
+class TinyModelPaths:
+    folder: Path          # a diffusers folder (model_index.json, unet/, vae/, ...)
+    single_file: Path | None  # the same weights in the original SD key layout (.safetensors)
+
+
+def tiny_pipeline(kind: str = "sd1", seed: int = 0):
+    """Build a randomly initialised (seeded) tiny StableDiffusionPipeline of the given kind."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if kind not in TINY_KINDS:
+        raise ValueError(f"tiny model kind must be one of {TINY_KINDS}, not {kind!r}")
+    sd2 = kind == "sd2-v"
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,  # 8x8 latents -> 64x64 images
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=(2, 2, 4, 4) if sd2 else 4,
+        use_linear_projection=sd2,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    text_config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        max_position_embeddings=77,
+        hidden_act="gelu" if sd2 else "quick_gelu",
+        projection_dim=32,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=0 if sd2 else 49407,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="!" if sd2 else "<|endoftext|>")
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction" if sd2 else "epsilon",
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_tiny_model(out_dir: str | Path, kind: str = "sd1", seed: int = 0, single_file: bool = True) -> TinyModelPaths:
+    """Save a tiny model as a diffusers folder (and as a single .safetensors file) under out_dir."""
+    out_dir = Path(out_dir)
+    folder = out_dir / f"tiny-{kind}"
+    pipe = tiny_pipeline(kind, seed)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    file_path = None
+    if single_file:
+        from .convert import save_single_file
+
+        file_path = out_dir / f"tiny-{kind}.safetensors"
+        save_single_file(pipe.unet, pipe.vae, pipe.text_encoder, file_path, dtype=torch.float32)
+    log.info("saved tiny %s model to %s", kind, folder)
+    return TinyModelPaths(folder=folder, single_file=file_path)

@@ -1,0 +1,580 @@
+"""The DreamBooth training loop: one attempt of a session, in two phases, that never loses work.
+
+Read top to bottom: check settings → prepare caches → text-encoder phase → UNet phase → save.
+As in TheLastBen's fast-DreamBooth the text encoder (which reads the prompt) is trained first
+with the UNet (which paints) frozen, then the UNet with the text encoder frozen; that second phase
+therefore needs no text encoder at all, only the cached prompt embeddings.
+
+Every random number comes from one seeded generator on the training device, whose state is saved
+in each checkpoint, so N steps + resume + M steps gives the same weights as N+M steps straight.
+Checkpoints are whole folders written atomically; Ctrl-C / Stop saves one; a NaN loss or running
+out of GPU memory ends the run with a plain-words message and the session left usable.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import logging
+import math
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import data, fileio
+from .config import ConfigError, TrainConfig, validate
+from .models import BaseModel, load_base_model
+from .session import Session, add_attempt, save_session, update_attempt
+
+log = logging.getLogger(__name__)
+
+PHASES = ("text_encoder", "unet")  # in training order
+CHECKPOINTS = "checkpoints"
+FINAL = "final"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the user can act on (NaN loss, out of memory)."""
+
+
+@dataclass
+class TrainEvent:
+    """What the trainer reports as it goes; the CLI prints it, the notebook draws it."""
+
+    kind: str  # start | step | phase | checkpoint | sample | done | stopped | error | info
+    step: int = 0
+    total_steps: int = 0
+    phase: str = ""
+    loss: float | None = None
+    lr: float | None = None
+    elapsed_s: float = 0.0
+    eta_s: float | None = None
+    message: str = ""
+    path: str | None = None
+    images: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    attempt: str
+    status: str  # finished | interrupted | failed
+    steps_done: int
+    total_steps: int
+    final_dir: Path | None
+    message: str = ""
+    losses: list[tuple[int, float]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Noise schedule helpers, on the device (diffusers' add_noise copies its tables to the device each call).
+
+@dataclass
+class NoiseSchedule:
+    sqrt_alpha: torch.Tensor
+    sqrt_one_minus_alpha: torch.Tensor
+    snr: torch.Tensor
+    prediction_type: str
+    num_train_timesteps: int
+
+    @classmethod
+    def from_scheduler(cls, scheduler, device) -> "NoiseSchedule":
+        from diffusers import DDPMScheduler
+
+        ddpm = DDPMScheduler.from_config(scheduler.config)
+        alphas = ddpm.alphas_cumprod.to(device=device, dtype=torch.float32)
+        return cls(
+            sqrt_alpha=alphas.sqrt(),
+            sqrt_one_minus_alpha=(1 - alphas).sqrt(),
+            snr=alphas / (1 - alphas),
+            prediction_type=ddpm.config.prediction_type,
+            num_train_timesteps=ddpm.config.num_train_timesteps,
+        )
+
+
+def diffusion_loss(unet, latents, embeds, generator, schedule: NoiseSchedule, config: TrainConfig, n_instance: int) -> torch.Tensor:
+    """DreamBooth loss for one batch: rows [:n_instance] are the subject, the rest class images (prior)."""
+    batch = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+    if config.offset_noise:
+        noise = noise + config.offset_noise * torch.randn((batch, latents.shape[1], 1, 1), generator=generator, device=latents.device)
+    timesteps = torch.randint(0, schedule.num_train_timesteps, (batch,), generator=generator, device=latents.device)
+    a = schedule.sqrt_alpha[timesteps].view(-1, 1, 1, 1)
+    s = schedule.sqrt_one_minus_alpha[timesteps].view(-1, 1, 1, 1)
+    noisy = a * latents + s * noise
+    target = a * noise - s * latents if schedule.prediction_type == "v_prediction" else noise
+    pred = unet(noisy, timesteps, embeds).sample
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if config.min_snr_gamma:
+        snr = schedule.snr[timesteps]
+        clipped = torch.clamp(snr, max=config.min_snr_gamma)
+        per_sample = per_sample * (clipped / (snr + 1) if schedule.prediction_type == "v_prediction" else clipped / snr)
+    loss = per_sample[:n_instance].mean()
+    if batch > n_instance:
+        loss = loss + config.prior_loss_weight * per_sample[n_instance:].mean()
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def train(
+    session: Session,
+    config: TrainConfig,
+    base_model: BaseModel | str,
+    *,
+    attempt: str | None = None,
+    resume: bool = False,
+    callback: Callable[[TrainEvent], None] | None = None,
+    stop: threading.Event | None = None,
+    progress: bool = True,
+    config_source: str | None = None,
+) -> TrainResult:
+    """Train one attempt. `base_model` is a loaded BaseModel (left untouched: trainable parts are
+    copied) or a source string. With `resume`, continue the named (or latest) attempt from its
+    newest checkpoint. `stop` (e.g. the notebook's Stop button) ends the run with a checkpoint."""
+    from accelerate import Accelerator
+
+    emit = callback or (lambda event: None)
+    validate(config)
+    examples = data.list_examples(session.instance_dir)
+    check_training_data(config, examples)
+
+    # --- the attempt folder: new, or the one to resume ------------------------------------------
+    if resume:
+        name = session.attempt(attempt).name
+        saved = json.loads((session.attempt_dir(name) / "config.json").read_text())
+        if saved != config.to_dict():
+            log.info("resuming %s with its saved settings", name)
+        config = TrainConfig.from_dict(saved)
+    else:
+        name = add_attempt(session, attempt).name
+    attempt_dir = session.attempt_dir(name)
+    fileio.write_json(attempt_dir / "config.json", config.to_dict())
+    checkpoint = latest_checkpoint(attempt_dir) if resume else None
+
+    # --- devices and precision ------------------------------------------------------------------
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config), gradient_accumulation_steps=config.gradient_accumulation_steps)
+    device = accelerator.device
+    frozen_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if isinstance(base_model, str):
+        base_model = load_base_model(base_model, config=config_source)
+    info = base_model.info
+    model_key = f"{info.source}|{info.family}|{info.prediction_type}"
+    if session.base_model is None:
+        session.base_model = info.source
+        save_session(session)
+    if info.resolution != config.resolution:
+        emit(TrainEvent("info", message=f"Training at {config.resolution} px; this base model was made for {info.resolution} px."))
+
+    vae = base_model.vae.requires_grad_(False)
+    if vae.device != device or vae.dtype != frozen_dtype:
+        vae.to(device, frozen_dtype)
+    tokenizer = base_model.tokenizer
+    text_encoder = copy.deepcopy(base_model.text_encoder).to(device).requires_grad_(False)
+    unet = copy.deepcopy(base_model.unet).to(device).requires_grad_(False)
+    if config.method == "lora":
+        add_lora_adapters(unet, text_encoder, config)
+    if resolve_gradient_checkpointing(config, device):
+        unet.enable_gradient_checkpointing()
+        text_encoder.gradient_checkpointing_enable()
+    schedule = NoiseSchedule.from_scheduler(base_model.pipeline.scheduler, device)
+
+    # --- caches: latents of photos and class images ---------------------------------------------
+    instance_mean, instance_std = data.cached_latents(
+        vae, [e.path for e in examples], config.resolution, session.cache_dir, model_key, flip=config.random_flip
+    )
+    captions = [e.caption or config.resolved_instance_prompt() for e in examples]
+    if config.random_flip:
+        captions = captions + captions
+    instance_ids = data.tokenize(tokenizer, captions)
+    class_mean = class_std = class_ids = None
+    if config.with_prior_preservation:
+        class_prompt = config.resolved_class_prompt()
+        folder = data.class_images_dir(session.class_dir, model_key, class_prompt, config.resolution)
+        emit(TrainEvent("info", message=f"Preparing {config.num_class_images} class images for {class_prompt!r} (made once, reused)."))
+        with accelerator.main_process_first():
+            paths = data.ensure_class_images(base_model.pipeline, folder, class_prompt, config.num_class_images, config.resolution)
+        class_mean, class_std = data.cached_latents(vae, paths, config.resolution, session.cache_dir, model_key)
+        class_ids = data.tokenize(tokenizer, [class_prompt])
+    scaling = vae.config.scaling_factor
+    instance_mean, instance_std = (instance_mean * scaling).to(device), (instance_std * scaling).to(device)
+    if class_mean is not None:
+        class_mean, class_std = (class_mean * scaling).to(device), (class_std * scaling).to(device)
+
+    # --- state that a checkpoint restores -------------------------------------------------------
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    state = {"phase": PHASES[0], "phase_step": 0, "global_step": 0}
+    if checkpoint is not None:
+        state = load_checkpoint_weights(checkpoint, unet, text_encoder, generator, config)
+        truncate_log(attempt_dir, state["global_step"])
+        emit(TrainEvent("info", message=f"Resuming {name} from step {state['global_step']}."))
+    update_attempt(session, name, status="training", message="")
+
+    total_steps = config.total_steps
+    first_step = state["global_step"]
+    started = time.time()
+    losses: list[tuple[int, float]] = []
+    bar = _progress_bar(progress and accelerator.is_main_process, total_steps, state["global_step"])
+    emit(TrainEvent("start", step=state["global_step"], total_steps=total_steps, message=f"Training {name} on {device}"))
+    status, message = "finished", ""
+    optimizer = lr_scheduler = None
+    try:
+        for phase in PHASES:
+            phase_steps = config.text_encoder_steps if phase == "text_encoder" else config.unet_steps
+            if PHASES.index(phase) < PHASES.index(state["phase"]) or phase_steps == 0:
+                continue
+            start_step = state["phase_step"] if phase == state["phase"] else 0
+            if start_step >= phase_steps:
+                continue
+            trainable = text_encoder if phase == "text_encoder" else unet
+            params = set_trainable(trainable, config)
+            lr = config.text_encoder_lr if phase == "text_encoder" else config.unet_lr
+            optimizer = make_optimizer(params, lr, config, device, emit)
+            lr_scheduler = make_lr_scheduler(optimizer, config, phase_steps)
+            if start_step:
+                load_checkpoint_optimizer(checkpoint, optimizer, lr_scheduler)
+            model, optimizer = accelerator.prepare(trainable, optimizer)
+            if phase == "unet":  # the text encoder is frozen from here on: embed every prompt once
+                with torch.no_grad(), accelerator.autocast():
+                    instance_embeds = data.encode_prompts(text_encoder, instance_ids).float()
+                    class_embeds = data.encode_prompts(text_encoder, class_ids).float() if class_ids is not None else None
+                text_encoder.to("cpu")  # frees GPU memory for the UNet phase
+            emit(TrainEvent("phase", step=state["global_step"], total_steps=total_steps, phase=phase, message=f"{phase.replace('_', ' ')} phase: {phase_steps} steps at lr {lr:g}"))
+            running_loss, steps_since_log = torch.zeros((), device=device), 0
+            for phase_step in range(start_step, phase_steps):
+                for _ in range(config.gradient_accumulation_steps):
+                    with accelerator.accumulate(model), accelerator.autocast():
+                        latents, rows, class_rows = draw_batch(
+                            generator, instance_mean, instance_std, class_mean, class_std, config, accelerator
+                        )
+                        if phase == "unet":
+                            embeds = instance_embeds[rows]
+                            if class_rows is not None:
+                                embeds = torch.cat([embeds, class_embeds.expand(len(class_rows), -1, -1)])
+                        else:
+                            ids = instance_ids.to(device)[rows]
+                            if class_rows is not None:
+                                ids = torch.cat([ids, class_ids.to(device).expand(len(class_rows), -1)])
+                            embeds = model(ids)[0]
+                        loss = diffusion_loss(unet if phase == "text_encoder" else model, latents, embeds, generator, schedule, config, len(rows))
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients:
+                            accelerator.clip_grad_norm_(params, 1.0)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    running_loss += loss.detach() / config.gradient_accumulation_steps
+                lr_scheduler.step()
+                state = {"phase": phase, "phase_step": phase_step + 1, "global_step": state["global_step"] + 1}
+                step = state["global_step"]
+                steps_since_log += 1
+                bar.update(1)
+                checkpoint_due = config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps
+                # Reading the loss syncs with the GPU, so it happens only when logging or before a checkpoint
+                # (which must never hold weights from after a NaN).
+                if step % config.log_every == 0 or phase_step + 1 == phase_steps or checkpoint_due:
+                    mean_loss = (running_loss / steps_since_log).item()
+                    running_loss.zero_()
+                    steps_since_log = 0
+                    if not math.isfinite(mean_loss):
+                        raise TrainingError(nan_message(config, accelerator.mixed_precision))
+                    losses.append((step, mean_loss))
+                    elapsed = time.time() - started
+                    current_lr = lr_scheduler.get_last_lr()[0]
+                    if accelerator.is_main_process:
+                        append_log(attempt_dir, step, phase, mean_loss, current_lr, elapsed)
+                    eta = elapsed / max(step - first_step, 1) * (total_steps - step)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}")
+                    emit(TrainEvent("step", step=step, total_steps=total_steps, phase=phase, loss=mean_loss, lr=current_lr, elapsed_s=elapsed, eta_s=eta))
+                if checkpoint_due:
+                    path = save_checkpoint(accelerator, attempt_dir, state, unet, text_encoder, optimizer, lr_scheduler, generator, config)
+                    emit(TrainEvent("checkpoint", step=step, total_steps=total_steps, path=str(path)))
+                if stop is not None and stop.is_set():
+                    raise KeyboardInterrupt
+            state = {"phase": phase, "phase_step": phase_steps, "global_step": state["global_step"]}
+        final_dir = save_final(accelerator, attempt_dir, unet, text_encoder, config)
+        message = f"Finished {total_steps} steps; the trained model is in {final_dir}."
+    except KeyboardInterrupt:
+        status = "interrupted"
+        path = save_checkpoint(accelerator, attempt_dir, state, unet, text_encoder, optimizer, lr_scheduler, generator, config)
+        message = f"Stopped at step {state['global_step']} of {total_steps}; saved {path.name}. Resume with --resume (or the Resume button)."
+        final_dir = None
+    except torch.cuda.OutOfMemoryError:
+        status, final_dir = "failed", None
+        optimizer = lr_scheduler = None
+        unet = text_encoder = None
+        _free_gpu_memory()
+        message = oom_message(config)
+    except TrainingError as err:
+        status, final_dir, message = "failed", None, str(err)
+    finally:
+        bar.close()
+    update_attempt(session, name, status=status, steps_done=state["global_step"], message=message)
+    emit(TrainEvent("done" if status == "finished" else ("stopped" if status == "interrupted" else "error"),
+                    step=state["global_step"], total_steps=total_steps, message=message,
+                    path=str(final_dir) if final_dir else None, elapsed_s=time.time() - started))
+    return TrainResult(attempt=name, status=status, steps_done=state["global_step"], total_steps=total_steps,
+                       final_dir=final_dir, message=message, losses=losses)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pieces of the loop
+
+def check_training_data(config: TrainConfig, examples: list[data.Example]) -> None:
+    if not examples:
+        raise ConfigError("The session has no prepared photos; add some first with `dreamnb prepare PHOTOS --session DIR`.")
+    for example in examples:
+        if example.caption is not None and config.token not in example.caption:
+            raise ConfigError(f"The caption of {example.path.name} does not contain the token {config.token!r}; add it to {example.path.with_suffix('.txt').name} or delete that file.")
+
+
+def resolve_mixed_precision(config: TrainConfig) -> str:
+    if config.mixed_precision != "auto":
+        if config.mixed_precision != "no" and not torch.cuda.is_available():
+            raise ConfigError(f"mixed_precision={config.mixed_precision} needs a GPU and none is available; use 'auto' or 'no'.")
+        return config.mixed_precision
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def resolve_gradient_checkpointing(config: TrainConfig, device: torch.device) -> bool:
+    """'auto': on when free GPU memory is below what a full fine-tune needs without it (≈18 GB at 512 px)."""
+    if config.gradient_checkpointing != "auto":
+        return config.gradient_checkpointing == "on"
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    needed_gb = (18 if config.method == "full" else 8) * (config.resolution / 512) ** 2 * config.train_batch_size
+    return free / 2**30 < needed_gb * 1.2
+
+
+def add_lora_adapters(unet, text_encoder, config: TrainConfig) -> None:
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, init_lora_weights="gaussian", target_modules=UNET_LORA_TARGETS))
+    if config.text_encoder_steps:
+        text_encoder.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, init_lora_weights="gaussian", target_modules=TEXT_LORA_TARGETS))
+
+
+def set_trainable(model, config: TrainConfig) -> list[torch.nn.Parameter]:
+    """Full: every weight of `model`; LoRA: only its adapter weights (kept in fp32)."""
+    params = []
+    for name, param in model.named_parameters():
+        train_it = config.method == "full" or "lora_" in name
+        param.requires_grad_(train_it)
+        if train_it:
+            if param.dtype != torch.float32:
+                param.data = param.data.float()
+            params.append(param)
+    return params
+
+
+def make_optimizer(params, lr: float, config: TrainConfig, device: torch.device, emit) -> torch.optim.Optimizer:
+    choice = config.optimizer
+    if choice in ("auto", "adamw8bit") and device.type == "cuda":
+        try:
+            import bitsandbytes as bnb  # type: ignore[import-not-found]
+
+            return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=1e-2)
+        except ImportError:
+            if choice == "adamw8bit":
+                emit(TrainEvent("info", message="8-bit AdamW needs bitsandbytes (pip install bitsandbytes); using normal AdamW, which needs more memory."))
+    elif choice == "adamw8bit":
+        emit(TrainEvent("info", message="8-bit AdamW works only on a GPU; using normal AdamW."))
+    return torch.optim.AdamW(params, lr=lr, weight_decay=1e-2, fused=device.type == "cuda")
+
+
+def make_lr_scheduler(optimizer, config: TrainConfig, steps: int):
+    from diffusers.optimization import get_scheduler
+
+    name = {"constant": "constant_with_warmup"}.get(config.lr_scheduler, config.lr_scheduler)
+    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=steps)
+
+
+def draw_batch(generator, mean, std, class_mean, class_std, config: TrainConfig, accelerator):
+    """Latents for one batch: random photos (and class images), drawn identically on every process,
+    each process keeping its own slice so data-parallel ranks see different photos."""
+    world, rank, batch = accelerator.num_processes, accelerator.process_index, config.train_batch_size
+    device = mean.device
+
+    def draw(m, s):
+        rows = torch.randint(0, m.shape[0], (world * batch,), generator=generator, device=device)
+        eps = torch.randn((world * batch, *m.shape[1:]), generator=generator, device=device)
+        mine = slice(rank * batch, (rank + 1) * batch)
+        return rows[mine], (m[rows] + s[rows] * eps)[mine]
+
+    rows, latents = draw(mean, std)
+    class_rows = None
+    if class_mean is not None:
+        class_rows, class_latents = draw(class_mean, class_std)
+        latents = torch.cat([latents, class_latents])
+    return latents, rows, class_rows
+
+
+def nan_message(config: TrainConfig, precision: str) -> str:
+    hint = " in fp16 (try bf16 or fp32)" if precision == "fp16" else ""
+    return (f"The loss became NaN (not a number): training diverged, usually because the learning rate is too high{hint}; "
+            f"lower unet_lr/text_encoder_lr (now {config.unet_lr:g}/{config.text_encoder_lr:g}) and start a new attempt — "
+            "the last checkpoint before it is kept.")
+
+
+def oom_message(config: TrainConfig) -> str:
+    tips = []
+    if config.gradient_checkpointing != "on":
+        tips.append("gradient_checkpointing='on'")
+    if config.optimizer != "adamw8bit":
+        tips.append("optimizer='adamw8bit' (pip install bitsandbytes)")
+    if config.method != "lora":
+        tips.append("method='lora'")
+    if config.resolution > 512:
+        tips.append("resolution=512")
+    if config.train_batch_size > 1:
+        tips.append("train_batch_size=1")
+    return "The GPU ran out of memory. Try " + ", ".join(tips or ["a smaller resolution"]) + "; the session is unchanged and you can start again."
+
+
+def _free_gpu_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _progress_bar(enabled: bool, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="training", unit="step")
+
+
+def append_log(attempt_dir: Path, step: int, phase: str, loss: float, lr: float, elapsed: float) -> None:
+    """log.csv: one row per logged step. Appends are line-sized; resume rewrites it up to the checkpoint."""
+    path = attempt_dir / "log.csv"
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(["step", "phase", "loss", "lr", "elapsed_s"])
+        writer.writerow([step, phase, f"{loss:.6f}", f"{lr:.3g}", f"{elapsed:.1f}"])
+
+
+def truncate_log(attempt_dir: Path, step: int) -> None:
+    """Drop rows logged after `step` (work lost to an interruption), so a resumed log reads straight."""
+    rows = read_log(attempt_dir)
+    if rows:
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(r for r in rows if int(r["step"]) <= step)
+        fileio.write_text(attempt_dir / "log.csv", out.getvalue())
+
+
+def read_log(attempt_dir: Path) -> list[dict[str, str]]:
+    path = Path(attempt_dir) / "log.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints: checkpoints/step-NNNNNN/ holds the changed weights, optimizer, LR schedule, RNG and step.
+
+def trainable_state(model, config: TrainConfig) -> dict[str, torch.Tensor]:
+    if config.method == "lora":
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(model)
+    return model.state_dict()
+
+
+def save_checkpoint(accelerator, attempt_dir: Path, state: dict, unet, text_encoder, optimizer, lr_scheduler, generator, config: TrainConfig) -> Path:
+    from safetensors.torch import save_file
+
+    path = attempt_dir / CHECKPOINTS / f"step-{state['global_step']:06d}"
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return path
+    unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+    with fileio.atomic_dir(path) as tmp:
+        weights: dict[str, torch.Tensor] = {}
+        if state["phase"] == "unet":
+            weights.update({f"unet.{k}": v for k, v in trainable_state(unet, config).items()})
+        if config.text_encoder_steps and (state["phase"] == "unet" or state["phase_step"] > 0):
+            weights.update({f"text_encoder.{k}": v for k, v in trainable_state(text_encoder, config).items()})
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
+        if optimizer is not None:
+            torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}, tmp / "optimizer.pt")
+        save_file({"generator": generator.get_state()}, str(tmp / "rng.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        (tmp / "state.json").write_text(json.dumps(state))
+    prune_checkpoints(attempt_dir / CHECKPOINTS, config.keep_checkpoints)
+    return path
+
+
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    for old in sorted(p for p in folder.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(attempt_dir: Path) -> Path | None:
+    """The newest complete checkpoint (a folder with state.json; atomic_dir never leaves a partial one)."""
+    complete = sorted(p for p in (attempt_dir / CHECKPOINTS).glob("step-*") if (p / "state.json").is_file())
+    return complete[-1] if complete else None
+
+
+def load_checkpoint_weights(checkpoint: Path, unet, text_encoder, generator, config: TrainConfig) -> dict:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(checkpoint / "weights.safetensors"))
+    for prefix, model in (("unet.", unet), ("text_encoder.", text_encoder)):
+        part = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        if not part:
+            continue
+        if config.method == "lora":
+            from peft.utils import set_peft_model_state_dict
+
+            set_peft_model_state_dict(model, part)
+        else:
+            model.load_state_dict(part)
+    generator.set_state(load_file(str(checkpoint / "rng.safetensors"))["generator"])
+    return json.loads((checkpoint / "state.json").read_text())
+
+
+def load_checkpoint_optimizer(checkpoint: Path, optimizer, lr_scheduler) -> None:
+    saved = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    lr_scheduler.load_state_dict(saved["lr_scheduler"])
+
+
+def save_final(accelerator, attempt_dir: Path, unet, text_encoder, config: TrainConfig) -> Path:
+    """final/: unet/ (and text_encoder/ when trained) as diffusers folders, or one LoRA file."""
+    path = attempt_dir / FINAL
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return path
+    unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+    with fileio.atomic_dir(path) as tmp:
+        if config.method == "lora":
+            from diffusers import StableDiffusionPipeline
+            from diffusers.utils import convert_state_dict_to_diffusers
+
+            te_layers = convert_state_dict_to_diffusers(trainable_state(text_encoder, config)) if config.text_encoder_steps else None
+            StableDiffusionPipeline.save_lora_weights(
+                tmp, unet_lora_layers=convert_state_dict_to_diffusers(trainable_state(unet, config)),
+                text_encoder_lora_layers=te_layers, safe_serialization=True,
+            )
+        else:
+            unet.save_pretrained(tmp / "unet", safe_serialization=True)
+            if config.text_encoder_steps:
+                text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+    return path
