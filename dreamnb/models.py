@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -30,7 +32,7 @@ _UNSUPPORTED_CLASSES = {
 _SUPPORTED = "Stable Diffusion 1.x or 2.x"
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A base model that cannot be used; the message says what is wrong and what to do."""
 
 

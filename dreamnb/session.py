@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import json
 import logging
 import os
 import re
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import fileio
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ FORMAT_VERSION = 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,63}$")
 
 
-class SessionError(ValueError):
+class SessionError(UserError):
     """A session that cannot be opened or changed; the message says what to do."""
 
 
@@ -134,8 +136,6 @@ def open_session(path: str | Path) -> Session:
     file = path / SESSION_FILE
     if not file.exists():
         raise SessionError(f"{path} is not a dreamnb session (no {SESSION_FILE}); create one with `dreamnb prepare ... --session {path}`.")
-    import json
-
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:

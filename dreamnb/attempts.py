@@ -1,0 +1,164 @@
+"""Turn a trained attempt back into a pipeline, reusing the base model already in memory.
+
+An attempt stores only what training changed (final/unet, final/text_encoder, or one LoRA file),
+so switching between attempts loads those parts and shares the VAE, tokenizer and any frozen part
+with the base pipeline instead of reading the whole model from disk again.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .models import BaseModel
+from .session import Session, SessionError
+from .train import CHECKPOINTS, FINAL, LORA_FILE
+
+log = logging.getLogger(__name__)
+
+
+def attempt_weights_dir(session: Session, name: str | None = None, checkpoint: int | None = None) -> Path:
+    """final/ of the attempt, or checkpoints/step-N when `checkpoint` is given."""
+    attempt = session.attempt(name)
+    folder = session.attempt_dir(attempt.name)
+    if checkpoint is not None:
+        path = folder / CHECKPOINTS / f"step-{checkpoint:06d}"
+        if not (path / "state.json").is_file():
+            steps = sorted(int(p.name[5:]) for p in (folder / CHECKPOINTS).glob("step-*"))
+            raise SessionError(f"Attempt {attempt.name!r} has no checkpoint at step {checkpoint}; it has: {steps or 'none'}.")
+        return path
+    path = folder / FINAL
+    if not path.is_dir():
+        raise SessionError(f"Attempt {attempt.name!r} has not finished training ({attempt.status}, {attempt.steps_done} steps); resume it, or pick a checkpoint.")
+    return path
+
+
+def attempt_config(session: Session, name: str | None = None) -> dict:
+    return json.loads((session.attempt_dir(session.attempt(name).name) / "config.json").read_text())
+
+
+def attempt_pipeline(base: BaseModel, session: Session, name: str | None = None, checkpoint: int | None = None):
+    """A StableDiffusionPipeline with the attempt's weights; parts it did not change are the base's own objects."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    weights_dir = attempt_weights_dir(session, name, checkpoint)
+    config = attempt_config(session, name)
+    components = dict(base.pipeline.components)
+    dtype, device = base.unet.dtype, base.unet.device
+    if checkpoint is not None:
+        components.update(_from_checkpoint(base, weights_dir, config))
+    elif (weights_dir / LORA_FILE).is_file():
+        components["unet"] = copy.deepcopy(base.unet)
+        if config.get("text_encoder_steps"):
+            components["text_encoder"] = copy.deepcopy(base.text_encoder)
+        pipe = StableDiffusionPipeline(**components)
+        pipe.load_lora_weights(str(weights_dir))
+        pipe.fuse_lora()
+        return pipe
+    else:
+        components["unet"] = UNet2DConditionModel.from_pretrained(weights_dir / "unet", dtype=dtype).to(device)
+        if (weights_dir / "text_encoder").is_dir():
+            components["text_encoder"] = CLIPTextModel.from_pretrained(weights_dir / "text_encoder", dtype=dtype).to(device)
+    return StableDiffusionPipeline(**components)
+
+
+def _from_checkpoint(base: BaseModel, checkpoint_dir: Path, config: dict) -> dict:
+    """Copies of the base parts with a checkpoint's weights loaded into them."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(checkpoint_dir / "weights.safetensors"))
+    parts = {}
+    for prefix, module in (("unet.", base.unet), ("text_encoder.", base.text_encoder)):
+        state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        if not state:
+            continue
+        model = copy.deepcopy(module)
+        if config.get("method") == "lora":
+            from peft import LoraConfig
+            from peft.utils import set_peft_model_state_dict
+
+            from .train import TEXT_LORA_TARGETS, UNET_LORA_TARGETS
+
+            targets = UNET_LORA_TARGETS if prefix == "unet." else TEXT_LORA_TARGETS
+            model.add_adapter(LoraConfig(r=config["lora_rank"], lora_alpha=config["lora_alpha"], target_modules=targets))
+            set_peft_model_state_dict(model, state)
+        else:
+            model.load_state_dict({k: v.to(module.dtype) for k, v in state.items()})
+        parts[prefix[:-1]] = model.to(base.unet.device)
+    return parts
+
+
+@torch.no_grad()
+def denoising_error(pipe, latents: torch.Tensor, prompt: str, *, seed: int = 0, timesteps=(100, 300, 500, 700)) -> float:
+    """How well a model denoises given latents under a prompt (mean squared error of its prediction
+    at fixed timesteps and noise). A model that learned the instance photos scores lower on them."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    ids = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    embeds = pipe.text_encoder(ids.to(device))[0]
+    generator = torch.Generator().manual_seed(seed)
+    errors = []
+    for t in timesteps:
+        noise = torch.randn(latents.shape, generator=generator)
+        t_batch = torch.full((latents.shape[0],), t, dtype=torch.long)
+        noisy = scheduler.add_noise(latents, noise, t_batch)
+        target = scheduler.get_velocity(latents, noise, t_batch) if scheduler.config.prediction_type == "v_prediction" else noise
+        pred = pipe.unet(noisy.to(device, dtype), t_batch.to(device), embeds.expand(latents.shape[0], -1, -1).to(dtype)).sample
+        errors.append(torch.mean((pred.float().cpu() - target) ** 2).item())
+    return sum(errors) / len(errors)
+
+
+@dataclass
+class Comparison:
+    grid: Any                           # PIL image: prompts down, attempts × seeds across
+    prompts: list[str]                  # with {token} and {class} filled in
+    samples: dict[str, list[Any]]       # attempt name → its Samples, prompt-major then seed
+
+
+def comparison_grid(
+    session: Session,
+    base: BaseModel,
+    attempt_names: list[str],
+    prompts: list[str] | None = None,
+    seeds=(1, 2),
+    *,
+    negative_prompt: str = "",
+    num_inference_steps: int = 25,
+    guidance_scale: float = 7.5,
+    scheduler: str = "dpm++",
+    checkpoint: int | None = None,
+) -> Comparison:
+    """Generate the same prompts and seeds with each attempt ('base' is the untrained model) and lay
+    them out in one labelled grid; column labels name only the settings that differ between attempts."""
+    from .grid import differing_settings, make_grid
+    from .sample import PROBE_PROMPTS, SampleSettings, expand_prompt, generate
+
+    seeds = list(seeds)
+    configs = {name: attempt_config(session, name) for name in attempt_names if name != "base"}
+    first = next(iter(configs.values()), {})
+    prompts = [expand_prompt(p, first.get("token", ""), first.get("class_word", "")) for p in (prompts or PROBE_PROMPTS)]
+    labels = differing_settings(configs) if len(configs) > 1 else {}
+    samples: dict[str, list[Any]] = {}
+    col_labels = []
+    for name in attempt_names:
+        pipe = base.pipeline if name == "base" else attempt_pipeline(base, session, name, checkpoint)
+        settings = [
+            SampleSettings(prompt=p, negative_prompt=negative_prompt, seed=s, num_inference_steps=num_inference_steps,
+                           guidance_scale=guidance_scale, scheduler=scheduler, attempt=name, base_model=base.info.source)
+            for p in prompts for s in seeds
+        ]
+        samples[name] = generate(pipe, settings, progress=False)
+        col_labels += [f"{name} · seed {s}" + (f"\n{labels[name]}" if labels.get(name) else "") for s in seeds]
+    rows = [
+        [sample.image for name in attempt_names for sample in samples[name][i * len(seeds):(i + 1) * len(seeds)]]
+        for i in range(len(prompts))
+    ]
+    return Comparison(grid=make_grid(rows, prompts, col_labels), prompts=prompts, samples=samples)

@@ -1,0 +1,288 @@
+"""`python -m dreamnb …`: the same steps as the notebook, for scripts and tests.
+
+Exit status: 0 on success, 2 on bad input (one sentence on stderr, no traceback), 1 on an
+unexpected failure. `--json` prints one JSON document on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+from . import config as config_module  # noqa: E402
+from .config import TrainConfig  # noqa: E402
+from .errors import UserError  # noqa: E402
+
+log = logging.getLogger("dreamnb")
+
+
+class UsageError(UserError):
+    """Bad command-line input: exit 2 with the message."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dreamnb", description="Teach Stable Diffusion a face, a pet, an object or a style (DreamBooth).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("prepare", help="check, crop and copy photos into a session (originals are never changed)")
+    p.add_argument("images", nargs="+", metavar="IMAGES", help="photo files, folders or .zip files")
+    p.add_argument("--session", required=True, help="the session folder (created if new)")
+    p.add_argument("--size", type=int, default=512, help="square size of the prepared photos (512 for SD 1.5, 768 for SD 2.x)")
+    p.add_argument("--crop", choices=("smart", "center", "none"), default="smart", help="smart: centre on the face or the most detailed region")
+    p.add_argument("--preset", choices=config_module.PRESETS, default="face", help="what the photos show, for the advice")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = sub.add_parser("check-token", help="is this token rare enough to learn? suggests better ones")
+    p.add_argument("text", metavar="TEXT")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="base model whose tokenizer (and text encoder) to use")
+    src.add_argument("--tokenizer", help="a folder with CLIP tokenizer files (default: the bundled SD 1.x tokenizer)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("train", help="train one attempt on the session's photos")
+    p.add_argument("--session", required=True)
+    p.add_argument("--model", help="base model: Hub id, diffusers folder or .safetensors/.ckpt file (default: the session's)")
+    p.add_argument("--model-config", help="for a single-file model: a diffusers folder or Hub id with its configs")
+    p.add_argument("--token", help=config_module.help_for("token"))
+    p.add_argument("--class-word", help=config_module.help_for("class_word"))
+    p.add_argument("--preset", choices=config_module.PRESETS, default="face", help=config_module.help_for("preset"))
+    p.add_argument("--attempt", help="attempt name (default attempt-N); with --resume, the one to resume (default the latest)")
+    p.add_argument("--unet-steps", type=int, help=config_module.help_for("unet_steps"))
+    p.add_argument("--unet-lr", type=float, help=config_module.help_for("unet_lr"))
+    p.add_argument("--te-steps", type=int, help=config_module.help_for("text_encoder_steps"))
+    p.add_argument("--te-lr", type=float, help=config_module.help_for("text_encoder_lr"))
+    p.add_argument("--resolution", type=int, help=config_module.help_for("resolution"))
+    p.add_argument("--prior", dest="prior", action="store_true", default=None, help=config_module.help_for("with_prior_preservation"))
+    p.add_argument("--no-prior", dest="prior", action="store_false")
+    p.add_argument("--num-class-images", type=int, help=config_module.help_for("num_class_images"))
+    p.add_argument("--lora", action="store_true", help=config_module.help_for("method"))
+    p.add_argument("--checkpoint-every", type=int, help=config_module.help_for("checkpoint_every"))
+    p.add_argument("--seed", type=int, help=config_module.help_for("seed"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other TrainConfig setting, e.g. --set offset_noise=0.05")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted attempt from its last checkpoint")
+    p.add_argument("--json", action="store_true")
+
+    for name, helptext in (("sample", "generate images from an attempt"), ("compare", "a grid comparing attempts (and the base model)")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--session", required=True)
+        if name == "sample":
+            p.add_argument("--attempt", help="attempt name (default the latest); 'base' for the untrained model")
+            p.add_argument("--checkpoint", type=int, help="use checkpoint step N instead of the final weights")
+        else:
+            p.add_argument("--attempts", nargs="+", required=True, help="attempt names; 'base' is the untrained model")
+        p.add_argument("--prompt", nargs="+", help="prompts; {token} and {class} are filled in (default: the probe prompts)")
+        p.add_argument("--negative-prompt", default="")
+        p.add_argument("--seed", nargs="+", type=int, default=[1, 2])
+        p.add_argument("--steps", type=int, default=25, help="inference steps")
+        p.add_argument("--guidance-scale", type=float, default=7.5)
+        p.add_argument("--scheduler", default="dpm++", help="dpm++, euler or ddim")
+        p.add_argument("--model", help="base model (default: the session's)")
+        p.add_argument("--model-config")
+        p.add_argument("--out", required=True, help="PNG file for the grid")
+
+    p = sub.add_parser("export", help="save an attempt for diffusers, A1111/ComfyUI, or as a LoRA")
+    p.add_argument("--session", required=True)
+    p.add_argument("--attempt")
+    p.add_argument("--format", choices=("diffusers", "safetensors", "lora"), required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--fp32", action="store_true", help="single file in fp32 instead of fp16")
+    p.add_argument("--force", action="store_true", help="overwrite an existing export")
+    p.add_argument("--model")
+    p.add_argument("--model-config")
+
+    p = sub.add_parser("sessions", help="list sessions and their attempts")
+    p.add_argument("--root", help="where sessions live (default: Drive on Colab, else ./dreamnb-sessions)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("demo", help="the whole flow on the CPU with a tiny model and the sample photos")
+    p.add_argument("--out", default="demo-output", help="folder for the demo's model, session and grid")
+    p.add_argument("--steps", type=int, default=None, help="UNet steps (default: enough to show learning in ~1 minute)")
+    return parser
+
+
+# --- commands -----------------------------------------------------------------------------------------
+
+def cmd_prepare(args) -> Any:
+    from .images import prepare_photos
+    from .session import open_or_create
+
+    session = open_or_create(args.session)
+    report = prepare_photos(args.images, session.instance_dir, size=args.size, crop=args.crop, preset=args.preset, progress=not args.json)
+    if args.json:
+        return report.to_dict()
+    print(report.to_table())
+    return None
+
+
+def cmd_check_token(args) -> Any:
+    from .tokens import check_token, load_tokenizer
+
+    text_encoder = None
+    if args.model:
+        from .models import load_base_model
+
+        base = load_base_model(args.model)
+        tokenizer, text_encoder = base.tokenizer, base.text_encoder
+    else:
+        tokenizer = load_tokenizer(args.tokenizer)
+    report = check_token(args.text, tokenizer, text_encoder)
+    if args.json:
+        return report.to_dict()
+    print(report.to_text())
+    return None
+
+
+def train_config_from_args(args, saved: dict | None = None) -> TrainConfig:
+    overrides: dict[str, Any] = dict(
+        token=args.token, class_word=args.class_word, unet_steps=args.unet_steps, unet_lr=args.unet_lr,
+        text_encoder_steps=args.te_steps, text_encoder_lr=args.te_lr, resolution=args.resolution,
+        with_prior_preservation=args.prior, num_class_images=args.num_class_images,
+        checkpoint_every=args.checkpoint_every, seed=args.seed,
+    )
+    fields = {f: type(getattr(TrainConfig(), f)) for f in TrainConfig().to_dict()}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise UsageError(f"--set {item!r} is not KEY=VALUE with a known setting; known settings: {', '.join(fields)}.")
+        kind = fields[key]
+        try:
+            overrides[key] = (value.lower() in ("1", "true", "yes", "on")) if kind is bool else kind(value)
+        except ValueError as err:
+            raise UsageError(f"--set {key} needs a {kind.__name__}, not {value!r}.") from err
+    return TrainConfig.from_preset(args.preset, "lora" if args.lora else "full", **overrides)
+
+
+def cmd_train(args) -> Any:
+    from .session import open_session
+    from .train import train
+
+    session = open_session(args.session)
+    model = args.model or session.base_model
+    if not model:
+        raise UsageError("No base model: give --model (a Hub id, a diffusers folder or a .safetensors file).")
+    if not args.resume and not args.token:
+        raise UsageError("--token is required: the rare word that will mean your subject (see `dreamnb check-token`).")
+    config = train_config_from_args(args) if not args.resume else TrainConfig()
+    result = train(session, config, model, attempt=args.attempt, resume=args.resume, config_source=args.model_config,
+                   callback=_print_train_event if not args.json else None, progress=not args.json)
+    if args.json:
+        return {"attempt": result.attempt, "status": result.status, "steps_done": result.steps_done,
+                "total_steps": result.total_steps, "final_dir": str(result.final_dir) if result.final_dir else None,
+                "message": result.message, "losses": result.losses}
+    print(result.message)
+    if result.status == "failed":
+        raise SystemExit(1)
+    return None
+
+
+def _print_train_event(event) -> None:
+    if event.kind in ("info", "phase", "checkpoint"):
+        text = event.message or (f"saved checkpoint {event.path}" if event.path else "")
+        if text:
+            print(text, file=sys.stderr)
+
+
+def _session_base(args, session):
+    from .models import load_base_model
+
+    source = args.model or session.base_model
+    if not source:
+        raise UsageError("The session has no base model recorded; give --model.")
+    return load_base_model(source, config=args.model_config or session.extra.get("model_config"))
+
+
+def _grid(session, base, names: list[str], args):
+    from .attempts import comparison_grid
+
+    return comparison_grid(
+        session, base, names, args.prompt, args.seed, negative_prompt=args.negative_prompt,
+        num_inference_steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
+        checkpoint=getattr(args, "checkpoint", None),
+    ).grid
+
+
+def cmd_sample(args) -> Any:
+    from .fileio import save_with
+    from .session import open_session
+
+    session = open_session(args.session)
+    base = _session_base(args, session)
+    name = args.attempt if args.attempt == "base" else session.attempt(args.attempt).name
+    grid = _grid(session, base, [name], args)
+    save_with(args.out, lambda tmp: grid.save(tmp, format="PNG"))
+    print(args.out)
+
+
+def cmd_compare(args) -> Any:
+    from .fileio import save_with
+    from .session import open_session
+
+    session = open_session(args.session)
+    names = [a if a == "base" else session.attempt(a).name for a in args.attempts]
+    base = _session_base(args, session)
+    grid = _grid(session, base, names, args)
+    save_with(args.out, lambda tmp: grid.save(tmp, format="PNG"))
+    print(args.out)
+
+
+def cmd_export(args) -> Any:
+    from . import export
+    from .session import open_session
+
+    session = open_session(args.session)
+    base = _session_base(args, session)
+    path = export.export_attempt(session, base, args.attempt, args.format, args.out, force=args.force, fp16=not args.fp32)
+    print(path)
+
+
+def cmd_sessions(args) -> Any:
+    from .session import default_root, list_sessions
+
+    root = Path(args.root) if args.root else default_root()
+    sessions = list_sessions(root)
+    if args.json:
+        return [s.to_dict() | {"path": str(s.path)} for s in sessions]
+    if not sessions:
+        print(f"No sessions in {root}.")
+    for s in sessions:
+        attempts = ", ".join(f"{a.name} ({a.status}, {a.steps_done} steps)" for a in s.attempts) or "no attempts"
+        print(f"{s.name}  [{s.base_model or 'no model yet'}]  {attempts}")
+    return None
+
+
+def cmd_demo(args) -> Any:
+    from .demo import run_demo
+
+    result = run_demo(args.out, unet_steps=args.steps, log=lambda text: print(text, file=sys.stderr))
+    print(f"Comparison grid: {result.grid_path}")
+
+
+COMMANDS = {
+    "prepare": cmd_prepare, "check-token": cmd_check_token, "train": cmd_train, "sample": cmd_sample,
+    "compare": cmd_compare, "export": cmd_export, "sessions": cmd_sessions, "demo": cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = COMMANDS[args.command](args)
+    except UserError as err:  # ConfigError, ModelError, SessionError, UsageError, ...: the user can fix it
+        print(f"dreamnb {args.command}: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("Stopped.", file=sys.stderr)
+        return 130
+    if result is not None:
+        print(json.dumps(result, indent=2, default=str))
+    return 0

@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny models with the real SD architectures, built once per test run (seeded)."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dreamnb.tiny import save_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tmp_path_factory):
+    """A tiny SD 1.x model as a diffusers folder and as an original-layout single file."""
+    return save_tiny_model(tmp_path_factory.mktemp("models"), "sd1", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2(tmp_path_factory):
+    """A tiny SD 2.x v-prediction model as a diffusers folder and as a single file."""
+    return save_tiny_model(tmp_path_factory.mktemp("models"), "sd2-v", seed=0)
+
+
+@pytest.fixture(scope="session")
+def base_sd1(tiny_sd1):
+    from dreamnb.models import load_base_model
+
+    return load_base_model(tiny_sd1.folder)
+
+
+def subject_photo(index: int, size: int = 64) -> Image.Image:
+    """A simple 'subject': a yellow square on red, shifted a little per photo, so training has a pattern to learn."""
+    array = np.zeros((size, size, 3), np.uint8)
+    array[..., 0] = 190
+    array[..., 2] = 40
+    offset = size // 4 + (index % 3) * (size // 16)
+    array[offset:offset + size // 2, size // 4:size // 4 + size // 2, :2] = 230
+    return Image.fromarray(array)
+
+
+@pytest.fixture
+def photo_session(tmp_path):
+    """A session with four prepared 64 px subject photos."""
+    from dreamnb.session import create_session
+
+    session = create_session(tmp_path / "session")
+    for i in range(4):
+        subject_photo(i).save(session.instance_dir / f"photo-{i}.png")
+    return session
