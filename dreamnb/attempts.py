@@ -17,7 +17,7 @@ import torch
 
 from .models import BaseModel
 from .session import Session, SessionError
-from .train import CHECKPOINTS, FINAL, LORA_FILE
+from .train import CHECKPOINTS, FINAL, LORA_FILE, TEXT_LORA_TARGETS, UNET_LORA_TARGETS, add_lora
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +80,10 @@ def _from_checkpoint(base: BaseModel, checkpoint_dir: Path, config: dict) -> dic
             continue
         model = copy.deepcopy(module)
         if config.get("method") == "lora":
-            from peft import LoraConfig
             from peft.utils import set_peft_model_state_dict
 
-            from .train import TEXT_LORA_TARGETS, UNET_LORA_TARGETS
-
             targets = UNET_LORA_TARGETS if prefix == "unet." else TEXT_LORA_TARGETS
-            model.add_adapter(LoraConfig(r=config["lora_rank"], lora_alpha=config["lora_alpha"], target_modules=targets))
+            add_lora(model, config["lora_rank"], config["lora_alpha"], targets)
             set_peft_model_state_dict(model, state)
         else:
             model.load_state_dict({k: v.to(module.dtype) for k, v in state.items()})

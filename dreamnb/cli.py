@@ -137,7 +137,14 @@ def cmd_check_token(args) -> Any:
     report = check_token(args.text, tokenizer, text_encoder)
     if args.json:
         return report.to_dict()
-    print(report.to_text())
+    pieces = " ".join(f"{p.text}({p.id}, {p.rarity})" for p in report.pieces)
+    print(f"{report.text!r}: {report.verdict.upper()} — {report.n_tokens} token(s): {pieces}")
+    for reason in report.reasons:
+        print(f"  - {reason}")
+    if report.nearest_words:
+        print(f"  nearest known words: {', '.join(report.nearest_words)}")
+    if report.suggestions:
+        print(f"  rare alternatives: {', '.join(report.suggestions)}")
     return None
 
 

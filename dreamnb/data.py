@@ -89,8 +89,10 @@ def cached_latents(
         dist = vae.encode(batch).latent_dist
         means.append(dist.mean.float().cpu())
         stds.append(dist.std.float().cpu())
-    mean, std = torch.cat(means), torch.cat(stds)
-    fileio.save_with(cache_file, lambda tmp: save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(tmp)))
+    # contiguous, like the tensors read back from the cache: a different memory layout would pick
+    # different kernels and make a fresh run differ (slightly) from a resumed one
+    mean, std = torch.cat(means).contiguous(), torch.cat(stds).contiguous()
+    fileio.save_with(cache_file, lambda tmp: save_file({"mean": mean, "std": std}, str(tmp)))
     return mean, std
 
 

@@ -127,7 +127,9 @@ def check_folder(path: Path) -> None:
 
 
 def read_checkpoint_keys(path: Path) -> tuple[list[str], dict[str, tuple[int, ...]]]:
-    """The tensor names (and a few shapes) of a single-file checkpoint, without loading it all when possible."""
+    """The tensor names (and a few shapes) of a single-file checkpoint, without loading it all when possible.
+
+    safetensors checks its header against the file size, so a truncated download fails here already."""
     try:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
@@ -135,7 +137,6 @@ def read_checkpoint_keys(path: Path) -> tuple[list[str], dict[str, tuple[int, ..
             with safe_open(str(path), framework="pt") as f:
                 keys = list(f.keys())
                 shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys if k.endswith("input_blocks.0.0.weight")}
-            _check_safetensors_complete(path)
             return keys, shapes
         state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except ModelError:
@@ -149,16 +150,6 @@ def read_checkpoint_keys(path: Path) -> tuple[list[str], dict[str, tuple[int, ..
     keys = [k for k, v in state.items() if isinstance(v, torch.Tensor)]
     shapes = {k: tuple(state[k].shape) for k in keys if k.endswith("input_blocks.0.0.weight")}
     return keys, shapes
-
-
-def _check_safetensors_complete(path: Path) -> None:
-    """safetensors reads the header lazily; a truncated download has a header promising more bytes than exist."""
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if path.stat().st_size < 8 + header_len + end:
-        raise ModelError(f"{path.name} is incomplete ({path.stat().st_size:,} bytes of {8 + header_len + end:,}); download it again.")
 
 
 def classify_checkpoint(keys: list[str], shapes: dict[str, tuple[int, ...]], name: str) -> str:
@@ -250,10 +241,12 @@ def check_hub_model(repo_id: str, *, token: str | None, local_files_only: bool |
         raise ModelError(f"{repo_id} is gated: accept its licence on its Hugging Face page, then set HF_TOKEN (or add it to Colab's secrets).") from err
     except hf_errors.RepositoryNotFoundError as err:
         raise ModelError(f"There is no model {repo_id!r} on the Hugging Face Hub, or it is private; check the spelling, or set HF_TOKEN if it is yours.") from err
+    except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled) as err:  # before EntryNotFoundError: a subclass
+        raise ModelError(f"Cannot download {repo_id} (no connection to the Hugging Face Hub) and it is not in the local cache; connect to the internet, or give a local diffusers folder or .safetensors file.") from err
     except hf_errors.EntryNotFoundError as err:
         raise ModelError(f"{repo_id} on the Hugging Face Hub is not a diffusers model (no model_index.json); give a diffusers model id, or download its .safetensors file and give that path.") from err
-    except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled, OSError) as err:
-        raise ModelError(f"Cannot download {repo_id} (no connection to the Hugging Face Hub) and it is not in the local cache; connect to the internet, or give a local diffusers folder or .safetensors file.") from err
+    except OSError as err:  # connection errors that huggingface_hub did not wrap
+        raise ModelError(f"Cannot download {repo_id} ({_short(err)}); check the internet connection, or give a local diffusers folder or .safetensors file.") from err
     _check_pipeline_class(json.loads(Path(index).read_text()).get("_class_name"), repo_id)
 
 

@@ -144,18 +144,15 @@ def train(
     from accelerate import Accelerator
 
     emit = callback or (lambda event: None)
+    if resume:  # an attempt always continues with the settings it started with
+        name = session.attempt(attempt).name
+        config = TrainConfig.from_dict(json.loads((session.attempt_dir(name) / "config.json").read_text()))
     validate(config)
     examples = data.list_examples(session.instance_dir)
     check_training_data(config, examples)
 
     # --- the attempt folder: new, or the one to resume ------------------------------------------
-    if resume:
-        name = session.attempt(attempt).name
-        saved = json.loads((session.attempt_dir(name) / "config.json").read_text())
-        if saved != config.to_dict():
-            log.info("resuming %s with its saved settings", name)
-        config = TrainConfig.from_dict(saved)
-    else:
+    if not resume:
         name = add_attempt(session, attempt).name
     attempt_dir = session.attempt_dir(name)
     fileio.write_json(attempt_dir / "config.json", config.to_dict())
@@ -358,11 +355,16 @@ def resolve_gradient_checkpointing(config: TrainConfig, device: torch.device) ->
 
 
 def add_lora_adapters(unet, text_encoder, config: TrainConfig) -> None:
-    from peft import LoraConfig
-
-    unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, init_lora_weights="gaussian", target_modules=UNET_LORA_TARGETS))
+    add_lora(unet, config.lora_rank, config.lora_alpha, UNET_LORA_TARGETS)
     if config.text_encoder_steps:
-        text_encoder.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, init_lora_weights="gaussian", target_modules=TEXT_LORA_TARGETS))
+        add_lora(text_encoder, config.lora_rank, config.lora_alpha, TEXT_LORA_TARGETS)
+
+
+def add_lora(model, rank: int, alpha: int, targets: list[str]) -> None:
+    """peft's own injection (what diffusers' loader uses too); works for the UNet and the CLIP text encoder alike."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets), model)
 
 
 def set_trainable(model, config: TrainConfig) -> list[torch.nn.Parameter]:
