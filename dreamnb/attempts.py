@@ -132,9 +132,11 @@ def comparison_grid(
     guidance_scale: float = 7.5,
     scheduler: str = "dpm++",
     checkpoint: int | None = None,
+    cell_size: int | None = None,
 ) -> Comparison:
     """Generate the same prompts and seeds with each attempt ('base' is the untrained model) and lay
-    them out in one labelled grid; column labels name only the settings that differ between attempts."""
+    them out in one labelled grid; column labels name only the settings that differ between attempts.
+    `cell_size` enlarges small images (the CPU demo's 64 px) so the grid stays readable."""
     from .grid import differing_settings, make_grid
     from .sample import PROBE_PROMPTS, SampleSettings, expand_prompt, generate
 
@@ -158,4 +160,4 @@ def comparison_grid(
         [sample.image for name in attempt_names for sample in samples[name][i * len(seeds):(i + 1) * len(seeds)]]
         for i in range(len(prompts))
     ]
-    return Comparison(grid=make_grid(rows, prompts, col_labels), prompts=prompts, samples=samples)
+    return Comparison(grid=make_grid(rows, prompts, col_labels, cell_size=cell_size), prompts=prompts, samples=samples)

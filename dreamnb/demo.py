@@ -6,6 +6,7 @@ in assets/photos, and writes a grid of the same prompts and seeds before and aft
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ ASSET_PHOTOS = Path(__file__).resolve().parent.parent / "assets" / "photos"
 DEMO_TOKEN = "zwx"
 DEMO_PROMPTS = ["photo of {token} {class}", "painting of {token} {class}", "photo of a {class}"]
 DEMO_SEEDS = (1, 2)
+DEMO_INFERENCE_STEPS = 20
 
 
 @dataclass
@@ -87,8 +89,11 @@ def run_demo(out_dir: str | Path = "demo-output", *, unet_steps: int | None = No
     log(f"    denoising error on the photos: base {error_before:.4f} → trained {error_after:.4f}")
 
     log("5/5 sampling the same prompts and seeds before and after training")
-    comparison = comparison_grid(session, base, ["base", result.attempt], DEMO_PROMPTS, DEMO_SEEDS, num_inference_steps=20)
+    comparison = comparison_grid(session, base, ["base", result.attempt], DEMO_PROMPTS, DEMO_SEEDS,
+                                 num_inference_steps=DEMO_INFERENCE_STEPS, cell_size=128)
     grid_path = out / "demo-grid.png"
     fileio.save_with(grid_path, lambda tmp: comparison.grid.save(tmp, format="PNG"))
-    return DemoResult(grid_path=grid_path, session_path=session_path, attempt=result.attempt,
+    demo = DemoResult(grid_path=grid_path, session_path=session_path, attempt=result.attempt,
                       error_before=error_before, error_after=error_after, seconds=time.time() - started)
+    fileio.write_json(out / "demo-result.json", dataclasses.asdict(demo))
+    return demo
