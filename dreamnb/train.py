@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from . import data, fileio
 from .config import ConfigError, TrainConfig, validate
+from .fast import AdamWBF16, GraphedStep
 from .models import BaseModel, load_base_model
 from .session import Session, add_attempt, save_session, update_attempt
 
@@ -176,14 +177,22 @@ def train(
     if vae.device != device or vae.dtype != frozen_dtype:
         vae.to(device, frozen_dtype)
     tokenizer = base_model.tokenizer
-    text_encoder = copy.deepcopy(base_model.text_encoder).to(device).requires_grad_(False)
-    unet = copy.deepcopy(base_model.unet).to(device).requires_grad_(False)
+    optimizer_name = resolve_optimizer(config, accelerator)
+    use_graphs = resolve_cuda_graphs(config, accelerator, optimizer_name)
+    # Weights that are not updated by fp32 AdamW can live in the compute precision: half the memory.
+    weights_dtype = torch.bfloat16 if optimizer_name == "adamw-bf16" or (config.method == "lora" and frozen_dtype == torch.bfloat16) else torch.float32
+    text_encoder = copy.deepcopy(base_model.text_encoder).to(device, weights_dtype).requires_grad_(False)
+    unet = copy.deepcopy(base_model.unet).to(device, weights_dtype).requires_grad_(False)
+    if device.type == "cuda":
+        unet.to(memory_format=torch.channels_last)  # faster convolutions; before the optimizer sees the weights
     if config.method == "lora":
         add_lora_adapters(unet, text_encoder, config)
     if resolve_gradient_checkpointing(config, device):
         unet.enable_gradient_checkpointing()
         text_encoder.gradient_checkpointing_enable()
     schedule = NoiseSchedule.from_scheduler(base_model.pipeline.scheduler, device)
+    emit(TrainEvent("info", message=f"Optimizer {optimizer_name}, {accelerator.mixed_precision} mixed precision, "
+                                    f"CUDA graphs {'on' if use_graphs else 'off'}, weights in {str(weights_dtype)[6:]}."))
 
     # --- caches: latents of photos and class images ---------------------------------------------
     instance_mean, instance_std = data.cached_latents(
@@ -192,7 +201,7 @@ def train(
     captions = [e.caption or config.resolved_instance_prompt() for e in examples]
     if config.random_flip:
         captions = captions + captions
-    instance_ids = data.tokenize(tokenizer, captions)
+    instance_ids = data.tokenize(tokenizer, captions).to(device)
     class_mean = class_std = class_ids = None
     if config.with_prior_preservation:
         class_prompt = config.resolved_class_prompt()
@@ -201,14 +210,19 @@ def train(
         with accelerator.main_process_first():
             paths = data.ensure_class_images(base_model.pipeline, folder, class_prompt, config.num_class_images, config.resolution)
         class_mean, class_std = data.cached_latents(vae, paths, config.resolution, session.cache_dir, model_key)
-        class_ids = data.tokenize(tokenizer, [class_prompt])
+        class_ids = data.tokenize(tokenizer, [class_prompt]).to(device)
     scaling = vae.config.scaling_factor
     instance_mean, instance_std = (instance_mean * scaling).to(device), (instance_std * scaling).to(device)
     if class_mean is not None:
         class_mean, class_std = (class_mean * scaling).to(device), (class_std * scaling).to(device)
+    if device.type == "cuda":
+        vae.to("cpu")  # latents are cached: the VAE is not needed on the GPU while training
+
 
     # --- state that a checkpoint restores -------------------------------------------------------
-    generator = torch.Generator(device=device).manual_seed(config.seed)
+    # CUDA graphs replay random ops only from the device's default generator, so that one is used there.
+    generator = torch.cuda.default_generators[device.index or 0] if use_graphs else torch.Generator(device=device)
+    generator.manual_seed(config.seed)
     state = {"phase": PHASES[0], "phase_step": 0, "global_step": 0}
     if checkpoint is not None:
         state = load_checkpoint_weights(checkpoint, unet, text_encoder, generator, config)
@@ -235,40 +249,59 @@ def train(
             trainable = text_encoder if phase == "text_encoder" else unet
             params = set_trainable(trainable, config)
             lr = config.text_encoder_lr if phase == "text_encoder" else config.unet_lr
-            optimizer = make_optimizer(params, lr, config, device, emit)
+            optimizer = make_optimizer(params, lr, optimizer_name, device, generator if use_graphs else None)
             lr_scheduler = make_lr_scheduler(optimizer, config, phase_steps)
             if start_step:
                 load_checkpoint_optimizer(checkpoint, optimizer, lr_scheduler)
-            model, optimizer = accelerator.prepare(trainable, optimizer)
             if phase == "unet":  # the text encoder is frozen from here on: embed every prompt once
                 with torch.no_grad(), accelerator.autocast():
-                    instance_embeds = data.encode_prompts(text_encoder, instance_ids).float()
-                    class_embeds = data.encode_prompts(text_encoder, class_ids).float() if class_ids is not None else None
+                    instance_embeds = data.encode_prompts(text_encoder, instance_ids).to(weights_dtype)
+                    class_embeds = data.encode_prompts(text_encoder, class_ids).to(weights_dtype) if class_ids is not None else None
                 text_encoder.to("cpu")  # frees GPU memory for the UNet phase
+            model = trainable
+            if not use_graphs:
+                model, optimizer = accelerator.prepare(trainable, optimizer)
+
+            def loss_for_batch() -> torch.Tensor:
+                latents, rows, class_rows = draw_batch(generator, instance_mean, instance_std, class_mean, class_std, config, accelerator)
+                if phase == "unet":
+                    embeds = instance_embeds[rows]
+                    if class_rows is not None:
+                        embeds = torch.cat([embeds, class_embeds.expand(len(class_rows), -1, -1)])
+                else:
+                    ids = instance_ids[rows]
+                    if class_rows is not None:
+                        ids = torch.cat([ids, class_ids.expand(len(class_rows), -1)])
+                    embeds = model(ids)[0]
+                return diffusion_loss(unet if phase == "text_encoder" else model, latents, embeds, generator, schedule, config, len(rows))
+
+            if use_graphs:
+                def graph_body() -> torch.Tensor:
+                    loss = loss_for_batch()
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(params, 1.0)
+                    optimizer.step()
+                    return loss
+
+                run_step = GraphedStep(graph_body, optimizer, autocast_dtype=frozen_dtype if frozen_dtype != torch.float32 else None)
+            else:
+                def run_step() -> torch.Tensor:
+                    total = torch.zeros((), device=device)
+                    for _ in range(config.gradient_accumulation_steps):
+                        with accelerator.accumulate(model), accelerator.autocast():
+                            loss = loss_for_batch()
+                            accelerator.backward(loss)
+                            if accelerator.sync_gradients:
+                                accelerator.clip_grad_norm_(params, 1.0)
+                            optimizer.step()
+                            optimizer.zero_grad(set_to_none=True)
+                        total += loss.detach() / config.gradient_accumulation_steps
+                    return total
+
             emit(TrainEvent("phase", step=state["global_step"], total_steps=total_steps, phase=phase, message=f"{phase.replace('_', ' ')} phase: {phase_steps} steps at lr {lr:g}"))
             running_loss, steps_since_log = torch.zeros((), device=device), 0
             for phase_step in range(start_step, phase_steps):
-                for _ in range(config.gradient_accumulation_steps):
-                    with accelerator.accumulate(model), accelerator.autocast():
-                        latents, rows, class_rows = draw_batch(
-                            generator, instance_mean, instance_std, class_mean, class_std, config, accelerator
-                        )
-                        if phase == "unet":
-                            embeds = instance_embeds[rows]
-                            if class_rows is not None:
-                                embeds = torch.cat([embeds, class_embeds.expand(len(class_rows), -1, -1)])
-                        else:
-                            ids = instance_ids.to(device)[rows]
-                            if class_rows is not None:
-                                ids = torch.cat([ids, class_ids.to(device).expand(len(class_rows), -1)])
-                            embeds = model(ids)[0]
-                        loss = diffusion_loss(unet if phase == "text_encoder" else model, latents, embeds, generator, schedule, config, len(rows))
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients:
-                            accelerator.clip_grad_norm_(params, 1.0)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    running_loss += loss.detach() / config.gradient_accumulation_steps
+                running_loss += run_step()
                 lr_scheduler.step()
                 state = {"phase": phase, "phase_step": phase_step + 1, "global_step": state["global_step"] + 1}
                 step = state["global_step"]
@@ -285,7 +318,7 @@ def train(
                         raise TrainingError(nan_message(config, accelerator.mixed_precision))
                     losses.append((step, mean_loss))
                     elapsed = time.time() - started
-                    current_lr = lr_scheduler.get_last_lr()[0]
+                    current_lr = float(lr_scheduler.get_last_lr()[0])
                     if accelerator.is_main_process:
                         append_log(attempt_dir, step, phase, mean_loss, current_lr, elapsed)
                     eta = elapsed / max(step - first_step, 1) * (total_steps - step)
@@ -368,31 +401,64 @@ def add_lora(model, rank: int, alpha: int, targets: list[str]) -> None:
 
 
 def set_trainable(model, config: TrainConfig) -> list[torch.nn.Parameter]:
-    """Full: every weight of `model`; LoRA: only its adapter weights (kept in fp32)."""
+    """Full: every weight of `model`; LoRA: only its adapter weights, kept in fp32 over a bf16 base."""
     params = []
     for name, param in model.named_parameters():
         train_it = config.method == "full" or "lora_" in name
         param.requires_grad_(train_it)
         if train_it:
-            if param.dtype != torch.float32:
+            if config.method == "lora" and param.dtype != torch.float32:
                 param.data = param.data.float()
             params.append(param)
     return params
 
 
-def make_optimizer(params, lr: float, config: TrainConfig, device: torch.device, emit) -> torch.optim.Optimizer:
+def resolve_optimizer(config: TrainConfig, accelerator) -> str:
+    """'auto': bf16 weights with AdamWBF16 on GPUs with bf16 (half the memory, capturable in a CUDA graph);
+    else 8-bit AdamW when bitsandbytes is installed; else AdamW. LoRA trains few weights: plain AdamW."""
+    cuda = accelerator.device.type == "cuda"
     choice = config.optimizer
-    if choice in ("auto", "adamw8bit") and device.type == "cuda":
-        try:
-            import bitsandbytes as bnb  # type: ignore[import-not-found]
+    if choice == "auto":
+        if not cuda or config.method == "lora":
+            return "adamw"
+        if accelerator.mixed_precision == "bf16":
+            return "adamw-bf16"
+        return "adamw8bit" if _have_bitsandbytes() else "adamw"
+    if choice == "adamw8bit" and not (cuda and _have_bitsandbytes()):
+        raise ConfigError("optimizer='adamw8bit' needs a GPU and bitsandbytes (pip install bitsandbytes); use 'auto' or 'adamw'.")
+    if choice == "adamw-bf16" and (config.method == "lora" or accelerator.mixed_precision != "bf16"):
+        raise ConfigError("optimizer='adamw-bf16' is for full fine-tuning on a GPU with bf16 (mixed_precision 'auto' or 'bf16'); use 'auto' or 'adamw'.")
+    return choice
 
-            return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=1e-2)
-        except ImportError:
-            if choice == "adamw8bit":
-                emit(TrainEvent("info", message="8-bit AdamW needs bitsandbytes (pip install bitsandbytes); using normal AdamW, which needs more memory."))
-    elif choice == "adamw8bit":
-        emit(TrainEvent("info", message="8-bit AdamW works only on a GPU; using normal AdamW."))
-    return torch.optim.AdamW(params, lr=lr, weight_decay=1e-2, fused=device.type == "cuda")
+
+def _have_bitsandbytes() -> bool:
+    try:
+        import bitsandbytes  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_cuda_graphs(config: TrainConfig, accelerator, optimizer_name: str) -> bool:
+    """Graphs need one GPU, one micro-batch per step, no fp16 loss scaling and a capturable optimizer."""
+    possible = (accelerator.device.type == "cuda" and accelerator.num_processes == 1
+                and config.gradient_accumulation_steps == 1 and accelerator.mixed_precision != "fp16"
+                and optimizer_name != "adamw8bit")
+    if config.cuda_graphs == "on" and not possible:
+        raise ConfigError("cuda_graphs='on' needs one GPU, gradient_accumulation_steps=1, bf16 or fp32 and an optimizer other than adamw8bit; use 'auto'.")
+    return possible and config.cuda_graphs != "off"
+
+
+def make_optimizer(params, lr: float, name: str, device: torch.device, generator=None) -> torch.optim.Optimizer:
+    if name == "adamw8bit":
+        import bitsandbytes as bnb  # type: ignore[import-not-found]
+
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=1e-2)
+    if name == "adamw-bf16":
+        return AdamWBF16(params, lr=lr, weight_decay=1e-2, generator=generator)
+    if device.type == "cuda":  # fused, and capturable with a tensor LR so a CUDA graph can replay it
+        return torch.optim.AdamW(params, lr=torch.tensor(lr, device=device), weight_decay=1e-2, fused=True, capturable=True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
 
 
 def make_lr_scheduler(optimizer, config: TrainConfig, steps: int):

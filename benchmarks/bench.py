@@ -1,0 +1,397 @@
+"""Speed and memory of dreamnb's trainer and sampler, beside the diffusers DreamBooth example scripts.
+
+    python benchmarks/bench.py                  # on a GPU: full SD-1.5 architecture, random weights
+    python benchmarks/bench.py --tiny           # on a CPU: the tiny model, to check the script itself
+    python benchmarks/bench.py --reference .ref # also run diffusers' train_dreambooth(.py|_lora.py) from .ref/
+
+Builds the SD-1.5 UNet (859.5M), text encoder (123.1M) and VAE (83.7M) from their configs with random
+weights (nothing is downloaded), 20 generated 512 px photos, and measures each configuration in a fresh
+process: steady-state s/step and images/s, time to the first step, the projected wall time of the whole
+default run (1500 UNet + 350 text-encoder steps), and peak GPU memory (allocated and reserved).
+Prints a table; `--json FILE` keeps the raw figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+# name: (what it is, TrainConfig overrides, reference script + arguments or None)
+CONFIGS = {
+    "a": ("TheLastBen-like: UNet + text encoder, 8-bit-class optimizer, grad. checkpointing, bf16",
+          dict(text_encoder_steps=350, gradient_checkpointing="on"),
+          ("train_dreambooth.py", ["--train_text_encoder", "--use_8bit_adam", "--gradient_checkpointing", "--mixed_precision", "bf16"])),
+    "b": ("UNet only, AdamW, bf16",
+          dict(text_encoder_steps=0, optimizer="adamw", gradient_checkpointing="off"),
+          ("train_dreambooth.py", ["--mixed_precision", "bf16"])),
+    "c": ("(a) with prior preservation",
+          dict(text_encoder_steps=350, gradient_checkpointing="on", with_prior_preservation=True),
+          ("train_dreambooth.py", ["--train_text_encoder", "--use_8bit_adam", "--gradient_checkpointing", "--mixed_precision", "bf16",
+                                   "--with_prior_preservation", "--class_prompt", "photo of a person", "--num_class_images", "20"])),
+    "d4": ("LoRA rank 4, UNet",
+           dict(method="lora", lora_rank=4, lora_alpha=4, text_encoder_steps=0, unet_lr=1e-4),
+           ("train_dreambooth_lora.py", ["--rank", "4", "--mixed_precision", "bf16"])),
+    "d16": ("LoRA rank 16, UNet, grad. checkpointing",
+            dict(method="lora", lora_rank=16, lora_alpha=16, text_encoder_steps=0, unet_lr=1e-4, gradient_checkpointing="on"),
+            ("train_dreambooth_lora.py", ["--rank", "16", "--gradient_checkpointing", "--mixed_precision", "bf16"])),
+    "e": ("T4 stand-in: fp16 + loss scaling, UNet + text encoder, 15 GB cap",
+          dict(text_encoder_steps=350, mixed_precision="fp16"),
+          None),
+}
+DEFAULT_RUN = (350, 1500)  # text-encoder steps, UNet steps: what the face preset trains
+
+
+# --- the model and photos ------------------------------------------------------------------------------
+
+def sd15_pipeline(tiny: bool):
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from dreamnb.tiny import TOKENIZER_DIR, tiny_pipeline
+
+    if tiny:
+        return tiny_pipeline("sd1", seed=0)
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):  # random init on the GPU: seconds instead of a minute
+        unet = UNet2DConditionModel(  # stable-diffusion-v1-5/unet/config.json
+            sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+            block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        )
+        vae = AutoencoderKL(  # stable-diffusion-v1-5/vae/config.json
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(  # openai/clip-vit-large-patch14 text model
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, bos_token_id=49406, eos_token_id=49407,
+            pad_token_id=49407,
+        ))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionPipeline(vae=vae.cpu(), text_encoder=text_encoder.cpu(), unet=unet.cpu(),
+                                   tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR), scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def make_photos(folder: Path, count: int, size: int) -> None:
+    """Varied synthetic 'photos' (gradients, discs, noise) so every photo is a different image."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        base = np.linspace(0, 255, size, dtype=np.float32)
+        img = np.stack([np.add.outer(base * rng.random(), base * rng.random()) / 2 for _ in range(3)], -1)
+        img = Image.fromarray(np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+        for _ in range(6):
+            x, y, r = rng.integers(0, size, 2).tolist() + [int(rng.integers(size // 16, size // 4))]
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(rng.integers(0, 255, 3).tolist()))
+        img.save(folder / f"photo-{i:02d}.png")
+
+
+def prepare(workdir: Path, tiny: bool) -> dict:
+    model_dir, photos = workdir / "model", workdir / "photos"
+    size = 64 if tiny else 512
+    if not (model_dir / "model_index.json").exists():
+        t = time.time()
+        pipe = sd15_pipeline(tiny)
+        counts = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) / 1e6 for name in ("unet", "text_encoder", "vae")}
+        pipe.save_pretrained(model_dir, safe_serialization=True)
+        (workdir / "params.json").write_text(json.dumps(counts))
+        print(f"built the model in {time.time() - t:.0f} s: " + ", ".join(f"{k} {v:.1f}M" for k, v in counts.items()), flush=True)
+    if not photos.exists():
+        make_photos(photos, 20, size)
+    return {"model": str(model_dir), "photos": str(photos), "size": size}
+
+
+# --- one dreamnb configuration, in its own process ------------------------------------------------------
+
+def run_dreamnb(name: str, workdir: Path, tiny: bool, unet_steps: int, te_steps: int) -> dict:
+    import shutil
+
+    import torch
+
+    from dreamnb.config import TrainConfig
+    from dreamnb.models import load_base_model
+    from dreamnb.session import create_session
+    from dreamnb.train import train
+
+    started = time.time()
+    cuda = torch.cuda.is_available()
+    if name == "e" and cuda:  # a Colab T4 has 15 GB
+        torch.cuda.set_per_process_memory_fraction(15e9 / torch.cuda.get_device_properties(0).total_memory)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    session_dir = workdir / f"session-{name}"
+    shutil.rmtree(session_dir, ignore_errors=True)
+    session = create_session(session_dir)
+    for photo in sorted((workdir / "photos").iterdir()):
+        shutil.copy(photo, session.instance_dir / photo.name)
+    if name == "c":  # the same 20 class images the reference uses, generated once
+        shutil.copytree(workdir / "class", session.class_dir, dirs_exist_ok=True)
+    overrides = dict(CONFIGS[name][1])
+    overrides["text_encoder_steps"] = min(overrides.get("text_encoder_steps", 0), te_steps)
+    if not cuda:
+        overrides.pop("mixed_precision", None)  # fp16 needs a GPU; the CPU run only checks the script
+    settings = dict(token="zwx", resolution=64 if tiny else 512, seed=0, unet_steps=unet_steps,
+                    with_prior_preservation=False, num_class_images=20, checkpoint_every=0, log_every=10)
+    config = TrainConfig.from_preset("face", **{**settings, **overrides})
+    base = load_base_model(workdir / "model")
+    if name == "c":
+        from dreamnb.data import class_images_dir
+
+        folder = class_images_dir(session.class_dir, f"{base.info.source}|{base.info.family}|{base.info.prediction_type}",
+                                  config.resolved_class_prompt(), config.resolution)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(sorted((workdir / "class").glob("*.png"))):
+            shutil.copy(image, folder / f"class-{i:04d}.png")
+    marks: list[tuple[str, int, float]] = []
+    messages: list[str] = []
+
+    def on_event(event):
+        if event.kind == "step":
+            marks.append((event.phase, event.step, time.time()))
+        elif event.message:
+            messages.append(event.message)
+
+    result = train(session, config, base, callback=on_event, progress=False)
+    if result.status != "finished":
+        raise RuntimeError(result.message)
+    out = {"name": name, "messages": messages, "wall_s": time.time() - started}
+    for phase in ("text_encoder", "unet"):
+        points = [(step, t) for p, step, t in marks if p == phase]
+        if len(points) >= 3:  # skip the first logged interval: warm-up and graph capture
+            (s0, t0), (s1, t1) = points[1], points[-1]
+            out[f"{phase}_s_per_step"] = (t1 - t0) / (s1 - s0)
+    first = marks[0] if marks else None
+    per_step = out.get(f"{first[0]}_s_per_step", 0) if first else 0
+    out["startup_s"] = (first[2] - started) - first[1] * per_step if first else None
+    te, un = DEFAULT_RUN
+    if "unet_s_per_step" in out:
+        te_rate = out.get("text_encoder_s_per_step", out["unet_s_per_step"]) if overrides.get("text_encoder_steps") else 0
+        out["projected_default_run_s"] = out["startup_s"] + te * te_rate + un * out["unet_s_per_step"]
+    if cuda:
+        out["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        out["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
+    return out
+
+
+def run_sampling(workdir: Path, tiny: bool) -> dict:
+    """(f): 4 images and 1 image, 25 DPM-Solver++ steps, guidance 7.5; dreamnb's sampler and diffusers' pipeline."""
+    import torch
+
+    from dreamnb.models import load_base_model
+    from dreamnb.sample import SampleSettings, generate
+
+    cuda = torch.cuda.is_available()
+    dtype = torch.float16 if cuda else torch.float32
+    t = time.time()
+    base = load_base_model(workdir / "model", torch_dtype=dtype)
+    pipe = base.pipeline.to("cuda" if cuda else "cpu")
+    load_s = time.time() - t
+    size = 64 if tiny else 512
+    out = {"name": "f", "load_s": load_s}
+    for count in (1, 4):
+        settings = [SampleSettings(prompt="photo of zwx person", seed=i, num_inference_steps=25, width=size, height=size)
+                    for i in range(count)]
+        for _ in range(2):  # warm
+            generate(pipe, settings, batch_size=4, progress=False)
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.time()
+        generate(pipe, settings, batch_size=4, progress=False)
+        if cuda:
+            torch.cuda.synchronize()
+        out[f"dreamnb_{count}_images_s"] = time.time() - t
+        # the plain diffusers pipeline, same settings
+        from diffusers import DPMSolverMultistepScheduler
+
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+        pipe.set_progress_bar_config(disable=True)
+        generators = [torch.Generator(pipe.device).manual_seed(i) for i in range(count)]
+        pipe(["photo of zwx person"] * count, num_inference_steps=25, height=size, width=size, generator=generators)
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.time()
+        pipe(["photo of zwx person"] * count, num_inference_steps=25, height=size, width=size, generator=generators)
+        if cuda:
+            torch.cuda.synchronize()
+        out[f"diffusers_{count}_images_s"] = time.time() - t
+    return out
+
+
+# --- the reference scripts --------------------------------------------------------------------------------
+
+class GpuMemoryPoller:
+    """Peak GPU memory of another process, from nvidia-smi every 200 ms (what the reference figures used)."""
+
+    def __init__(self):
+        self.peak_mb, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self):
+        while not self._stop.is_set():
+            try:
+                used = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                      capture_output=True, text=True, timeout=5).stdout.split()
+                self.peak_mb = max([self.peak_mb] + [int(u) for u in used if u.isdigit()])
+            except (OSError, subprocess.TimeoutExpired):
+                return
+            self._stop.wait(0.2)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def run_reference(name: str, workdir: Path, reference_dir: Path, steps: int) -> dict:
+    script, extra = CONFIGS[name][2]
+    out_dir = workdir / f"reference-{name}"
+    args = [sys.executable, str(reference_dir / script), "--pretrained_model_name_or_path", str(workdir / "model"),
+            "--instance_data_dir", str(workdir / "photos"), "--instance_prompt", "photo of zwx person",
+            "--output_dir", str(out_dir), "--resolution", "512", "--train_batch_size", "1", "--learning_rate", "2e-6",
+            "--max_train_steps", str(steps), "--checkpointing_steps", "1000000", "--seed", "0", *extra]
+    if "--with_prior_preservation" in extra:
+        args += ["--class_data_dir", str(workdir / "class")]
+    started = time.time()
+    with GpuMemoryPoller() as poller:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        raise RuntimeError(f"reference {name} failed: {done.stderr[-2000:]}")
+    # tqdm's last rate on the "Steps" bar: a moving average over the recent steps, i.e. steady state
+    rates = re.findall(r"Steps:.*?(\d+\.\d+)(it/s|s/it)", done.stderr)
+    value, unit = rates[-1]
+    s_per_step = 1 / float(value) if unit == "it/s" else float(value)
+    return {"name": name, "s_per_step": s_per_step, "peak_gpu_gb_nvidia_smi": poller.peak_mb / 1024 * 1.048576,
+            "wall_s": time.time() - started}
+
+
+def generate_class_images(workdir: Path, count: int, tiny: bool) -> None:
+    """20 class images made once with the base model; both trainers read the same files."""
+    import torch
+
+    from dreamnb.data import ensure_class_images
+    from dreamnb.models import load_base_model
+
+    folder = workdir / "class"
+    if len(list(folder.glob("*.png"))) >= count:
+        return
+    cuda = torch.cuda.is_available()
+    base = load_base_model(workdir / "model", torch_dtype=torch.float16 if cuda else torch.float32)
+    pipe = base.pipeline.to("cuda" if cuda else "cpu")
+    ensure_class_images(pipe, folder, "photo of a person", count, 64 if tiny else 512, batch_size=10)
+
+
+# --- the table -------------------------------------------------------------------------------------------
+
+def table(results: dict, gpu: str) -> str:
+    lines = [f"GPU: {gpu}", "",
+             "| config | what | dreamnb s/step (UNet / TE) | images/s | time to first step | default run (1500+350) | peak alloc / reserved GB | diffusers s/step | diffusers peak GB (nvidia-smi) | speed-up |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, (what, _, _) in CONFIGS.items():
+        ours, ref = results.get(name), results.get(f"ref-{name}")
+        if not ours:
+            continue
+        if "error" in ours:
+            lines.append(f"| {name} | {what} | failed: {ours['error'][:120]} |||||||")
+            continue
+        unet, te = ours.get("unet_s_per_step"), ours.get("text_encoder_s_per_step")
+        batch = 2 if name == "c" else 1
+        speed = f"{ref['s_per_step'] / unet:.1f}×" if ref and unet and "s_per_step" in ref else "–"
+        lines.append(
+            f"| {name} | {what} | {unet:.4f}" + (f" / {te:.4f}" if te else "") + f" | {batch / unet:.1f} | "
+            f"{ours.get('startup_s', 0):.1f} s | {ours.get('projected_default_run_s', 0):.0f} s | "
+            f"{ours.get('peak_allocated_gb', 0):.1f} / {ours.get('peak_reserved_gb', 0):.1f} | "
+            + (f"{ref['s_per_step']:.3f} | {ref['peak_gpu_gb_nvidia_smi']:.1f} |" if ref and "s_per_step" in ref else "– | – |")
+            + f" {speed} |"
+        )
+    f = results.get("f")
+    if f:
+        lines += ["", "| sampling (f), warm, 25 DPM-Solver++ steps, guidance 7.5 | dreamnb | diffusers pipeline |", "|---|---|---|"]
+        for count in (1, 4):
+            lines.append(f"| {count} image(s) | {f[f'dreamnb_{count}_images_s']:.3f} s | {f[f'diffusers_{count}_images_s']:.3f} s |")
+        lines.append(f"| load from local disk | {f['load_s']:.1f} s | |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU (checks the script)")
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "dreamnb-bench"))
+    parser.add_argument("--configs", default="a,b,c,d4,d16,e,f", help="comma-separated: a b c d4 d16 e f")
+    parser.add_argument("--unet-steps", type=int, default=200, help="UNet steps measured per configuration")
+    parser.add_argument("--te-steps", type=int, default=60, help="text-encoder steps measured where trained")
+    parser.add_argument("--full-run", action="store_true", help="train (a) for the whole default run (1500 + 350)")
+    parser.add_argument("--reference", type=Path, help="folder with diffusers' train_dreambooth.py and train_dreambooth_lora.py")
+    parser.add_argument("--reference-steps", type=int, default=60)
+    parser.add_argument("--json", type=Path, help="write the raw figures here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    workdir = Path(args.workdir)
+
+    if args.child:  # one measurement in a fresh process, printed as a JSON line
+        if args.child == "f":
+            result = run_sampling(workdir, args.tiny)
+        else:
+            result = run_dreamnb(args.child, workdir, args.tiny, args.unet_steps, args.te_steps)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    prepare(workdir, args.tiny)
+    names = [n for n in args.configs.split(",") if n]
+    if "c" in names:
+        generate_class_images(workdir, 20, args.tiny)
+    results: dict = {}
+    for name in names:
+        unet_steps, te_steps = (DEFAULT_RUN[1], DEFAULT_RUN[0]) if (name == "a" and args.full_run) else (args.unet_steps, args.te_steps)
+        cmd = [sys.executable, __file__, "--workdir", str(workdir), "--child", name,
+               "--unet-steps", str(unet_steps), "--te-steps", str(te_steps)] + (["--tiny"] if args.tiny else [])
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+        results[name] = json.loads(line[7:]) if line else {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no result"}
+        if not line:
+            print(done.stderr[-3000:], file=sys.stderr)
+        print(f"{name}: {json.dumps(results[name])}", flush=True)
+        if args.reference and name in CONFIGS and CONFIGS[name][2]:
+            try:
+                results[f"ref-{name}"] = run_reference(name, workdir, args.reference, args.reference_steps)
+            except Exception as err:  # a failed reference run is reported, not fatal
+                results[f"ref-{name}"] = {"error": str(err)[-500:]}
+            print(f"ref-{name}: {json.dumps(results[f'ref-{name}'])}", flush=True)
+    gpu = "CPU (tiny model)"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    except ImportError:
+        pass
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    print()
+    print(table(results, gpu))
+
+
+if __name__ == "__main__":
+    main()

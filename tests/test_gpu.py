@@ -1,0 +1,60 @@
+"""The CUDA fast path against the plain path, on the tiny model. Runs only where there is a GPU
+(the lent GPU machine: `python -m pytest tests/test_gpu.py`); CI has none and skips it."""
+import dataclasses
+import threading
+
+import pytest
+import torch
+
+from dreamnb.train import train
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def gpu_base(tiny_sd1):
+    from dreamnb.models import load_base_model
+
+    return load_base_model(tiny_sd1.folder)
+
+
+def config(**changes):
+    from test_train import quick_config
+
+    return dataclasses.replace(quick_config(text_encoder_steps=10, unet_steps=60, log_every=5, unet_lr=2e-4,
+                                            text_encoder_lr=5e-5, mixed_precision="bf16"), **changes)
+
+
+def curve(result):
+    return torch.tensor([loss for _, loss in result.losses])
+
+
+def test_cuda_graph_step_matches_the_eager_step(photo_session, gpu_base):
+    eager = train(photo_session, config(cuda_graphs="off", optimizer="adamw"), gpu_base, progress=False, attempt="eager")
+    graphed = train(photo_session, config(cuda_graphs="on", optimizer="adamw"), gpu_base, progress=False, attempt="graphed")
+    assert eager.status == graphed.status == "finished"
+    assert torch.allclose(curve(eager), curve(graphed), rtol=0.05), (curve(eager), curve(graphed))
+
+
+def test_bf16_weights_with_stochastic_rounding_learn_like_fp32_adamw(photo_session, gpu_base):
+    fp32 = train(photo_session, config(optimizer="adamw"), gpu_base, progress=False, attempt="fp32")
+    bf16 = train(photo_session, config(optimizer="adamw-bf16"), gpu_base, progress=False, attempt="bf16")
+    a, b = curve(fp32), curve(bf16)
+    assert b[-3:].mean() < 0.6 * b[:2].mean()  # it learns
+    assert torch.allclose(a, b, rtol=0.15), (a, b)
+
+
+def test_graphed_run_resumes_to_the_same_weights(photo_session, gpu_base):
+    from safetensors.torch import load_file
+
+    cfg = config(cuda_graphs="on", optimizer="adamw-bf16", log_every=1, unet_steps=20)
+    train(photo_session, cfg, gpu_base, progress=False, attempt="straight")
+    stop = threading.Event()
+    train(photo_session, cfg, gpu_base, progress=False, attempt="resumed", stop=stop,
+          callback=lambda e: stop.set() if e.kind == "step" and e.step == 15 else None)
+    done = train(photo_session, cfg, gpu_base, progress=False, attempt="resumed", resume=True)
+    assert done.status == "finished"
+    a = load_file(str(photo_session.attempt_dir("straight") / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(photo_session.attempt_dir("resumed") / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst < 2e-2, worst  # bf16 weights: equal up to a few stochastic-rounding ulps
