@@ -132,7 +132,7 @@ def run_dreamnb(name: str, workdir: Path, tiny: bool, unet_steps: int, te_steps:
     from dreamnb.session import create_session
     from dreamnb.train import train
 
-    started = time.time()
+    started = time.time()  # after the imports: a notebook has made them in its setup cell
     cuda = torch.cuda.is_available()
     if name == "e" and cuda:  # a Colab T4 has 15 GB
         torch.cuda.set_per_process_memory_fraction(15e9 / torch.cuda.get_device_properties(0).total_memory)
@@ -153,6 +153,7 @@ def run_dreamnb(name: str, workdir: Path, tiny: bool, unet_steps: int, te_steps:
                     with_prior_preservation=False, num_class_images=20, checkpoint_every=0, log_every=10)
     config = TrainConfig.from_preset("face", **{**settings, **overrides})
     base = load_base_model(workdir / "model")
+    messages.append(f"{time.time() - started:6.1f}s loaded the base model")
     if name == "c":
         from dreamnb.data import class_images_dir
 
@@ -168,7 +169,7 @@ def run_dreamnb(name: str, workdir: Path, tiny: bool, unet_steps: int, te_steps:
         if event.kind == "step":
             marks.append((event.phase, event.step, time.time()))
         elif event.message:
-            messages.append(event.message)
+            messages.append(f"{time.time() - started:6.1f}s {event.message}")
 
     result = train(session, config, base, callback=on_event, progress=False)
     if result.status != "finished":

@@ -277,6 +277,7 @@ def train(
 
             if use_graphs:
                 def graph_body() -> torch.Tensor:
+                    optimizer.zero_grad(set_to_none=True)
                     loss = loss_for_batch()
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -330,6 +331,8 @@ def train(
                 if stop is not None and stop.is_set():
                     raise KeyboardInterrupt
             state = {"phase": phase, "phase_step": phase_steps, "global_step": state["global_step"]}
+            if isinstance(optimizer, AdamWBF16):
+                optimizer.unflatten()
         final_dir = save_final(accelerator, attempt_dir, unet, text_encoder, config)
         message = f"Finished {total_steps} steps; the trained model is in {final_dir}."
     except KeyboardInterrupt:

@@ -22,7 +22,8 @@ def test_adamw_bf16_keeps_tiny_updates_that_plain_bf16_would_lose():
     weights = torch.nn.Parameter(start.to(torch.bfloat16))
     optimizer = AdamWBF16([weights], lr=1e-4, weight_decay=0.0, generator=torch.Generator().manual_seed(0))
     for _ in range(200):
-        weights.grad = torch.ones_like(weights)  # Adam moves each weight by ~lr per step
+        optimizer.zero_grad()
+        weights.grad += 1  # Adam moves each weight by ~lr per step
         optimizer.step()
     moved = (start.to(torch.bfloat16).float() - weights.float()).mean().item()
     assert abs(moved - 200 * 1e-4) < 0.15 * 200 * 1e-4  # 0.02 in total, far below bf16's step near 1 (0.0078)
@@ -32,17 +33,39 @@ def test_adamw_bf16_keeps_tiny_updates_that_plain_bf16_would_lose():
     assert abs((start.to(torch.bfloat16).float() - naive.float()).mean().item()) < 0.5 * moved
 
 
-def test_adamw_bf16_matches_adamw_on_fp32_weights():
+def test_adamw_bf16_follows_adamw():
+    """Same gradients: the bf16 weights stay within bf16 rounding of fp32 AdamW's weights."""
     torch.manual_seed(0)
-    a = torch.nn.Parameter(torch.randn(256, 64))
-    b = torch.nn.Parameter(a.detach().clone())
-    ours = AdamWBF16([a], lr=1e-3, weight_decay=1e-2)
-    reference = torch.optim.AdamW([b], lr=1e-3, weight_decay=1e-2)
+    start = torch.randn(256, 64).to(torch.bfloat16).float()
+    ours_weights = torch.nn.Parameter(start.clone())
+    reference_weights = torch.nn.Parameter(start.clone())
+    ours = AdamWBF16([ours_weights], lr=1e-2, weight_decay=1e-2, generator=torch.Generator().manual_seed(0))
+    reference = torch.optim.AdamW([reference_weights], lr=1e-2, weight_decay=1e-2)
+    assert ours_weights.dtype == torch.bfloat16  # the optimizer re-homes the weights as bf16 views
     for step in range(50):
         grad = torch.randn(256, 64, generator=torch.Generator().manual_seed(step))
-        a.grad, b.grad = grad.clone(), grad.clone()
+        ours.zero_grad()
+        ours_weights.grad += grad.to(torch.bfloat16)
+        reference_weights.grad = grad.to(torch.bfloat16).float()
         ours.step()
         reference.step()
-    # bf16 moments differ from fp32 ones by rounding only: the weights agree closely
-    assert torch.allclose(a, b, atol=2e-3)
-    assert (a - b).abs().mean() < 2e-4
+    moved = (reference_weights.detach() - start).abs().mean().item()
+    difference = (ours_weights.float() - reference_weights.detach()).abs().mean().item()
+    assert difference < 0.2 * moved, (difference, moved)  # within bf16 rounding noise of the weights (~0.004 here)
+
+
+def test_flat_views_keep_channels_last_layout_and_state_round_trips():
+    conv = torch.nn.Conv2d(4, 8, 3).to(memory_format=torch.channels_last)
+    optimizer = AdamWBF16(conv.parameters(), lr=1e-3)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert conv.weight.data_ptr() == optimizer.flat_param.data_ptr()
+    out = conv(torch.randn(2, 4, 8, 8, dtype=torch.bfloat16))
+    out.float().pow(2).mean().backward()
+    assert conv.weight.grad.data_ptr() == optimizer.flat_grad.data_ptr()  # gradients land in the flat buffer
+    optimizer.step()
+    state = optimizer.state_dict()
+    other = AdamWBF16(torch.nn.Conv2d(4, 8, 3).parameters(), lr=1e-3)
+    other.load_state_dict(state)
+    assert torch.equal(other.exp_avg, optimizer.exp_avg) and other.step_count.item() == 1
+    optimizer.unflatten()
+    assert conv.weight.grad is None and conv.weight.data_ptr() != 0
