@@ -153,7 +153,7 @@ def run_dreamnb(name: str, workdir: Path, tiny: bool, unet_steps: int, te_steps:
                     with_prior_preservation=False, num_class_images=20, checkpoint_every=0, log_every=10)
     config = TrainConfig.from_preset("face", **{**settings, **overrides})
     base = load_base_model(workdir / "model")
-    messages.append(f"{time.time() - started:6.1f}s loaded the base model")
+    loaded_s = time.time() - started
     if name == "c":
         from dreamnb.data import class_images_dir
 
@@ -163,7 +163,7 @@ def run_dreamnb(name: str, workdir: Path, tiny: bool, unet_steps: int, te_steps:
         for i, image in enumerate(sorted((workdir / "class").glob("*.png"))):
             shutil.copy(image, folder / f"class-{i:04d}.png")
     marks: list[tuple[str, int, float]] = []
-    messages: list[str] = []
+    messages: list[str] = [f"{loaded_s:6.1f}s loaded the base model"]
 
     def on_event(event):
         if event.kind == "step":
