@@ -28,14 +28,18 @@ sys.path.insert(0, str(HERE.parent))
 
 # name: (what it is, TrainConfig overrides, reference script + arguments or None)
 CONFIGS = {
-    "a": ("TheLastBen-like: UNet + text encoder, 8-bit-class optimizer, grad. checkpointing, bf16",
-          dict(text_encoder_steps=350, gradient_checkpointing="on"),
+    "a": ("TheLastBen's job: UNet + text encoder, bf16, batch 1, 512 px (reference: 8-bit Adam + grad. checkpointing); "
+          "dreamnb: its defaults (bf16 weights + stochastic-rounding AdamW, checkpointing 'auto' = off when it fits)",
+          dict(text_encoder_steps=350),
           ("train_dreambooth.py", ["--train_text_encoder", "--use_8bit_adam", "--gradient_checkpointing", "--mixed_precision", "bf16"])),
+    "a-gc": ("(a) with gradient checkpointing forced on in dreamnb too",
+             dict(text_encoder_steps=350, gradient_checkpointing="on"),
+             None),
     "b": ("UNet only, AdamW, bf16",
           dict(text_encoder_steps=0, optimizer="adamw", gradient_checkpointing="off"),
           ("train_dreambooth.py", ["--mixed_precision", "bf16"])),
-    "c": ("(a) with prior preservation",
-          dict(text_encoder_steps=350, gradient_checkpointing="on", with_prior_preservation=True),
+    "c": ("(a) with prior preservation (batch: 1 photo + 1 class image)",
+          dict(text_encoder_steps=350, with_prior_preservation=True),
           ("train_dreambooth.py", ["--train_text_encoder", "--use_8bit_adam", "--gradient_checkpointing", "--mixed_precision", "bf16",
                                    "--with_prior_preservation", "--class_prompt", "photo of a person", "--num_class_images", "20"])),
     "d4": ("LoRA rank 4, UNet",
@@ -339,7 +343,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU (checks the script)")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "dreamnb-bench"))
-    parser.add_argument("--configs", default="a,b,c,d4,d16,e,f", help="comma-separated: a b c d4 d16 e f")
+    parser.add_argument("--configs", default="a,a-gc,b,c,d4,d16,e,f", help="comma-separated: a a-gc b c d4 d16 e f")
     parser.add_argument("--unet-steps", type=int, default=200, help="UNet steps measured per configuration")
     parser.add_argument("--te-steps", type=int, default=60, help="text-encoder steps measured where trained")
     parser.add_argument("--full-run", action="store_true", help="train (a) for the whole default run (1500 + 350)")

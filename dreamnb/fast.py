@@ -74,6 +74,16 @@ class AdamWBF16(torch.optim.Optimizer):
         bias1 = 1 - beta1 ** self.step_count
         bias2_sqrt = (1 - beta2 ** self.step_count).sqrt()
         decay = 1 - lr * group["weight_decay"]
+        kernel = _fused_kernel() if self.flat_param.is_cuda else None
+        if kernel is not None:  # one pass over memory: ~14 bytes per weight instead of ~100
+            coefficients = torch.stack([lr / bias1, 1 / bias2_sqrt, decay]).float()
+            seed = torch.randint(0, 2**31 - 1, (1,), device=self.flat_param.device, generator=self.generator)
+            n = self.flat_param.numel()
+            kernel[(triton_cdiv(n, _BLOCK),)](
+                self.flat_param, self.flat_grad, self.exp_avg, self.exp_avg_sq, coefficients, seed, n,
+                beta1, beta2, group["eps"], BLOCK=_BLOCK,
+            )
+            return None
         for start in range(0, self.flat_param.numel(), self.chunk_elements):
             part = slice(start, start + self.chunk_elements)
             grad = self.flat_grad[part].float()
@@ -104,6 +114,50 @@ class AdamWBF16(torch.optim.Optimizer):
             p.data = p.data.clone(memory_format=torch.preserve_format)
             p.grad = None
         self.flat_param = self.flat_grad = self.exp_avg = self.exp_avg_sq = None
+
+
+_BLOCK = 4096
+_KERNEL: list = []
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _fused_kernel():
+    """The AdamWBF16 update as one Triton kernel (None where Triton is missing, e.g. on a CPU)."""
+    if _KERNEL:
+        return _KERNEL[0]
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        _KERNEL.append(None)
+        return None
+
+    @triton.jit
+    def adamw_bf16_sr(w_ptr, g_ptr, m_ptr, v_ptr, coef_ptr, seed_ptr, n, beta1, beta2, eps, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        step_size = tl.load(coef_ptr)       # lr / (1 - beta1**step)
+        inv_bias2_sqrt = tl.load(coef_ptr + 1)  # 1 / sqrt(1 - beta2**step)
+        decay = tl.load(coef_ptr + 2)       # 1 - lr * weight_decay
+        seed = tl.load(seed_ptr)
+        w = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        m = m + (1 - beta1) * (g - m)
+        v = beta2 * v + (1 - beta2) * g * g
+        w = w * decay - step_size * m / (tl.sqrt(v) * inv_bias2_sqrt + eps)
+        noise = (tl.randint(seed, offsets) & 0xFFFF).to(tl.int32)
+        bits = (w.to(tl.int32, bitcast=True) + noise) & -65536
+        tl.store(w_ptr + offsets, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=mask)
+        tl.store(m_ptr + offsets, m.to(tl.bfloat16), mask=mask)
+        tl.store(v_ptr + offsets, v.to(tl.bfloat16), mask=mask)
+
+    _KERNEL.append(adamw_bf16_sr)
+    return adamw_bf16_sr
 
 
 def _view_like(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -149,6 +203,7 @@ class GraphedStep:
             torch.cuda.current_stream().wait_stream(self.side_stream)
             return loss.detach()
         if self.graph is None:
+            torch.cuda.empty_cache()  # hand the warm-up's cached blocks back before the graph takes its own pool
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 with self._autocast():
@@ -156,3 +211,52 @@ class GraphedStep:
             log.info("captured the training step in a CUDA graph after %d eager steps", self.warmup)
         self.graph.replay()
         return self.static_loss.clone()
+
+
+class GraphedUNetForward:
+    """Stands in for `unet.forward` while sampling: one CUDA graph per input shape, replayed each
+    denoising step (sampling at batch 1-8 is bound by kernel launches, like training).
+
+    Falls back to the real forward for anything unusual (gradients, extra conditioning)."""
+
+    def __init__(self, unet):
+        self.unet = unet
+        self.forward = unet.forward
+        self.graphs: dict[tuple, tuple] = {}
+
+    def __call__(self, sample, timestep, encoder_hidden_states, *args, return_dict: bool = True, **kwargs):
+        unusual = args or any(v is not None for v in kwargs.values()) or torch.is_grad_enabled()
+        if unusual or not sample.is_cuda:
+            return self.forward(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
+        timestep = torch.as_tensor(timestep, device=sample.device)
+        key = (tuple(sample.shape), sample.dtype, tuple(encoder_hidden_states.shape), tuple(timestep.shape), timestep.dtype)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(sample, timestep, encoder_hidden_states)
+        graph, inputs, output = self.graphs[key]
+        for static, value in zip(inputs, (sample, timestep, encoder_hidden_states)):
+            static.copy_(value)
+        graph.replay()
+        result = output.clone()  # schedulers keep past outputs; the next replay overwrites `output`
+        if not return_dict:
+            return (result,)
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput(sample=result)
+
+    def _capture(self, sample, timestep, encoder_hidden_states):
+        inputs = tuple(t.clone() for t in (sample, timestep, encoder_hidden_states))
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.forward(*inputs, return_dict=False)  # warm-up: kernels picked, workspaces allocated
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = self.forward(*inputs, return_dict=False)[0]
+        return graph, inputs, output
+
+
+def enable_graphed_sampling(pipe) -> None:
+    """Make `pipe`'s UNet replay CUDA graphs (a no-op on a CPU, and when already enabled)."""
+    if pipe.unet.device.type == "cuda" and not isinstance(pipe.unet.forward, GraphedUNetForward):
+        pipe.unet.forward = GraphedUNetForward(pipe.unet)

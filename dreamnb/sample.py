@@ -146,13 +146,15 @@ def generate(
     batch_size: int = 4,
     progress: bool = True,
     on_batch_end: Callable[[int, int], None] | None = None,
+    cuda_graphs: bool = True,
 ) -> list[Sample]:
     """Generate one image per settings, in the same order, batching those that can run together.
 
     Settings that share steps, guidance, scheduler and size run in batches of up to
     `batch_size` (prompts may differ inside a batch). `on_batch_end(done, total)` is called
     after each batch, for a progress display. The pipeline's scheduler and progress-bar
-    setting are restored afterwards.
+    setting are restored afterwards. On a GPU the UNet replays CUDA graphs (`cuda_graphs`),
+    several times faster at these batch sizes; the first call per batch shape records them.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be 1 or more, not {batch_size!r}.")
@@ -168,6 +170,10 @@ def generate(
         groups.setdefault(key, []).append(index)
 
     results: list[Sample | None] = [None] * len(settings)
+    if cuda_graphs:
+        from .fast import enable_graphed_sampling
+
+        enable_graphed_sampling(pipe)
     old_scheduler = pipe.scheduler
     old_progress = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(**{**old_progress, "disable": not progress})

@@ -60,3 +60,50 @@ def test_graphed_run_resumes_to_the_same_weights(photo_session, gpu_base):
     b = load_file(str(photo_session.attempt_dir("resumed") / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert worst < 2e-2, worst  # bf16 weights: equal up to a few stochastic-rounding ulps
+
+
+def test_fused_triton_update_matches_the_torch_update():
+    from dreamnb import fast
+
+    if fast._fused_kernel() is None:
+        pytest.skip("Triton is not installed")
+    torch.manual_seed(0)
+    weights = [torch.randn(1000, 333, device="cuda") for _ in range(2)]
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    fused, plain = (fast.AdamWBF16([p], lr=1e-3) for p in params)
+    plain.step_count.zero_()
+    for step in range(5):
+        grad = torch.randn(1000, 333, device="cuda").to(torch.bfloat16)
+        for optimizer in (fused, plain):
+            optimizer.zero_grad()
+            optimizer.flat_grad.copy_(grad.flatten())
+        fused.step()
+        kernel = fast._KERNEL[:]
+        fast._KERNEL[:] = [None]  # force the torch path for the second optimizer
+        try:
+            plain.step()
+        finally:
+            fast._KERNEL[:] = kernel
+        # moments are rounded to nearest in both: equal up to fp32 reassociation
+        assert torch.allclose(fused.exp_avg.float(), plain.exp_avg.float(), rtol=1e-2, atol=1e-6)
+        assert torch.allclose(fused.exp_avg_sq.float(), plain.exp_avg_sq.float(), rtol=1e-2, atol=1e-8)
+        # weights: stochastic rounding may go either way, so they differ by at most one bf16 step
+        ulp = plain.flat_param.float().abs() * 2 ** -7 + 1e-30
+        assert ((fused.flat_param.float() - plain.flat_param.float()).abs() <= 1.01 * ulp).all()
+        fused.flat_param.copy_(plain.flat_param)  # compare the next step from the same weights
+
+
+def test_graphed_sampling_gives_the_same_images(gpu_base):
+    from dreamnb.sample import SampleSettings, generate
+
+    pipe = gpu_base.pipeline.to("cuda")
+    settings = [SampleSettings(prompt="photo of zwx thing", seed=s, num_inference_steps=5) for s in (1, 2, 3)]
+    eager = generate(pipe, settings, progress=False, cuda_graphs=False)
+    graphed = generate(pipe, settings, progress=False, cuda_graphs=True)
+    again = generate(pipe, settings, progress=False, cuda_graphs=True)  # replays, no new capture
+    from dreamnb.fast import GraphedUNetForward
+
+    assert isinstance(pipe.unet.forward, GraphedUNetForward) and len(pipe.unet.forward.graphs) == 1
+    for a, b, c in zip(eager, graphed, again):
+        a, b, c = (torch.tensor(list(x.image.getdata()), dtype=torch.float32) for x in (a, b, c))
+        assert (a - b).abs().mean() < 1.0 and torch.equal(b, c)
