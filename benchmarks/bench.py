@@ -212,33 +212,56 @@ def run_sampling(workdir: Path, tiny: bool) -> dict:
     load_s = time.time() - t
     size = 64 if tiny else 512
     out = {"name": "f", "load_s": load_s}
+    from diffusers import DPMSolverMultistepScheduler
+
+    def timed(run) -> float:
+        for _ in range(2):  # warm: kernels chosen, CUDA graphs recorded
+            run()
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.time()
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.time() - t
+
+    pipe.set_progress_bar_config(disable=True)
+    for count in (1, 4):
+        # the plain diffusers pipeline first, before dreamnb's sampler records its CUDA graphs on this UNet
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+        generators = [torch.Generator(pipe.device).manual_seed(i) for i in range(count)]
+        out[f"diffusers_{count}_images_s"] = timed(lambda: pipe(["photo of zwx person"] * count, num_inference_steps=25,
+                                                                height=size, width=size, generator=generators))
     for count in (1, 4):
         settings = [SampleSettings(prompt="photo of zwx person", seed=i, num_inference_steps=25, width=size, height=size)
                     for i in range(count)]
-        for _ in range(2):  # warm
-            generate(pipe, settings, batch_size=4, progress=False)
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.time()
-        generate(pipe, settings, batch_size=4, progress=False)
-        if cuda:
-            torch.cuda.synchronize()
-        out[f"dreamnb_{count}_images_s"] = time.time() - t
-        # the plain diffusers pipeline, same settings
-        from diffusers import DPMSolverMultistepScheduler
-
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
-        pipe.set_progress_bar_config(disable=True)
-        generators = [torch.Generator(pipe.device).manual_seed(i) for i in range(count)]
-        pipe(["photo of zwx person"] * count, num_inference_steps=25, height=size, width=size, generator=generators)
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.time()
-        pipe(["photo of zwx person"] * count, num_inference_steps=25, height=size, width=size, generator=generators)
-        if cuda:
-            torch.cuda.synchronize()
-        out[f"diffusers_{count}_images_s"] = time.time() - t
+        out[f"dreamnb_{count}_images_s"] = timed(lambda: generate(pipe, settings, batch_size=4, progress=False))
+    # switching attempts: load two full attempts' UNets in turn onto the base already in memory
+    switch = _attempt_switch_seconds(workdir, base)
+    if switch is not None:
+        out["switch_attempt_s"] = switch
     return out
+
+
+def _attempt_switch_seconds(workdir: Path, base) -> float | None:
+    """Seconds to build a sampling pipeline for a trained attempt when the base is already loaded."""
+    import torch
+
+    from dreamnb.attempts import attempt_pipeline
+    from dreamnb.session import list_sessions
+
+    sessions = [s for s in list_sessions(workdir) if any(a.status == "finished" for a in s.attempts)]
+    full = [s for s in sessions if (s.attempt_dir(s.attempts[-1].name) / "final" / "unet").is_dir()]
+    if len(full) < 2:
+        return None
+    times = []
+    for session in full[:2] * 2:
+        t = time.time()
+        attempt_pipeline(base, session, session.attempts[-1].name)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.time() - t)
+    return max(times[1:])
 
 
 # --- the reference scripts --------------------------------------------------------------------------------
@@ -321,6 +344,9 @@ def table(results: dict, gpu: str) -> str:
             lines.append(f"| {name} | {what} | failed: {ours['error'][:120]} |||||||")
             continue
         unet, te = ours.get("unet_s_per_step"), ours.get("text_encoder_s_per_step")
+        if unet is None:
+            lines.append(f"| {name} | {what} | too few steps to measure |||||||")
+            continue
         batch = 2 if name == "c" else 1
         speed = f"{ref['s_per_step'] / unet:.1f}×" if ref and unet and "s_per_step" in ref else "–"
         lines.append(
@@ -336,6 +362,8 @@ def table(results: dict, gpu: str) -> str:
         for count in (1, 4):
             lines.append(f"| {count} image(s) | {f[f'dreamnb_{count}_images_s']:.3f} s | {f[f'diffusers_{count}_images_s']:.3f} s |")
         lines.append(f"| load from local disk | {f['load_s']:.1f} s | |")
+        if "switch_attempt_s" in f:
+            lines.append(f"| switch to another trained attempt (base in memory) | {f['switch_attempt_s']:.2f} s | |")
     return "\n".join(lines)
 
 
