@@ -1,6 +1,5 @@
 """The trainer on tiny models: it learns, phases do what they say, runs resume exactly, nothing is lost."""
 import dataclasses
-import hashlib
 import json
 import os
 import subprocess
@@ -69,7 +68,7 @@ def test_text_encoder_phase_changes_only_the_text_encoder_for_its_steps(photo_se
     assert all(torch.equal(final_te[k[len("text_encoder."):]], v) for k, v in after_te_phase.items())
 
 
-def thing_photo(index: int) -> "Image.Image":
+def thing_photo(index: int):
     """The class: a blue disc on green at varying places and sizes (the subject is a yellow square on red)."""
     from PIL import Image, ImageDraw
 
