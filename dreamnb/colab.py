@@ -1,0 +1,107 @@
+"""Where the notebook runs: Colab or not, Google Drive for sessions, which GPU, how to install.
+
+A Colab runtime forgets everything on disconnect, so sessions belong on Drive there; anywhere
+else they go in ./dreamnb-sessions. Nothing here needs widgets, so the CLI can use it too.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+from .session import default_root
+
+log = logging.getLogger(__name__)
+
+DRIVE_MOUNT_POINT = Path("/content/drive")
+INSTALL_SPEC = "dreamnb @ git+https://github.com/dreamnb/dreamnb"
+
+
+def in_colab() -> bool:
+    """True inside a Google Colab runtime (its `google.colab` package is only installed there)."""
+    if "google.colab" in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec("google.colab") is not None
+    except (ImportError, ValueError):  # a `google` namespace without colab
+        return False
+
+
+def mount_drive(mount_point: str | Path = DRIVE_MOUNT_POINT) -> Path:
+    """Mount Google Drive on Colab (Colab asks for permission) and return the session root it chose.
+
+    Outside Colab nothing is mounted and the root is ./dreamnb-sessions, so the same notebook cell
+    works everywhere. Sessions on Drive survive a Colab disconnect; the rest of the runtime does not.
+    """
+    if not in_colab():
+        log.info("not in Colab: sessions go to %s", default_root())
+        return default_root()
+    mount_point = Path(mount_point)
+    if not (mount_point / "MyDrive").is_dir():
+        from google.colab import drive  # type: ignore[import-not-found]
+
+        try:
+            drive.mount(str(mount_point))
+        except Exception as err:  # refused permission, timeout, Drive quota
+            raise UserError(f"Google Drive could not be mounted ({err}); allow access when Colab asks, "
+                            "or type a session folder on this runtime (it is lost when the runtime disconnects).") from err
+    root = mount_point / "MyDrive" / "dreamnb"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@dataclass
+class GpuSummary:
+    """The accelerator training will use, in words a user can act on."""
+
+    name: str              # "NVIDIA A100-SXM4-40GB", or "no GPU"
+    memory_gb: float       # total memory; 0 without a GPU
+    free_gb: float         # free now; 0 without a GPU
+    count: int = 0         # how many GPUs torch sees
+    bf16: bool = False     # bfloat16 support (Ampere and newer): faster, half-memory training
+
+    @property
+    def available(self) -> bool:
+        return self.count > 0
+
+    def describe(self) -> str:
+        if not self.available:
+            return "no GPU"
+        extra = f" (x{self.count})" if self.count > 1 else ""
+        return f"{self.name}{extra}, {self.memory_gb:.1f} GB ({self.free_gb:.1f} GB free)"
+
+    def advice(self) -> str:
+        """One sentence on what this GPU means for training; empty when there is nothing to say."""
+        if not self.available:
+            where = "in Colab choose Runtime → Change runtime type → T4 GPU" if in_colab() else "use a machine with an NVIDIA GPU"
+            return f"There is no GPU, so only tiny test models train in reasonable time; {where}."
+        if self.memory_gb < 10:
+            return f"{self.memory_gb:.0f} GB of GPU memory is tight for a full fine-tune; choose the 'lora' method."
+        if not self.bf16:
+            return "This GPU has no bfloat16, so training uses fp16 and, when bitsandbytes is installed, 8-bit AdamW to fit in memory."
+        return ""
+
+
+def gpu_summary() -> GpuSummary:
+    """Name and memory of the first CUDA GPU, or 'no GPU'."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return GpuSummary(name="no GPU", memory_gb=0.0, free_gb=0.0)
+    free, total = torch.cuda.mem_get_info(0)
+    return GpuSummary(
+        name=torch.cuda.get_device_name(0),
+        memory_gb=total / 2**30,
+        free_gb=free / 2**30,
+        count=torch.cuda.device_count(),
+        bf16=torch.cuda.is_bf16_supported(),
+    )
+
+
+def install_hint() -> str:
+    """The command that installs dreamnb here: a `%pip` magic in a notebook, `pip` in a terminal."""
+    in_notebook = "ipykernel" in sys.modules or in_colab()
+    return f'%pip install -q "{INSTALL_SPEC}"' if in_notebook else f'pip install "{INSTALL_SPEC}"'

@@ -1,0 +1,210 @@
+"""What every notebook view shares: a `.widget`, an error line beside it, an Output for what the core prints.
+
+A view is a thin window on core data (fastai's ImagesCleaner pattern): it shows, it collects what the
+user chose as plain data, and its buttons call one core function each. Handlers run inside the view's
+`Output` (ipywidgets' rule: otherwise JupyterLab drops their prints and errors). A mistake the user can
+fix (`UserError`, or any `ValueError`: the project's rule for user errors) becomes one sentence beside the
+widget, never a traceback; anything else is a bug, so its traceback goes into the Output under the sentence.
+"""
+from __future__ import annotations
+
+import contextlib
+import html
+import io
+import logging
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import ipywidgets as W
+
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+HELP_STYLE = "color:#666;font-size:90%"
+ERROR_STYLE = "color:#b00020;font-weight:600"
+OK_STYLE = "color:#1b5e20"
+
+
+class StepFailed(UserError):
+    """A notebook step that failed while running without clicks (`auto=True`).
+
+    IPython shows only its one sentence (`_render_traceback_`), so a headless run stops at the cell
+    that went wrong with the same words the widget shows, and no wall of library frames.
+    """
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: {self}"]
+
+
+class View:
+    """Base for the notebook's views. Subclasses build `self.widget` and call `self._act(...)` in handlers."""
+
+    widget: W.Widget
+
+    def __init__(self) -> None:
+        self.error = W.HTML()        # one sentence when something the user can fix went wrong
+        self.status = W.HTML()       # what happened last, in words
+        self.out = W.Output()        # prints, progress bars and tracebacks from the core
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
+
+    # --- messages --------------------------------------------------------------------------------
+    def show_error(self, message: str) -> None:
+        self.error.value = f'<span style="{ERROR_STYLE}">⚠ {html.escape(message)}</span>' if message else ""
+
+    @property
+    def error_text(self) -> str:
+        """The error sentence shown beside the widget, as plain text ('' when there is none)."""
+        return _plain(self.error.value).removeprefix("⚠ ")
+
+    def show_status(self, message: str, *, ok: bool = False) -> None:
+        style = OK_STYLE if ok else ""
+        self.status.value = f'<span style="{style}">{html.escape(message)}</span>' if message else ""
+
+    @property
+    def status_text(self) -> str:
+        return _plain(self.status.value)
+
+    # --- running an action -------------------------------------------------------------------------
+    def _act(self, action: Callable[[], Any], *, raise_errors: bool = False, clear: bool = True,
+             capture: bool = True) -> Any:
+        """Run `action` with its output in this view's Output; show a failure beside the widget.
+
+        Returns what the action returned, or None when it failed. With `raise_errors` (headless runs)
+        a failure is also raised as `StepFailed`, so the notebook stops at this cell. `capture=False`
+        for actions run from another thread: capturing there would redirect whatever the kernel's
+        current cell prints, since an Output captures by the kernel's current message.
+        """
+        self.show_error("")
+        if clear:
+            self.out.outputs = ()  # not clear_output(): that one needs a kernel and a current cell
+        failure: BaseException | None = None
+        with self.out if capture else contextlib.nullcontext():
+            try:
+                return action()
+            except ValueError as err:  # the project's user errors (UserError is one) are one-sentence ValueErrors
+                failure = err
+                self.show_error(str(err))
+            except Exception as err:  # a bug, not the user's fault: keep the details
+                failure = err
+                log.exception("unexpected error in the notebook view")
+                self.show_error(f"Something unexpected went wrong ({type(err).__name__}: {_first_line(err)}); the details are below.")
+                self.out.append_stderr(traceback.format_exc())
+        if failure is not None and raise_errors:
+            raise StepFailed(str(failure) if isinstance(failure, ValueError) else self.error_text) from failure
+        return None
+
+
+def row(widget: W.Widget, help_text: str = "", label: str = "", label_width: str = "190px") -> W.HBox:
+    """One form line: a label, the widget, and its one-line explanation beside it."""
+    parts: list[W.Widget] = []
+    if label:
+        parts.append(W.HTML(f"<b>{html.escape(label)}</b>", layout=W.Layout(width=label_width, flex="0 0 auto")))
+    parts.append(widget)
+    if help_text:
+        parts.append(W.HTML(f'<span style="{HELP_STYLE}">{html.escape(help_text)}</span>',
+                            layout=W.Layout(flex="1 1 auto", margin="0 0 0 10px")))
+    return W.HBox(parts, layout=W.Layout(align_items="center"))
+
+
+def png_bytes(image, max_side: int | None = None) -> bytes:
+    """A PIL image (or an image file) as PNG bytes for an `ipywidgets.Image`, shrunk to `max_side`."""
+    from PIL import Image
+
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as opened:
+            image = opened.convert("RGB")
+    if max_side and max(image.size) > max_side:
+        image = image.copy()
+        image.thumbnail((max_side, max_side))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def image_widget(image=None, width: int | None = None, max_side: int | None = None) -> W.Image:
+    widget = W.Image(format="png", layout=W.Layout(width=f"{width}px") if width else W.Layout())
+    if image is not None:
+        widget.value = png_bytes(image, max_side)
+    return widget
+
+
+def show(view: Any) -> Any:
+    """Display the view when running under IPython (a notebook), and return it for the next cell."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+    except ImportError:
+        return view
+    if get_ipython() is not None:
+        display(view)
+    return view
+
+
+def as_path(value: Any) -> Path | None:
+    text = str(value).strip() if value is not None else ""
+    return Path(text).expanduser() if text else None
+
+
+def _plain(markup: str) -> str:
+    import re
+
+    return html.unescape(re.sub(r"<[^>]+>", "", markup or "")).strip()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else ""
+
+
+# --- what a view was given: the core object, or the view of an earlier cell that will hold it -----------
+
+def resolve_model(model: Any):
+    """A loaded BaseModel from a BaseModel, a ModelView (once its Load was pressed) or a model source."""
+    from ..models import BaseModel, load_base_model
+
+    if isinstance(model, BaseModel):
+        return model
+    if hasattr(model, "base_model"):
+        return model.base_model
+    if isinstance(model, (str, Path)):
+        return load_base_model(model)
+    raise UserError(f"Cannot use a {type(model).__name__} as the base model; pass the view from the base model section.")
+
+
+def loaded_model(model: Any):
+    """The BaseModel if it is already loaded, else None (never loads: used for cheap previews)."""
+    from ..models import BaseModel
+
+    if isinstance(model, BaseModel):
+        return model
+    return getattr(model, "loaded", None)
+
+
+def resolve_session(session: Any):
+    """A Session from a Session, a SessionView (once opened) or a session folder."""
+    from ..session import Session, open_session
+
+    if isinstance(session, Session):
+        return session
+    if hasattr(session, "session"):
+        return session.session
+    if isinstance(session, (str, Path)):
+        return open_session(session)
+    raise UserError(f"Cannot use a {type(session).__name__} as the session; pass the view from the session section.")
+
+
+def current_text(value: Any) -> str:
+    """A string setting given directly, or read now from a view that has `.value` (e.g. the token check)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if hasattr(value, "value"):
+        return str(value.value)
+    return str(value)

@@ -1,0 +1,134 @@
+"""Export: save an attempt for other tools (diffusers folder, one .safetensors for A1111/ComfyUI, a LoRA),
+or push it to the Hugging Face Hub. The view picks and names; `dreamnb.export` does the work."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import ipywidgets as W
+
+from ..errors import UserError
+from ..session import Session
+from .base import View, as_path, resolve_model, resolve_session, row
+
+FORMATS = {
+    "diffusers": "a diffusers folder: load it with StableDiffusionPipeline.from_pretrained",
+    "safetensors": "one .safetensors file for AUTOMATIC1111, ComfyUI or civitai",
+    "lora": "small LoRA weights (an attempt trained with the 'lora' method)",
+}
+
+
+def default_export_path(session: Session, attempt: str, format: str) -> Path:
+    """Where an export goes when no path is typed: the session's exports/ folder."""
+    names = {"diffusers": f"{attempt}-diffusers", "safetensors": f"{attempt}.safetensors", "lora": f"{attempt}-lora"}
+    return session.exports_dir / names[format]
+
+
+def _core_export(*args, **kwargs):
+    from .. import export
+
+    return export.export_attempt(*args, **kwargs)
+
+
+def _core_push(*args, **kwargs):
+    from .. import export
+
+    return export.push_to_hub(*args, **kwargs)
+
+
+class ExportView(View):
+    """Export or push one attempt; `.path` is the last export, `.url` the last push."""
+
+    def __init__(self, session: Any, model: Any, *, attempt: str | None = None, format: str = "diffusers",
+                 out: str | Path | None = None, force: bool = False, fp16: bool = True,
+                 repo_id: str = "", private: bool = True,
+                 exporter: Callable[..., Any] = _core_export, pusher: Callable[..., Any] = _core_push) -> None:
+        super().__init__()
+        if format not in FORMATS:
+            raise UserError(f"Unknown export format {format!r}; choose one of {', '.join(FORMATS)}.")
+        self._session, self._model = session, model
+        self._export, self._push = exporter, pusher
+        self._wanted = attempt
+        self.path: Path | None = None
+        self.url: str | None = None
+        self.attempt = W.Dropdown(options=[], layout=W.Layout(width="320px"))
+        self.refresh_button = W.Button(description="", icon="refresh", tooltip="List the attempts again",
+                                       layout=W.Layout(width="40px"))
+        self.format = W.Dropdown(options=list(FORMATS), value=format, layout=W.Layout(width="160px"))
+        self.format_help = W.HTML()
+        self.out_text = W.Text(value=str(out or ""), placeholder="empty: the session's exports/ folder",
+                               layout=W.Layout(width="420px"))
+        self.force = W.Checkbox(value=force, indent=False, description="Replace an existing export")
+        self.fp16 = W.Checkbox(value=fp16, indent=False, description="Half precision (fp16): half the size")
+        self.export_button = W.Button(description="Export", button_style="primary", icon="save")
+        self.repo_id = W.Text(value=repo_id, placeholder="your-name/my-dreambooth-model", layout=W.Layout(width="320px"))
+        self.private = W.Checkbox(value=private, indent=False, description="Private repository")
+        self.push_button = W.Button(description="Push to the Hub", icon="cloud-upload")
+        self.format.observe(lambda _: self._show_format(), names="value")
+        self.refresh_button.on_click(lambda _: self._act(self.refresh))
+        self.export_button.on_click(lambda _: self.export())
+        self.push_button.on_click(lambda _: self.push())
+        self._show_format()
+        self.widget = W.VBox([
+            row(W.HBox([self.attempt, self.refresh_button]), "Which trained attempt to export.", "Attempt"),
+            row(self.format, "", "Format"), row(self.format_help, "", " "),
+            row(self.out_text, "A folder (diffusers, lora) or a .safetensors file.", "Save to"),
+            row(W.VBox([self.force, self.fp16]), "", " "),
+            self.export_button,
+            row(self.repo_id, "Needs a Hugging Face token with write access (see the base model section).", "Hub repository"),
+            row(self.private, "Private: only you can see it; you can make it public later.", " "),
+            self.push_button, self.status, self.error, self.out,
+        ])
+        try:
+            self.refresh()
+        except UserError:  # no session open yet; the buttons refresh
+            pass
+
+    # --- actions ----------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        session = resolve_session(self._session)
+        finished = [a.name for a in session.attempts if a.status == "finished"]
+        current = self.attempt.value
+        self.attempt.options = [(f"{a.name} ({a.status})", a.name) for a in session.attempts]
+        for choice in (self._wanted, current, finished[-1] if finished else None):
+            if choice in [a.name for a in session.attempts]:
+                self.attempt.value = choice
+                break
+
+    def export(self, *, raise_errors: bool = False) -> Path | None:
+        def export() -> Path:
+            session, name = self._chosen()
+            out = as_path(self.out_text.value) or default_export_path(session, name, self.format.value)
+            self.show_status(f"Exporting {name} as {self.format.value} to {out}…")
+            result = self._export(session, resolve_model(self._model), name, self.format.value, out,
+                                  force=self.force.value, fp16=self.fp16.value)
+            self.path = Path(result) if result is not None else out
+            self.show_status(f"Exported {name} to {self.path}.", ok=True)
+            return self.path
+
+        return self._act(export, raise_errors=raise_errors)
+
+    def push(self, *, raise_errors: bool = False) -> str | None:
+        def push() -> str:
+            session, name = self._chosen()
+            repo_id = self.repo_id.value.strip()
+            if not repo_id or repo_id.count("/") != 1:
+                raise UserError("Type the Hub repository as your-name/model-name.")
+            self.show_status(f"Uploading {name} to {repo_id}…")
+            url = self._push(session, resolve_model(self._model), name, repo_id, private=self.private.value)
+            self.url = str(url)
+            self.show_status(f"Pushed {name} to {self.url}.", ok=True)
+            return self.url
+
+        return self._act(push, raise_errors=raise_errors)
+
+    # --- internals -------------------------------------------------------------------------------
+    def _chosen(self) -> tuple[Session, str]:
+        self.refresh()
+        session = resolve_session(self._session)
+        if not self.attempt.value:
+            raise UserError("There is no attempt to export yet; train one first.")
+        return session, self.attempt.value
+
+    def _show_format(self) -> None:
+        self.format_help.value = f"<i>{FORMATS[self.format.value]}</i>"

@@ -1,0 +1,222 @@
+"""Photos: upload or point at a folder/zip, prepare them into the session, look at the crops, edit captions.
+
+The view only shows what `images.prepare_photos` decided (accepted crops, rejected files with the reason,
+advice on the set) and edits the caption files beside the prepared copies; the user's own photos are
+never touched.
+"""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any, Callable
+
+import ipywidgets as W
+
+from .. import fileio
+from ..config import PRESETS
+from ..crop import CROP_MODES
+from ..errors import UserError
+from ..images import PREPARED_SUFFIXES, PrepareReport, caption_warnings, prepare_photos, remove_photo
+from .base import HELP_STYLE, View, current_text, png_bytes, resolve_session, row
+
+THUMBNAIL_PX = 128
+EDITOR_PX = 256
+
+
+def split_paths(value: Any) -> list[str]:
+    """Paths from the notebook parameter or the text box: one per line (or a list); blanks dropped."""
+    if value is None:
+        return []
+    items = value if isinstance(value, (list, tuple)) else str(value).splitlines()
+    return [str(item).strip() for item in items if str(item).strip()]
+
+
+class PhotosView(View):
+    """Prepare photos into the session; `.report` is the last `PrepareReport`, `.photos` the prepared set."""
+
+    def __init__(self, session: Any, instance_images: Any = None, *, size: int = 512, crop: str = "smart",
+                 preset: str = "face", token: Any = None,
+                 preparer: Callable[..., PrepareReport] = prepare_photos) -> None:
+        super().__init__()
+        self._session = session
+        self._token = token
+        self._prepare = preparer
+        self.report: PrepareReport | None = None
+        self.upload = W.FileUpload(accept="image/*,.heic,.heif,.zip,.txt", multiple=True, description="Upload photos")
+        self.paths_text = W.Textarea(value="\n".join(split_paths(instance_images)), rows=2,
+                                     placeholder="/content/drive/MyDrive/photos  (a folder or .zip; one per line)",
+                                     layout=W.Layout(width="420px"))
+        self.crop = W.Dropdown(options=list(CROP_MODES), value=crop, layout=W.Layout(width="120px"))
+        self.size = W.BoundedIntText(value=size, min=64, max=2048, step=64, layout=W.Layout(width="120px"))
+        self.preset = W.Dropdown(options=list(PRESETS), value=preset, layout=W.Layout(width="120px"))
+        self.prepare_button = W.Button(description="Prepare photos", button_style="primary", icon="images")
+        self.progress = W.IntProgress(value=0, min=0, max=1, layout=W.Layout(width="300px", visibility="hidden"))
+        self.advice = W.HTML()
+        self.rejected = W.HTML()
+        self.gallery = W.GridBox(layout=W.Layout(grid_template_columns=f"repeat(auto-fill, {THUMBNAIL_PX + 8}px)",
+                                                 grid_gap="6px"))
+        # caption editor: one photo, its caption, save
+        self.caption_photo = W.Dropdown(options=[], description="Photo", layout=W.Layout(width="420px"))
+        self.caption_image = W.Image(format="png", layout=W.Layout(width=f"{EDITOR_PX}px"))
+        self.caption_text = W.Textarea(rows=3, layout=W.Layout(width="420px"),
+                                       placeholder="empty: the instance prompt, e.g. 'photo of ohwx person'")
+        self.caption_save = W.Button(description="Save caption", icon="save")
+        self.caption_remove = W.Button(description="Remove from the set", icon="trash", button_style="warning")
+        self.caption_notes = W.HTML()
+        self.caption_photo.observe(lambda _: self._show_caption(), names="value")
+        self.caption_save.on_click(lambda _: self.save_caption())
+        self.caption_remove.on_click(lambda _: self.remove_selected())
+        self.prepare_button.on_click(lambda _: self.prepare())
+        editor = W.VBox([
+            W.HTML(f'<b>Captions</b> <span style="{HELP_STYLE}">Optional: describe what differs in a photo '
+                   '(clothes, place, light) and keep the token in it; photos without one use the instance prompt.</span>'),
+            self.caption_photo,
+            W.HBox([self.caption_image, W.VBox([self.caption_text, W.HBox([self.caption_save, self.caption_remove]),
+                                                self.caption_notes])]),
+        ])
+        self.widget = W.VBox([
+            row(self.upload, "Photos from this computer: JPEG, PNG, HEIC, or one .zip.", "Upload"),
+            row(self.paths_text, "Or folders / .zip files already here (e.g. on Drive).", "Folder or zip"),
+            row(self.size, "Square size of the prepared copies: the training resolution.", "Size"),
+            row(self.crop, "smart: around the face or subject; center: the middle; none: pad to a square.", "Crop"),
+            row(self.preset, "What the photos show; decides which checks run (faces for 'face').", "Subject"),
+            W.HBox([self.prepare_button, self.progress]), self.status, self.error,
+            self.advice, self.rejected, self.gallery, editor, self.out,
+        ])
+        try:
+            self.refresh()
+        except UserError:  # the session is chosen in the cell above but not opened yet: nothing to show
+            pass
+
+    # --- what the user chose ------------------------------------------------------------------
+    @property
+    def instance_dir(self) -> Path:
+        return resolve_session(self._session).instance_dir
+
+    @property
+    def photos(self) -> list[Path]:
+        """The prepared photos in the session (earlier runs included)."""
+        folder = self.instance_dir
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.iterdir() if p.suffix.lower() in PREPARED_SUFFIXES and not p.name.startswith("."))
+
+    @property
+    def sources(self) -> list[Any]:
+        """What Prepare will read: the uploads, then the typed paths."""
+        return list(self.upload.value) + split_paths(self.paths_text.value)
+
+    # --- actions ----------------------------------------------------------------------------------
+    def prepare(self, *, raise_errors: bool = False) -> PrepareReport | None:
+        def prepare() -> PrepareReport:
+            sources = self.sources
+            if not sources:
+                raise UserError("There are no photos to prepare; upload some, or type the folder or .zip that holds them.")
+            missing = [p for p in split_paths(self.paths_text.value) if not Path(p).expanduser().exists()]
+            if missing:
+                raise UserError(f"There is no file or folder at {missing[0]}; check the path (on Colab, is Drive mounted?).")
+            self.prepare_button.disabled = True
+            self.progress.layout.visibility = "visible"
+            try:
+                report = self._prepare(sources, self.instance_dir, size=self.size.value, crop=self.crop.value,
+                                       preset=self.preset.value, progress=self._on_progress)
+            finally:
+                self.prepare_button.disabled = False
+                self.progress.layout.visibility = "hidden"
+            self.report = report
+            self.upload.value = ()  # prepared: pressing again must not add the same files twice
+            self.show_status(f"{len(report.accepted)} added, {len(report.rejected)} rejected; "
+                             f"{report.photos_in_set} photos in the set.", ok=bool(report.accepted))
+            self._show_report(report)
+            self.refresh()
+            return report
+
+        return self._act(prepare, raise_errors=raise_errors)
+
+    def refresh(self) -> None:
+        """Show the prepared photos as thumbnails and fill the caption editor's list."""
+        photos = self.photos
+        self.gallery.children = [self._thumbnail(p) for p in photos]
+        names = [p.name for p in photos]
+        selected = self.caption_photo.value if self.caption_photo.value in names else (names[0] if names else None)
+        self.caption_photo.options = names
+        self.caption_photo.value = selected
+        self._show_caption()
+
+    def save_caption(self, name: str | None = None, text: str | None = None) -> None:
+        """Write the caption beside the prepared photo (empty: delete it, so the instance prompt is used)."""
+        def save() -> None:
+            photo = self._selected(name)
+            caption = (self.caption_text.value if text is None else text).strip()
+            caption_path = photo.with_suffix(".txt")
+            if caption:
+                fileio.write_text(caption_path, caption + "\n")
+                self.show_status(f"Saved the caption of {photo.name}.", ok=True)
+            else:
+                caption_path.unlink(missing_ok=True)
+                self.show_status(f"{photo.name} has no caption now; it uses the instance prompt.", ok=True)
+            self._show_caption_notes()
+
+        self._act(save)
+
+    def remove_selected(self) -> None:
+        """Take the selected prepared copy out of the set (the original photo stays where it was)."""
+        def remove() -> None:
+            photo = self._selected(None)
+            remove_photo(self.instance_dir, photo.name)
+            self.show_status(f"Removed {photo.name} from the set; your original photo is untouched.", ok=True)
+            self.refresh()
+
+        self._act(remove)
+
+    # --- display ---------------------------------------------------------------------------------
+    def _on_progress(self, done: int, total: int) -> None:
+        self.progress.max = max(total, 1)
+        self.progress.value = done
+
+    def _show_report(self, report: PrepareReport) -> None:
+        advice = "".join(f"<li>{html.escape(a)}</li>" for a in report.advice)
+        self.advice.value = f"<b>Advice</b><ul>{advice}</ul>" if advice else ""
+        rejected = "".join(f"<li><b>{html.escape(r.source)}</b>: {html.escape(r.reason or 'rejected')}</li>"
+                           for r in report.rejected)
+        warnings = "".join(f"<li>{html.escape(w)}</li>" for w in report.warnings)
+        parts = []
+        if rejected:
+            parts.append(f"<b>Not used</b><ul>{rejected}</ul>")
+        if warnings:
+            parts.append(f"<b>Warnings</b><ul>{warnings}</ul>")
+        self.rejected.value = "".join(parts)
+
+    def _thumbnail(self, photo: Path) -> W.VBox:
+        image = W.Image(value=png_bytes(photo, THUMBNAIL_PX), format="png", layout=W.Layout(width=f"{THUMBNAIL_PX}px"))
+        edit = W.Button(description="caption", icon="pencil", tooltip=photo.name,
+                        layout=W.Layout(width=f"{THUMBNAIL_PX}px"))
+        edit.on_click(lambda _, name=photo.name: setattr(self.caption_photo, "value", name))
+        mark = "✎ " if photo.with_suffix(".txt").is_file() else ""
+        label = W.HTML(f'<span style="font-size:80%">{mark}{html.escape(photo.name[:22])}</span>')
+        return W.VBox([image, label, edit])
+
+    def _selected(self, name: str | None) -> Path:
+        name = name or self.caption_photo.value
+        if not name:
+            raise UserError("No photo is selected; prepare some photos first, then pick one.")
+        photo = self.instance_dir / name
+        if not photo.is_file():
+            raise UserError(f"{name} is no longer in the session; press Prepare again or pick another photo.")
+        return photo
+
+    def _show_caption(self) -> None:
+        name = self.caption_photo.value
+        if not name:
+            self.caption_image.value, self.caption_text.value = b"", ""
+            return
+        photo = self.instance_dir / name
+        self.caption_image.value = png_bytes(photo, EDITOR_PX)
+        caption_path = photo.with_suffix(".txt")
+        self.caption_text.value = caption_path.read_text(encoding="utf-8").strip() if caption_path.is_file() else ""
+        self._show_caption_notes()
+
+    def _show_caption_notes(self) -> None:
+        token = current_text(self._token).strip()
+        notes = caption_warnings(self.instance_dir, token) if token else []
+        self.caption_notes.value = "<br>".join(f'<span style="color:#b26a00">{html.escape(n)}</span>' for n in notes)

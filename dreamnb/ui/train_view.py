@@ -1,0 +1,269 @@
+"""Train: the settings form, Train / Stop / Resume, and a live view drawn from the trainer's events.
+
+Pressing Train runs `dreamnb.train.train` in a background thread, so the kernel keeps handling widget
+events and Stop works (it sets the `threading.Event` the trainer checks after every step; the trainer
+then saves a checkpoint). The live view is redrawn from `TrainEvent`s only: the view never trains.
+Headless runs (`auto=True`) train in the foreground instead, so the next cell sees the finished attempt.
+"""
+from __future__ import annotations
+
+import html
+import io
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+import ipywidgets as W
+
+from ..config import TrainConfig
+from ..errors import UserError
+from ..session import Session
+from ..train import TrainEvent, TrainResult, train
+from .base import HELP_STYLE, StepFailed, View, current_text, png_bytes, resolve_model, resolve_session, row
+from .config_form import ConfigForm
+
+CHART_REDRAW_S = 1.0  # drawing the loss curve costs ~50 ms; at most once a second keeps training fast
+SAMPLE_PX = 192
+PHASE_NAMES = {"text_encoder": "text encoder", "unet": "UNet"}
+
+
+def duration(seconds: float | None) -> str:
+    """'45 s', '3 min', '1 h 05 min'."""
+    if seconds is None:
+        return "?"
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def loss_chart_png(losses: list[tuple[int, float, str]], width_in: float = 6.5, height_in: float = 2.6) -> bytes:
+    """The loss curve (one colour per phase) as PNG bytes. Uses matplotlib's object API: no pyplot state,
+    safe from the training thread."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width_in, height_in), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    for phase, color in (("text_encoder", "#8e24aa"), ("unet", "#1565c0")):
+        points = [(s, l) for s, l, p in losses if p == phase]
+        if points:
+            axes.plot(*zip(*points), marker=".", color=color, label=PHASE_NAMES[phase])
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.grid(alpha=0.3)
+    if losses:
+        axes.legend(loc="upper right", fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+class LiveView:
+    """Progress bar, a line with step / loss / time left, the loss curve and sample images, from TrainEvents."""
+
+    def __init__(self, *, redraw_s: float = CHART_REDRAW_S) -> None:
+        self.redraw_s = redraw_s
+        self.bar = W.IntProgress(value=0, min=0, max=1, bar_style="info", layout=W.Layout(width="420px"))
+        self.line = W.HTML()
+        self.messages = W.HTML()
+        self.chart = W.Image(format="png", layout=W.Layout(width="650px", display="none"))
+        self.samples = W.HBox()
+        self.losses: list[tuple[int, float, str]] = []
+        self.sample_images: list[Any] = []
+        self._notes: list[str] = []
+        self._drawn_at = 0.0
+        self.widget = W.VBox([W.HBox([self.bar, self.line]), self.chart, self.samples, self.messages])
+
+    def reset(self) -> None:
+        self.losses, self.sample_images, self._notes = [], [], []
+        self.bar.value, self.bar.max, self.bar.bar_style = 0, 1, "info"
+        self.line.value = self.messages.value = ""
+        self.chart.value, self.chart.layout.display = b"", "none"
+        self.samples.children = ()
+        self._drawn_at = 0.0
+
+    def handle(self, event: TrainEvent) -> None:
+        if event.total_steps:
+            self.bar.max = event.total_steps
+            self.bar.value = min(event.step, event.total_steps)
+        if event.kind == "step" and event.loss is not None:
+            self.losses.append((event.step, event.loss, event.phase))
+            phase = PHASE_NAMES.get(event.phase, event.phase)
+            self.line.value = (f"step {event.step} / {event.total_steps} · {phase} · loss {event.loss:.4f} · "
+                               f"{duration(event.elapsed_s)} so far · about {duration(event.eta_s)} left")
+            self.draw_chart()
+        elif event.kind in ("info", "phase", "checkpoint", "start"):
+            self.note(event.message or (f"Saved a checkpoint: {event.path}" if event.path else ""))
+        if event.images:
+            self.show_samples(event.images, event.step)
+        if event.kind in ("done", "stopped", "error"):
+            self.bar.bar_style = {"done": "success", "stopped": "warning", "error": "danger"}[event.kind]
+            self.line.value = html.escape(event.message)
+            self.draw_chart(force=True)
+
+    def note(self, message: str) -> None:
+        if message:
+            self._notes = (self._notes + [message])[-4:]
+            self.messages.value = "".join(f'<div style="{HELP_STYLE}">{html.escape(n)}</div>' for n in self._notes)
+
+    def draw_chart(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.losses or (not force and now - self._drawn_at < self.redraw_s):
+            return
+        self._drawn_at = now
+        self.chart.value = loss_chart_png(self.losses)
+        self.chart.layout.display = ""
+
+    def show_samples(self, images: list[Any], step: int) -> None:
+        self.sample_images = list(images)
+        tiles = [W.Image(value=png_bytes(image, SAMPLE_PX), format="png", layout=W.Layout(width=f"{SAMPLE_PX}px"))
+                 for image in images]
+        self.samples.children = [W.HTML(f"<b>Samples at step {step}</b>"), *tiles]
+
+
+class TrainView(View):
+    """Settings form + Train / Stop / Resume + live view. `.config` is the form's TrainConfig, `.result` the last run."""
+
+    def __init__(self, session: Any, model: Any, *, token: Any = None, attempt: str | None = None,
+                 preset: str = "face", method: str = "full",
+                 trainer: Callable[..., TrainResult] = train, **settings: Any) -> None:
+        super().__init__()
+        self._session, self._model, self._trainer = session, model, trainer
+        token_text = current_text(token).strip()
+        self.form = ConfigForm(TrainConfig.from_preset(preset, method, token=token_text or None, **settings))
+        if hasattr(token, "text") and isinstance(getattr(token, "text"), W.Text):  # follow the token check box
+            token.text.observe(lambda change: setattr(self.form.widgets["token"], "value", change["new"].strip()), names="value")
+        self.attempt_text = W.Text(value=attempt or "", placeholder="empty: attempt-1, attempt-2, …",
+                                   layout=W.Layout(width="260px"))
+        self.train_button = W.Button(description="Train", button_style="primary", icon="play")
+        self.stop_button = W.Button(description="Stop", button_style="danger", icon="stop", disabled=True)
+        self.resume_button = W.Button(description="Resume", icon="step-forward",
+                                      tooltip="Continue the attempt named above (or the latest) from its last checkpoint")
+        self.train_button.on_click(lambda _: self.start())
+        self.stop_button.on_click(lambda _: self.stop())
+        self.resume_button.on_click(lambda _: self.start(resume=True))
+        self.live = LiveView()
+        self.stop_event = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.result: TrainResult | None = None
+        self.events: list[TrainEvent] = []
+        self.form.on_check(lambda problem: setattr(self.train_button, "disabled", problem is not None or self.running))
+        self.form.check()
+        self.widget = W.VBox([
+            self.form.widget,
+            row(self.attempt_text, "A name for this try, so you can compare attempts later.", "Attempt name"),
+            W.HBox([self.train_button, self.stop_button, self.resume_button]),
+            self.status, self.error, self.live.widget, self.out,
+        ])
+
+    # --- what the user chose --------------------------------------------------------------------
+    @property
+    def config(self) -> TrainConfig:
+        return self.form.config
+
+    @property
+    def running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    @property
+    def attempt(self) -> str | None:
+        """The attempt the last run trained (None before the first run)."""
+        return self.result.attempt if self.result else None
+
+    # --- actions ----------------------------------------------------------------------------------
+    def start(self, *, resume: bool = False, background: bool = True, raise_errors: bool = False) -> TrainResult | None:
+        """Train a new attempt (or resume one). In the background the call returns at once; `wait()` joins."""
+        if self.running:
+            self.show_error("Training is already running; press Stop first, or wait for it to finish.")
+            return None
+
+        def begin():
+            session = resolve_session(self._session)
+            name = self.attempt_text.value.strip() or None
+            if resume:
+                name = self._attempt_to_resume(session, name)
+                config = TrainConfig()  # the trainer reads the attempt's own saved settings
+            else:
+                config = self.form.config
+            model = resolve_model(self._model)
+            return session, config, model, name
+
+        prepared = self._act(begin, raise_errors=raise_errors)
+        if prepared is None:
+            return None
+        self.stop_event.clear()
+        self.live.reset()
+        self.events = []
+        self.result = None
+        self._set_running(True)
+        verb = "Resuming" if resume else "Starting"
+        self.show_status(f"{verb} training… (Stop saves a checkpoint you can resume)")
+        if background:
+            self.thread = threading.Thread(target=self._run, args=(*prepared, resume), name="dreamnb-train", daemon=True)
+            self.thread.start()
+            return None
+        failure = self._run(*prepared, resume)
+        if raise_errors and failure:
+            raise StepFailed(failure)
+        return self.result
+
+    def stop(self) -> None:
+        """Ask the trainer to stop after the current step; it saves a checkpoint first."""
+        if not self.running:
+            self.show_status("Nothing is training.")
+            return
+        self.stop_event.set()
+        self.stop_button.disabled = True
+        self.show_status("Stopping after this step and saving a checkpoint…")
+
+    def wait(self, timeout: float | None = None) -> TrainResult | None:
+        if self.thread is not None:
+            self.thread.join(timeout)
+        return self.result
+
+    # --- internals -------------------------------------------------------------------------------
+    def _attempt_to_resume(self, session: Session, name: str | None) -> str:
+        attempt = session.attempt(name)  # SessionError (one sentence) when there is none
+        if attempt.status == "finished":
+            raise UserError(f"Attempt {attempt.name!r} has already finished; press Train to start a new attempt.")
+        return attempt.name
+
+    def _run(self, session: Session, config: TrainConfig, model: Any, name: str | None, resume: bool) -> str | None:
+        """Train; show the outcome. Returns the failure sentence, or None. Runs in the training thread."""
+        failure = None
+        try:
+            result = self._trainer(session, config, model, attempt=name, resume=resume,
+                                   callback=self._on_event, stop=self.stop_event, progress=False)
+            self.result = result
+            if result.status == "failed":
+                failure = result.message
+                self.show_error(result.message)
+            else:
+                self.show_status(result.message, ok=result.status == "finished")
+        except ValueError as err:  # UserError and the core's other one-sentence errors
+            failure = str(err)
+            self.show_error(failure)
+            self.show_status("")
+        except Exception as err:  # a bug: keep the details under the view
+            failure = f"Training failed unexpectedly ({type(err).__name__}: {err}); the details are below."
+            self.show_error(failure)
+            self.show_status("")
+            self.out.append_stderr(traceback.format_exc())
+        finally:
+            self._set_running(False)
+        return failure
+
+    def _on_event(self, event: TrainEvent) -> None:
+        self.events.append(event)
+        self.live.handle(event)
+
+    def _set_running(self, running: bool) -> None:
+        self.train_button.disabled = running or self.form.problem is not None
+        self.resume_button.disabled = running
+        self.stop_button.disabled = not running
