@@ -639,10 +639,17 @@ def save_final(accelerator, attempt_dir: Path, unet, text_encoder, config: Train
             from diffusers import StableDiffusionPipeline
             from diffusers.utils import convert_state_dict_to_diffusers
 
+            from peft import LoraConfig
+
+            def metadata(targets):  # stored in the file so loaders apply alpha/rank, not alpha = rank
+                return LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=targets).to_dict()
+
             te_layers = convert_state_dict_to_diffusers(trainable_state(text_encoder, config)) if config.text_encoder_steps else None
             StableDiffusionPipeline.save_lora_weights(
                 tmp, unet_lora_layers=convert_state_dict_to_diffusers(trainable_state(unet, config)),
                 text_encoder_lora_layers=te_layers, safe_serialization=True,
+                unet_lora_adapter_metadata=metadata(UNET_LORA_TARGETS),
+                text_encoder_lora_adapter_metadata=metadata(TEXT_LORA_TARGETS) if te_layers else None,
             )
         else:
             unet.save_pretrained(tmp / "unet", safe_serialization=True)
