@@ -161,5 +161,7 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError("Prior preservation needs a class word (person, dog, ...); give one or turn prior preservation off.")
     if c.text_encoder_steps > 0 and c.text_encoder_lr <= 0:
         raise ConfigError("The text-encoder learning rate is 0 but text-encoder steps are set; set a rate (1e-6) or 0 steps.")
+    if c.sample_every:
+        raise ConfigError("Preview images during training are not available yet; set sample_every to 0 and compare attempts after training.")
     if c.unet_lr <= 0:
         raise ConfigError("The UNet learning rate must be above 0 (2e-6 is a good start for a face).")
