@@ -70,19 +70,11 @@ def export_attempt(
     session and attempt), or None for the session's exports/ folder. `fp16` applies to the
     "safetensors" single file; the diffusers folder and the LoRA keep the trained precision.
     """
-    if format not in FORMATS:
-        raise ExportError(f"Unknown export format {format!r}; choose one of {', '.join(FORMATS)}.")
+    out = check_export(session, attempt, format, out, force=force)
     name = session.attempt(attempt).name
-    weights_dir = attempt_weights_dir(session, name)  # a clear error when the attempt has not finished
+    weights_dir = attempt_weights_dir(session, name)
     config = attempt_config(session, name)
     is_lora = (weights_dir / LORA_FILE).is_file()
-    if format == "lora" and not is_lora:
-        raise ExportError(
-            f"Attempt {name!r} trained every weight, so there is no LoRA to export; export it as 'diffusers' "
-            "or 'safetensors', or train a new attempt with --lora (method='lora')."
-        )
-    out = export_path(session, name, format, out)
-    check_overwrite(out, format, force)
 
     origin = describe(session, name, config, base.info.source)
     if format == "lora":
@@ -108,6 +100,23 @@ def export_attempt(
 
     return save_single_file(pipe.unet, pipe.vae, pipe.text_encoder, out,
                             dtype=torch.float16 if fp16 else torch.float32, metadata={"format": "pt", **origin})
+
+
+def check_export(session: Session, attempt: str | None, format: str, out: str | Path | None, *, force: bool = False) -> Path:
+    """Every check export_attempt makes before the slow work, and the path it will write; the CLI
+    can call it before loading the base model, so a mistake is reported in a second."""
+    if format not in FORMATS:
+        raise ExportError(f"Unknown export format {format!r}; choose one of {', '.join(FORMATS)}.")
+    name = session.attempt(attempt).name
+    weights_dir = attempt_weights_dir(session, name)  # a clear error when the attempt has not finished
+    if format == "lora" and not (weights_dir / LORA_FILE).is_file():
+        raise ExportError(
+            f"Attempt {name!r} trained every weight, so there is no LoRA to export; export it as 'diffusers' "
+            "or 'safetensors', or train a new attempt with --lora (method='lora')."
+        )
+    path = export_path(session, name, format, out)
+    check_overwrite(path, format, force)
+    return path
 
 
 def default_file_name(session: Session, attempt: str, format: str) -> str:
