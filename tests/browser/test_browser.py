@@ -20,7 +20,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import run_in_browser  # noqa: E402
 
+import os  # noqa: E402
+
 MISSING = run_in_browser.missing_requirements()
+if not os.environ.get("DREAMNB_BROWSER_TEST"):  # minutes long: run it on purpose, not with every test run
+    MISSING = ["DREAMNB_BROWSER_TEST=1"] + MISSING
 pytestmark = pytest.mark.skipif(bool(MISSING), reason="the browser test needs " + "; ".join(MISSING))
 
 
