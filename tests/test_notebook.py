@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import nbformat
-import pytest
 from PIL import Image
 
 from conftest import subject_photo

@@ -79,7 +79,7 @@ def missing_requirements() -> list[str]:
     return missing
 
 
-def build_model(folder: Path) -> Path:
+def build_model(folder: Path, vae_steps: int) -> Path:
     import torch
     from PIL import Image
 
@@ -88,7 +88,7 @@ def build_model(folder: Path) -> Path:
     torch.manual_seed(0)
     pipe = tiny_pipeline("sd1", seed=0)
     with torch.enable_grad():
-        fit_vae(pipe.vae, [Image.open(p) for p in sorted(PHOTOS.glob("*.jpg"))], steps=250)
+        fit_vae(pipe.vae, [Image.open(p) for p in sorted(PHOTOS.glob("*.jpg"))], steps=vae_steps)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 
@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "assets" / "screenshots", help="where the screenshots go")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--unet-steps", type=int, default=150)
+    parser.add_argument("--vae-steps", type=int, default=120, help="fitting the tiny VAE to the photos (the demo uses 250)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds for the whole notebook in the browser")
     args = parser.parse_args(argv)
 
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"building a tiny model in {work / 'model'}", file=sys.stderr)
-    model = build_model(work / "model")
+    model = build_model(work / "model", args.vae_steps)
     write_notebook(work / "fast_dreambooth.ipynb", dict(
         base_model=str(model), session_root=str(work / "sessions"), session_name="chelsea", instance_images=str(PHOTOS),
         token="zwx", class_word="cat", preset="object", unet_steps=args.unet_steps, unet_lr=1e-3, text_encoder_steps=30,

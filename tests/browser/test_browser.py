@@ -32,7 +32,7 @@ def test_notebook_widgets_render_in_jupyterlab_and_screenshots_are_taken(tmp_pat
     out = tmp_path / "screenshots"
     run = subprocess.run(
         [sys.executable, str(HERE / "run_in_browser.py"), "--out", str(out), "--work", str(tmp_path / "work"),
-         "--unet-steps", "40", "--timeout", "900"],
+         "--unet-steps", "40", "--vae-steps", "40", "--timeout", "900"],
         capture_output=True, text=True, timeout=1100,
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
