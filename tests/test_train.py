@@ -68,49 +68,73 @@ def test_text_encoder_phase_changes_only_the_text_encoder_for_its_steps(photo_se
     assert all(torch.equal(final_te[k[len("text_encoder."):]], v) for k, v in after_te_phase.items())
 
 
-def thing_photo(index: int):
-    """The class: a blue disc on green at varying places and sizes (the subject is a yellow square on red)."""
-    from PIL import Image, ImageDraw
+def test_class_images_are_made_once_by_the_base_model_and_reused(photo_session, base_sd1):
+    """Prior preservation's class images come from the base model with the class prompt, seeded per index,
+    and a later attempt with the same base, prompt and size reuses them instead of generating again."""
+    import numpy as np
+    from PIL import Image
 
-    img = Image.new("RGB", (64, 64), (40, 150, 60))
-    r, cx, cy = 10 + index % 4 * 2, 20 + (index * 7) % 24, 20 + (index * 11) % 24
-    ImageDraw.Draw(img).ellipse((cx - r, cy - r, cx + r, cy + r), fill=(40, 60, 200))
-    return img
+    config = quick_config(with_prior_preservation=True, num_class_images=2, unet_steps=2)
+    train(photo_session, config, base_sd1, progress=False, attempt="first")
+    (folder,) = photo_session.class_dir.iterdir()
+    made = sorted(folder.glob("*.png"))
+    assert len(made) == 2
+    expected = base_sd1.pipeline("photo of a thing", num_inference_steps=25, height=64, width=64,
+                                 generator=torch.Generator().manual_seed(10_000 + 1)).images[0]
+    assert np.abs(np.asarray(Image.open(made[1]), np.int16) - np.asarray(expected, np.int16)).max() <= 1
+    stamps = {p.name: p.stat().st_mtime_ns for p in made}
+
+    train(photo_session, dataclasses.replace(config, num_class_images=3), base_sd1, progress=False, attempt="second")
+    assert {p.name: p.stat().st_mtime_ns for p in sorted(folder.glob("*.png"))[:2]} == stamps  # reused, not redone
+    assert len(list(folder.glob("*.png"))) == 3                                               # only the missing one made
+    train(photo_session, dataclasses.replace(config, class_prompt="photo of a box"), base_sd1, progress=False, attempt="third")
+    assert len(list(photo_session.class_dir.iterdir())) == 2  # another prompt gets its own set
 
 
-def test_prior_preservation_keeps_what_the_class_word_means(tmp_path, base_sd1, photo_session):
-    """A random tiny model knows no class, so first teach it one ("photo of a thing" = blue discs); then
-    train the subject hard with and without prior preservation and measure, on held-out discs, how well
-    each model still denoises the class under the class prompt."""
-    from dreamnb.models import load_base_model
-    from dreamnb.session import create_session
+def test_prior_preservation_trains_each_step_on_class_images_under_the_class_prompt(photo_session, base_sd1, monkeypatch):
+    """Every UNet step sees the subject under the instance prompt and a class image under the class prompt,
+    the class part weighted by prior_loss_weight."""
+    from dreamnb.data import encode_prompts, tokenize
 
-    pre = create_session(tmp_path / "pretrain")
-    for i in range(12):
-        thing_photo(i).save(pre.instance_dir / f"thing-{i}.png")
-    taught = train(pre, quick_config(token="thing", class_word="", instance_prompt="photo of a thing", unet_steps=150), base_sd1, progress=False)
-    attempt_pipeline(base_sd1, pre, taught.attempt).save_pretrained(tmp_path / "thing-model")
-    base = load_base_model(tmp_path / "thing-model")
+    batches = []
 
-    held_out = tmp_path / "held-out"
-    held_out.mkdir()
-    for i in range(12, 20):
-        thing_photo(i).save(held_out / f"thing-{i}.png")
-    mean, _ = cached_latents(base.vae, sorted(held_out.glob("*.png")), 64, tmp_path, "eval")
-    class_latents = mean * base.vae.config.scaling_factor
+    def recording_loss(unet, latents, embeds, generator, schedule, config, n_instance):
+        batches.append((latents.detach().clone(), embeds.detach().clone(), n_instance))
+        return real_loss(unet, latents, embeds, generator, schedule, config, n_instance)
 
-    config = quick_config(class_word="thing", num_class_images=8, unet_steps=150, unet_lr=3e-3)
-    train(photo_session, config, base, progress=False, attempt="plain")
-    train(photo_session, dataclasses.replace(config, with_prior_preservation=True), base, progress=False, attempt="prior")
+    real_loss = train_module.diffusion_loss
+    monkeypatch.setattr(train_module, "diffusion_loss", recording_loss)
+    config = quick_config(with_prior_preservation=True, num_class_images=2, unet_steps=3)
+    train(photo_session, config, base_sd1, progress=False)
+    assert len(batches) == 3
+    (folder,) = photo_session.class_dir.iterdir()
+    class_latents = cached_latents(base_sd1.vae, sorted(folder.glob("*.png")), 64, photo_session.cache_dir, "eval")[0]
+    subject_latents = instance_latents(photo_session, base_sd1)
+    with torch.no_grad():
+        prompts = encode_prompts(base_sd1.text_encoder, tokenize(base_sd1.tokenizer, ["photo of zwx thing", "photo of a thing"]))
+    for latents, embeds, n_instance in batches:
+        assert n_instance == 1 and latents.shape[0] == 2
+        assert torch.allclose(embeds[0], prompts[0], atol=1e-5) and torch.allclose(embeds[1], prompts[1], atol=1e-5)
 
-    def class_error(pipe):
-        return denoising_error(pipe, class_latents, "photo of a thing")
+        def nearest(row, pool):
+            return (pool.flatten(1) - row.flatten()).norm(dim=1).min()
 
-    base_error = class_error(base.pipeline)
-    plain_error = class_error(attempt_pipeline(base, photo_session, "plain"))
-    prior_error = class_error(attempt_pipeline(base, photo_session, "prior"))
-    assert plain_error > 1.1 * base_error, (base_error, plain_error)  # training the subject alone erodes the class
-    assert prior_error < base_error, (base_error, prior_error)        # prior preservation keeps it
+        scaled = class_latents * base_sd1.vae.config.scaling_factor
+        assert nearest(latents[1], scaled) < nearest(latents[1], subject_latents)  # the second row is a class image
+        assert nearest(latents[0], subject_latents) < nearest(latents[0], scaled)  # the first the subject
+
+    # the class rows count with their weight: the loss is linear in prior_loss_weight with the class rows' loss as slope
+    latents, embeds, _ = batches[0]
+    schedule = train_module.NoiseSchedule.from_scheduler(base_sd1.pipeline.scheduler, torch.device("cpu"))
+
+    def loss(weight):
+        with torch.no_grad():
+            return real_loss(base_sd1.unet, latents, embeds, torch.Generator().manual_seed(1), schedule,
+                             dataclasses.replace(config, prior_loss_weight=weight), 1).item()
+
+    class_rows_loss = loss(1.0) - loss(0.0)
+    assert class_rows_loss > 0
+    assert loss(3.0) == pytest.approx(loss(0.0) + 3 * class_rows_loss, rel=1e-5)
 
 
 def _weights(session, name):
