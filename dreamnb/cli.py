@@ -192,8 +192,9 @@ def cmd_train(args) -> Any:
 
 
 def _print_train_event(event) -> None:
-    if event.kind in ("info", "phase", "checkpoint"):
-        text = event.message or (f"saved checkpoint {event.path}" if event.path else "")
+    if event.kind in ("info", "phase", "checkpoint", "sample"):
+        saved = {"checkpoint": "saved checkpoint", "sample": f"previews at step {event.step}:"}.get(event.kind, "")
+        text = event.message or (f"{saved} {event.path}" if event.path else "")
         if text:
             print(text, file=sys.stderr)
 

@@ -68,7 +68,8 @@ class TrainConfig:
     # --- never lose a run ------------------------------------------------------------------------
     checkpoint_every: int = _f(500, "Save a checkpoint every this many steps (and always at the end and on Stop); 0 only at the end.", min=0)
     keep_checkpoints: int = _f(2, "How many recent checkpoints to keep on disk.", min=1, max=100)
-    sample_every: int = _f(0, "Generate preview images every this many steps; 0 is off.", min=0)
+    sample_every: int = _f(0, "Make preview images every this many steps, to watch the subject appear (and spot overfitting early); 0 is off.", min=0)
+    sample_prompts: str = _f("", "Prompts for the previews, separated by '|' ({token} and {class} are filled in); empty: the instance prompt and the subject as a painting.")
     log_every: int = _f(10, "Write the loss to log.csv every this many steps.", min=1)
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,6 +100,14 @@ class TrainConfig:
         if self.class_prompt:
             return self.class_prompt.replace("{class}", self.class_word)
         return f"photo of a {self.class_word}"
+
+    def resolved_sample_prompts(self) -> list[str]:
+        """The preview prompts; by default the instance prompt and the van Gogh probe, which an overfit model ignores."""
+        if not self.sample_prompts.strip():
+            subject = " ".join(p for p in (self.token, self.class_word) if p)
+            return [self.resolved_instance_prompt(), f"an oil painting of {subject} in the style of Vincent van Gogh"]
+        prompts = (p.strip().replace("{token}", self.token).replace("{class}", self.class_word) for p in self.sample_prompts.split("|"))
+        return [p for p in prompts if p]
 
     @property
     def total_steps(self) -> int:
@@ -161,7 +170,7 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError("Prior preservation needs a class word (person, dog, ...); give one or turn prior preservation off.")
     if c.text_encoder_steps > 0 and c.text_encoder_lr <= 0:
         raise ConfigError("The text-encoder learning rate is 0 but text-encoder steps are set; set a rate (1e-6) or 0 steps.")
-    if c.sample_every:
-        raise ConfigError("Preview images during training are not available yet; set sample_every to 0 and compare attempts after training.")
+    if c.sample_every and not c.resolved_sample_prompts():
+        raise ConfigError("Previews are on but sample_prompts has no prompt; write one, or leave it empty for the defaults.")
     if c.unet_lr <= 0:
         raise ConfigError("The UNet learning rate must be above 0 (2e-6 is a good start for a face).")

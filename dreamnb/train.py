@@ -328,6 +328,12 @@ def train(
                 if checkpoint_due:
                     path = save_checkpoint(accelerator, attempt_dir, state, unet, text_encoder, optimizer, lr_scheduler, generator, config)
                     emit(TrainEvent("checkpoint", step=step, total_steps=total_steps, path=str(path)))
+                if config.sample_every and step % config.sample_every == 0:
+                    if accelerator.is_main_process:
+                        with accelerator.autocast():
+                            images, path = make_previews(config, step, unet, text_encoder, base_model, vae, attempt_dir, device)
+                        emit(TrainEvent("sample", step=step, total_steps=total_steps, phase=phase, images=images, path=str(path)))
+                    accelerator.wait_for_everyone()
                 if stop is not None and stop.is_set():
                     raise KeyboardInterrupt
             state = {"phase": phase, "phase_step": phase_steps, "global_step": state["global_step"]}
@@ -360,6 +366,42 @@ def train(
 
 # ---------------------------------------------------------------------------------------------------
 # Pieces of the loop
+
+@torch.no_grad()
+def make_previews(config: TrainConfig, step: int, unet, text_encoder, base_model: BaseModel, vae, attempt_dir: Path, device) -> tuple[list[Any], Path]:
+    """Preview images of the model as it is at `step`, saved as samples/step-N.png. The prompts and seed are
+    the same every time, so previews side by side show what training changed. Uses no training randomness
+    (resume stays exact) and the cached prompt embeddings' text encoder wherever it currently lives."""
+    from diffusers import StableDiffusionPipeline
+
+    from .grid import make_grid
+    from .sample import set_scheduler
+
+    prompts = config.resolved_sample_prompts()
+    embeds = data.encode_prompts(text_encoder, data.tokenize(base_model.tokenizer, prompts + [""])).to(device, unet.dtype)
+    vae_device = vae.device
+    vae.to(device)  # on a GPU the VAE waits on the CPU while training; decoding needs it back briefly
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=base_model.tokenizer, unet=unet, scheduler=base_model.pipeline.scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    set_scheduler(pipe, "dpm++")
+    pipe.set_progress_bar_config(disable=True)
+    was_training = unet.training
+    unet.eval()
+    try:
+        images = [
+            pipe(prompt_embeds=embeds[i:i + 1], negative_prompt_embeds=embeds[-1:], num_inference_steps=25, guidance_scale=7.5,
+                 height=config.resolution, width=config.resolution, generator=torch.Generator().manual_seed(config.seed)).images[0]
+            for i in range(len(prompts))
+        ]
+    finally:
+        unet.train(was_training)
+        vae.to(vae_device)
+    grid = make_grid([[image] for image in images], prompts, [f"step {step}"])
+    path = attempt_dir / "samples" / f"step-{step:06d}.png"
+    path.parent.mkdir(exist_ok=True)
+    fileio.save_with(path, lambda tmp: grid.save(tmp, format="PNG"))
+    return images, path
+
 
 def check_training_data(config: TrainConfig, examples: list[data.Example]) -> None:
     if not examples:

@@ -39,8 +39,14 @@ def test_cuda_graph_step_matches_the_eager_step(photo_session, gpu_base):
 def test_bf16_weights_with_stochastic_rounding_learn_like_fp32_adamw(photo_session, gpu_base):
     fp32 = train(photo_session, config(optimizer="adamw"), gpu_base, progress=False, attempt="fp32")
     bf16 = train(photo_session, config(optimizer="adamw-bf16"), gpu_base, progress=False, attempt="bf16")
+    from dreamnb.attempts import attempt_pipeline, denoising_error
+    from test_train import instance_latents
+
+    latents = instance_latents(photo_session, gpu_base).float()
+    before = denoising_error(gpu_base.pipeline, latents, "photo of zwx thing")
+    after = denoising_error(attempt_pipeline(gpu_base, photo_session, "bf16"), latents, "photo of zwx thing")
+    assert after < 0.85 * before, (before, after)  # it learns (measured on the H100: 1.07 → 0.79)
     a, b = curve(fp32), curve(bf16)
-    assert b[-4:].mean() < 0.7 * b[:2].mean()  # it learns
     # single-batch losses are noisy: compare the curves over their second half
     half = len(a) // 2
     assert abs(a[half:].mean() - b[half:].mean()) < 0.15 * a[half:].mean(), (a, b)
@@ -101,3 +107,18 @@ def test_graphed_sampling_gives_the_same_images(gpu_base):
     for a, b, c in zip(eager, graphed, again):
         a, b, c = (torch.tensor(list(x.image.getdata()), dtype=torch.float32) for x in (a, b, c))
         assert (a - b).abs().mean() < 1.0 and torch.equal(b, c)
+
+
+def test_previews_on_the_graphed_path_leave_training_untouched(photo_session, gpu_base):
+    """Previews run eagerly between graph replays, with the text encoder parked on the CPU in the UNet phase."""
+    from safetensors.torch import load_file
+
+    cfg = config(cuda_graphs="on", optimizer="adamw-bf16", unet_steps=20, sample_every=10)
+    events = []
+    train(photo_session, cfg, gpu_base, progress=False, attempt="previews", callback=events.append)
+    train(photo_session, dataclasses.replace(cfg, sample_every=0), gpu_base, progress=False, attempt="plain")
+    assert [e.step for e in events if e.kind == "sample"] == [10, 20, 30]
+    a = load_file(str(photo_session.attempt_dir("previews") / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(photo_session.attempt_dir("plain") / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst < 2e-2, worst

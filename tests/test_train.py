@@ -238,6 +238,33 @@ def test_settings_and_data_that_cannot_work_are_refused_before_training(photo_se
     assert open_session(photo_session.path).attempts == []  # nothing half-created
 
 
+def test_previews_show_the_model_as_it_trains_and_leave_training_untouched(photo_session, base_sd1):
+    import numpy as np
+
+    from dreamnb.sample import SampleSettings, generate
+
+    config = quick_config(text_encoder_steps=2, unet_steps=4, sample_every=2)
+    events = []
+    train(photo_session, config, base_sd1, progress=False, attempt="previews", callback=events.append)
+    previews = [e for e in events if e.kind == "sample"]
+    assert [(e.step, e.phase) for e in previews] == [(2, "text_encoder"), (4, "unet"), (6, "unet")]
+    assert all(len(e.images) == 2 and os.path.isfile(e.path) for e in previews)
+    assert sorted(p.name for p in (photo_session.attempt_dir("previews") / "samples").iterdir()) == [
+        "step-000002.png", "step-000004.png", "step-000006.png"]
+    assert not np.array_equal(np.asarray(previews[0].images[0]), np.asarray(previews[-1].images[0]))  # the model changed
+
+    # the last preview is what the finished attempt makes with the same prompt and seed
+    made = generate(attempt_pipeline(base_sd1, photo_session, "previews"),
+                    [SampleSettings(prompt=config.resolved_sample_prompts()[1], seed=config.seed, width=64, height=64)],
+                    progress=False)[0].image
+    assert np.abs(np.asarray(made, np.int16) - np.asarray(previews[-1].images[1], np.int16)).max() <= 2
+
+    # and making previews does not change what is trained
+    train(photo_session, dataclasses.replace(config, sample_every=0), base_sd1, progress=False, attempt="plain")
+    with_previews, without = _weights(photo_session, "previews"), _weights(photo_session, "plain")
+    assert all(torch.equal(with_previews[0][k], without[0][k]) for k in without[0])
+
+
 def test_captions_are_used_for_their_photos(photo_session, base_sd1):
     for i in range(4):
         (photo_session.instance_dir / f"photo-{i}.txt").write_text(f"zwx thing, view {i}")

@@ -21,7 +21,7 @@ MAIN_FIELDS = (
     "token", "class_word", "preset", "method",
     "unet_steps", "unet_lr", "text_encoder_steps", "text_encoder_lr",
     "with_prior_preservation", "num_class_images", "resolution",
-    "lora_rank", "checkpoint_every", "sample_every",
+    "lora_rank", "checkpoint_every", "sample_every", "sample_prompts",
 )
 LORA_FIELDS = ("lora_rank", "lora_alpha")
 # Fields the user owns: changing the preset never overwrites them (a typed class word survives too).
