@@ -57,7 +57,7 @@ def attempt_pipeline(base: BaseModel, session: Session, name: str | None = None,
         components["unet"] = copy.deepcopy(base.unet)
         if config.get("text_encoder_steps"):
             components["text_encoder"] = copy.deepcopy(base.text_encoder)
-        pipe = StableDiffusionPipeline(**components)
+        pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
         pipe.load_lora_weights(str(weights_dir))
         pipe.fuse_lora()
         return pipe
@@ -65,7 +65,7 @@ def attempt_pipeline(base: BaseModel, session: Session, name: str | None = None,
         components["unet"] = UNet2DConditionModel.from_pretrained(weights_dir / "unet", dtype=dtype).to(device)
         if (weights_dir / "text_encoder").is_dir():
             components["text_encoder"] = CLIPTextModel.from_pretrained(weights_dir / "text_encoder", dtype=dtype).to(device)
-    return StableDiffusionPipeline(**components)
+    return StableDiffusionPipeline(**components, requires_safety_checker=False)
 
 
 def _from_checkpoint(base: BaseModel, checkpoint_dir: Path, config: dict) -> dict:

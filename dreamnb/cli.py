@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session", required=True)
     p.add_argument("--attempt")
     p.add_argument("--format", choices=("diffusers", "safetensors", "lora"), required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="file or folder to write (default: the session's exports/ folder)")
+    p.add_argument("--push", metavar="REPO_ID", help="upload to this Hugging Face Hub repository with a model card (token from HF_TOKEN or a saved login)")
+    p.add_argument("--public", action="store_true", help="with --push: make a new repository public (it is private otherwise)")
     p.add_argument("--fp32", action="store_true", help="single file in fp32 instead of fp16")
     p.add_argument("--force", action="store_true", help="overwrite an existing export")
     p.add_argument("--model")
@@ -248,8 +250,10 @@ def cmd_export(args) -> Any:
 
     session = open_session(args.session)
     base = _session_base(args, session)
-    path = export.export_attempt(session, base, args.attempt, args.format, args.out, force=args.force, fp16=not args.fp32)
-    print(path)
+    if args.out or not args.push:
+        print(export.export_attempt(session, base, args.attempt, args.format, args.out, force=args.force, fp16=not args.fp32))
+    if args.push:
+        print(export.push_to_hub(session, base, args.attempt, args.push, private=not args.public, format=args.format))
 
 
 def cmd_sessions(args) -> Any:

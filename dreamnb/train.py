@@ -175,14 +175,14 @@ def train(
 
     vae = base_model.vae.requires_grad_(False)
     if vae.device != device or vae.dtype != frozen_dtype:
-        vae.to(device, frozen_dtype)
+        cast(vae, device, frozen_dtype)
     tokenizer = base_model.tokenizer
     optimizer_name = resolve_optimizer(config, accelerator)
     use_graphs = resolve_cuda_graphs(config, accelerator, optimizer_name)
     # Weights that are not updated by fp32 AdamW can live in the compute precision: half the memory.
     weights_dtype = torch.bfloat16 if optimizer_name == "adamw-bf16" or (config.method == "lora" and frozen_dtype == torch.bfloat16) else torch.float32
     text_encoder = copy.deepcopy(base_model.text_encoder).to(device, weights_dtype).requires_grad_(False)
-    unet = copy.deepcopy(base_model.unet).to(device, weights_dtype).requires_grad_(False)
+    unet = cast(copy.deepcopy(base_model.unet), device, weights_dtype).requires_grad_(False)
     if device.type == "cuda":
         unet.to(memory_format=torch.channels_last)  # faster convolutions; before the optimizer sees the weights
     if config.method == "lora":
@@ -401,6 +401,12 @@ def make_previews(config: TrainConfig, step: int, unet, text_encoder, base_model
     path.parent.mkdir(exist_ok=True)
     fileio.save_with(path, lambda tmp: grid.save(tmp, format="PNG"))
     return images, path
+
+
+def cast(model, device, dtype):
+    """`torch.nn.Module.to`: diffusers' own `to` warns about float32-only modules even when a model
+    has none (SD's UNet and VAE have none), which users would read as a problem."""
+    return torch.nn.Module.to(model, device, dtype)
 
 
 def check_training_data(config: TrainConfig, examples: list[data.Example]) -> None:

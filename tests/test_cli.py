@@ -3,14 +3,16 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from PIL import Image
 
 from conftest import subject_photo
+from test_export import GOOD_TOKEN, FakeHub
 
 
-def dreamnb(*args, cwd=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+def dreamnb(*args, cwd=None, env=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", **(env or {})}
     return subprocess.run([sys.executable, "-m", "dreamnb", *map(str, args)], capture_output=True, text=True,
                           timeout=600, env=env, cwd=cwd)
 
@@ -55,3 +57,18 @@ def test_prepare_train_sample_and_list_from_the_command_line(tmp_path, tiny_sd1)
     done = dreamnb("sessions", "--root", tmp_path / "sessions", "--json")
     listed = json.loads(done.stdout)
     assert [a["status"] for a in listed[0]["attempts"]] == ["finished"]
+
+    done = dreamnb("export", "--session", session, "--format", "safetensors")
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()).parent == session / "exports" and Path(done.stdout.strip()).stat().st_size > 100_000
+
+    hub = FakeHub()
+    try:
+        done = dreamnb("export", "--session", session, "--format", "safetensors", "--push", "someone/zwx",
+                       env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": GOOD_TOKEN})
+    finally:
+        hub.server.shutdown()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{hub.endpoint}/someone/zwx" and hub.repos["someone/zwx"]["visibility"] == "private"
+    assert "README.md" in hub.files and any(f.endswith(".safetensors") for f in hub.files)
+    assert GOOD_TOKEN not in done.stdout + done.stderr

@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     write_notebook(work / "fast_dreambooth.ipynb", dict(
         base_model=str(model), session_root=str(work / "sessions"), session_name="chelsea", instance_images=str(PHOTOS),
         token="zwx", class_word="cat", preset="object", unet_steps=args.unet_steps, unet_lr=1e-3, text_encoder_steps=30,
-        text_encoder_lr=1e-4, with_prior_preservation=False, resolution=64, checkpoint_every=0,
+        text_encoder_lr=1e-4, with_prior_preservation=False, resolution=64, checkpoint_every=0, sample_every=args.unet_steps // 2,
         compare_prompts=["photo of {token} {class}", "painting of {token} {class}", "photo of a {class}"],
         compare_seeds=[1, 2], sample_steps=20, export_format="diffusers", auto_run=True,
     ))

@@ -39,7 +39,7 @@ def test_notebook_widgets_render_in_jupyterlab_and_screenshots_are_taken(tmp_pat
     check = json.loads(run.stdout.strip().splitlines()[-1])
     assert check["widget_views"] >= 8
     assert {"Prepare photos", "Train", "Stop", "Make the grid", "Export"} <= set(check["buttons"])
-    assert len(check["photo_images"]) >= 6 and check["training_images"] and check["compare_images"]
+    assert len(check["photo_images"]) >= 6 and len(check["training_images"]) >= 3 and check["compare_images"]  # curve + previews
     assert all(bar == "100%" for bar in check["progress"][-1:])  # the training bar ended full
     for name in ("photos.png", "training.png", "compare.png"):
         with Image.open(out / name) as shot:
