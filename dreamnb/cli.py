@@ -249,8 +249,11 @@ def cmd_export(args) -> Any:
     from .session import open_session
 
     session = open_session(args.session)
+    write_locally = args.out or not args.push
+    if write_locally:  # a wrong attempt, format or existing file is reported before the base model loads
+        export.check_export(session, args.attempt, args.format, args.out, force=args.force)
     base = _session_base(args, session)
-    if args.out or not args.push:
+    if write_locally:
         print(export.export_attempt(session, base, args.attempt, args.format, args.out, force=args.force, fp16=not args.fp32))
     if args.push:
         print(export.push_to_hub(session, base, args.attempt, args.push, private=not args.public, format=args.format))

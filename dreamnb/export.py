@@ -216,6 +216,8 @@ def kohya_lora(
         part, module, kind = match.groups()
         direction = "down" if kind.endswith(("down", "_A")) else "up"
         pairs.setdefault((part, module), {})[direction] = value
+    if not pairs:
+        raise ExportError(f"{lora_file} holds no LoRA weights; train the attempt again.")
 
     state: dict[str, torch.Tensor] = {}
     for (part, module), weights in sorted(pairs.items()):
@@ -227,19 +229,19 @@ def kohya_lora(
         else:
             # transformers >= 5.6 drops CLIP's `text_model.` level; kohya's names always have it.
             module = module.removeprefix("text_model.")
-            _check_linear(base.text_encoder, module, attempt, "text_model.")
+            _check_linear(getattr(base.text_encoder, "text_model", base.text_encoder), module, attempt, "text_model.")
             name = "lora_te_text_model_" + module.replace(".", "_")
         state[f"{name}.lora_down.weight"] = weights["down"].contiguous()
         state[f"{name}.lora_up.weight"] = weights["up"].contiguous()
         state[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
 
-    rank = next(iter(pairs.values()))["down"].shape[0] if pairs else config.get("lora_rank", 0)
+    rank = next(iter(pairs.values()))["down"].shape[0]
     family = {"sd1": "sd_v1", "sd2": "sd_v2"}.get(base.info.family, base.info.family)
     metadata = {
         # kohya sd-scripts' own keys: A1111's and ComfyUI's LoRA browsers show them
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
-        "ss_network_alpha": str(config.get("lora_alpha", rank)),
+        "ss_network_alpha": f"{alpha:g}",
         "ss_base_model_version": family,
         "ss_v2": str(base.info.family == "sd2"),
         "ss_resolution": str(config.get("resolution", "")),
@@ -394,6 +396,8 @@ def push_to_hub(
         where = endpoint or "the Hugging Face Hub"
         try:
             url = api.create_repo(repo_id, private=private, exist_ok=True)
+            if private and not api.repo_info(url.repo_id).private:  # exist_ok keeps an existing repo as it is
+                raise ExportError(f"{repo_id} already exists and is public; make it private on the Hub first, or choose a new name.")
             log.info("uploading attempt %s (%s) to %s", name, format, url)
             api.upload_folder(repo_id=url.repo_id, folder_path=folder, commit_message=f"dreamnb: attempt {name} ({format})")
         except HfHubHTTPError as err:

@@ -276,7 +276,7 @@ class FakeHub:
                 if path == "/api/repos/create":
                     payload = json.loads(body)
                     repo_id = f"{payload['organization']}/{payload['name']}"
-                    hub.repos[repo_id] = payload
+                    hub.repos.setdefault(repo_id, payload)  # an existing repo keeps its visibility
                     return self.reply(200, {"url": f"{hub.endpoint}/{repo_id}"})
                 if "/preupload/" in path:
                     files = json.loads(body)["files"]
@@ -294,6 +294,10 @@ class FakeHub:
             def do_GET(self):
                 if self.headers.get("Authorization") != f"Bearer {GOOD_TOKEN}":
                     return self.reply(401, {"error": "Invalid credentials in Authorization header"})
+                path = self.path.split("?")[0]
+                repo_id = path.removeprefix("/api/models/").split("/revision/")[0]
+                if path.startswith("/api/models/") and repo_id in hub.repos:  # repo_info
+                    return self.reply(200, {"id": repo_id, "private": hub.repos[repo_id]["visibility"] == "private", "sha": "a" * 40})
                 hub.unknown.append(f"GET {self.path}")
                 return self.reply(404, {"error": "not in the stand-in"})
 
@@ -350,6 +354,16 @@ def test_push_to_hub_with_a_diffusers_folder_uploads_what_from_pretrained_needs(
     assert {"README.md", "model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
             "text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors"} <= set(hub.files)
     assert_token_nowhere(GOOD_TOKEN, tmp_path, caplog, capfd)
+
+
+def test_a_private_push_never_goes_into_an_existing_public_repo(trained, base_sd1, hub):
+    session, _, lora = trained
+    hub.repos["someone/public"] = {"visibility": "public"}
+    with pytest.raises(ExportError, match="already exists and is public"):
+        push_to_hub(session, base_sd1, lora, "someone/public", token=GOOD_TOKEN, format="lora", endpoint=hub.endpoint)
+    assert hub.files == {}
+    push_to_hub(session, base_sd1, lora, "someone/public", token=GOOD_TOKEN, format="lora", endpoint=hub.endpoint, private=False)
+    assert any(f.endswith(".safetensors") for f in hub.files)
 
 
 def test_a_refused_token_gives_one_clear_sentence_and_is_never_shown(trained, base_sd1, hub, tmp_path, caplog, capfd):

@@ -436,11 +436,12 @@ def test_export_view_exports_and_pushes_the_chosen_attempt(session):
     exported, pushed = [], []
 
     def exporter(session_, base, attempt, format, out, *, force, fp16):
+        assert view.export_button.disabled and view.push_button.disabled  # no second click meanwhile
         exported.append((attempt, format, out, force, fp16))
-        return out
+        return out or session_.exports_dir / f"{attempt}.safetensors"
 
-    def pusher(session_, base, attempt, repo_id, *, private):
-        pushed.append((attempt, repo_id, private))
+    def pusher(session_, base, attempt, repo_id, *, private, format):
+        pushed.append((attempt, repo_id, private, format))
         return f"https://huggingface.co/{repo_id}"
 
     model = fake_model()
@@ -448,14 +449,24 @@ def test_export_view_exports_and_pushes_the_chosen_attempt(session):
     assert view.attempt.value == "a2"
     view.attempt.value = "a1"
     view.export_button.click()
-    assert exported == [("a1", "safetensors", session.exports_dir / "a1.safetensors", False, True)]
+    assert exported == [("a1", "safetensors", None, False, True)] and not view.export_button.disabled
     assert view.path == session.exports_dir / "a1.safetensors" and "Exported a1" in view.status_text
     view.repo_id.value = "not a repo"
     view.push_button.click()
     assert "your-name/model-name" in view.error_text and pushed == []
     view.repo_id.value = "me/my-model"
     view.push_button.click()
-    assert pushed == [("a1", "me/my-model", True)] and view.url == "https://huggingface.co/me/my-model"
+    assert pushed == [("a1", "me/my-model", True, "safetensors")] and view.url == "https://huggingface.co/me/my-model"
+
+    # an attempt named in the cell is picked first; after that the dropdown decides, and a wrong name is reported
+    view = ui.ExportView(session, model, attempt="a1", exporter=exporter, pusher=pusher)
+    assert view.attempt.value == "a1"
+    view.attempt.value = "a2"
+    view.export_button.click()
+    assert exported[-1][0] == "a2"
+    view = ui.ExportView(session, model, attempt="a3", exporter=exporter, pusher=pusher)
+    view.export_button.click()
+    assert "no attempt 'a3'" in view.error_text and "a1, a2" in view.error_text and exported[-1][0] == "a2"
 
 
 def test_export_without_attempts_says_to_train_first(session):

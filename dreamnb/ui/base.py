@@ -127,13 +127,6 @@ def png_bytes(image, max_side: int | None = None) -> bytes:
     return buffer.getvalue()
 
 
-def image_widget(image=None, width: int | None = None, max_side: int | None = None) -> W.Image:
-    widget = W.Image(format="png", layout=W.Layout(width=f"{width}px") if width else W.Layout())
-    if image is not None:
-        widget.value = png_bytes(image, max_side)
-    return widget
-
-
 def show(view: Any) -> Any:
     """Display the view when running under IPython (a notebook), and return it for the next cell."""
     try:

@@ -139,6 +139,8 @@ class CompareView(View):
     def _save(self, session: Session, comparison: Comparison, names: list[str]) -> Path:
         folder = Path(self.save_dir) if self.save_dir else session.path / "grids"
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        path = folder / f"compare-{'-vs-'.join(names)}-{stamp}.png"
+        label = "-vs-".join(names)
+        label = label if len(label) <= 100 else f"{len(names)}-attempts"  # file names have a length limit
+        path = folder / f"compare-{label}-{stamp}.png"
         fileio.save_with(path, lambda tmp: comparison.grid.save(tmp, format="PNG"))
         return path

@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import ipywidgets as W
 
+from .. import export as core_export
 from ..errors import UserError
 from ..session import Session
 from .base import View, as_path, resolve_model, resolve_session, row
@@ -18,37 +19,20 @@ FORMATS = {
 }
 
 
-def default_export_path(session: Session, attempt: str, format: str) -> Path:
-    """Where an export goes when no path is typed: the session's exports/ folder."""
-    names = {"diffusers": f"{attempt}-diffusers", "safetensors": f"{attempt}.safetensors", "lora": f"{attempt}-lora"}
-    return session.exports_dir / names[format]
-
-
-def _core_export(*args, **kwargs):
-    from .. import export
-
-    return export.export_attempt(*args, **kwargs)
-
-
-def _core_push(*args, **kwargs):
-    from .. import export
-
-    return export.push_to_hub(*args, **kwargs)
-
-
 class ExportView(View):
     """Export or push one attempt; `.path` is the last export, `.url` the last push."""
 
     def __init__(self, session: Any, model: Any, *, attempt: str | None = None, format: str = "diffusers",
                  out: str | Path | None = None, force: bool = False, fp16: bool = True,
                  repo_id: str = "", private: bool = True,
-                 exporter: Callable[..., Any] = _core_export, pusher: Callable[..., Any] = _core_push) -> None:
+                 exporter: Callable[..., Any] = core_export.export_attempt, pusher: Callable[..., Any] = core_export.push_to_hub) -> None:
         super().__init__()
         if format not in FORMATS:
             raise UserError(f"Unknown export format {format!r}; choose one of {', '.join(FORMATS)}.")
         self._session, self._model = session, model
         self._export, self._push = exporter, pusher
-        self._wanted = attempt
+        self._wanted = attempt        # chosen on the first listing; after that the dropdown decides
+        self._listed = False
         self.path: Path | None = None
         self.url: str | None = None
         self.attempt = W.Dropdown(options=[], layout=W.Layout(width="320px"))
@@ -72,7 +56,7 @@ class ExportView(View):
         self.widget = W.VBox([
             row(W.HBox([self.attempt, self.refresh_button]), "Which trained attempt to export.", "Attempt"),
             row(self.format, "", "Format"), row(self.format_help, "", " "),
-            row(self.out_text, "A folder (diffusers, lora) or a .safetensors file.", "Save to"),
+            row(self.out_text, "diffusers: a new folder; safetensors and lora: a .safetensors file or an existing folder. Empty: the session's exports/ folder.", "Save to"),
             row(W.VBox([self.force, self.fp16]), "", " "),
             self.export_button,
             row(self.repo_id, "Needs a Hugging Face token with write access (see the base model section).", "Hub repository"),
@@ -87,26 +71,30 @@ class ExportView(View):
     # --- actions ----------------------------------------------------------------------------------
     def refresh(self) -> None:
         session = resolve_session(self._session)
+        names = [a.name for a in session.attempts]
+        if self._wanted is not None and self._wanted not in names:
+            raise UserError(f"This session has no attempt {self._wanted!r} (it has: {', '.join(names) or 'none yet'}); fix attempt= in this cell.")
         finished = [a.name for a in session.attempts if a.status == "finished"]
         current = self.attempt.value
         self.attempt.options = [(f"{a.name} ({a.status})", a.name) for a in session.attempts]
-        for choice in (self._wanted, current, finished[-1] if finished else None):
-            if choice in [a.name for a in session.attempts]:
+        first = None if self._listed else self._wanted
+        for choice in (first, current, finished[-1] if finished else None):
+            if choice in names:
                 self.attempt.value = choice
                 break
+        self._listed = True
 
     def export(self, *, raise_errors: bool = False) -> Path | None:
         def export() -> Path:
             session, name = self._chosen()
-            out = as_path(self.out_text.value) or default_export_path(session, name, self.format.value)
-            self.show_status(f"Exporting {name} as {self.format.value} to {out}…")
-            result = self._export(session, resolve_model(self._model), name, self.format.value, out,
-                                  force=self.force.value, fp16=self.fp16.value)
-            self.path = Path(result) if result is not None else out
+            out = as_path(self.out_text.value)  # None: the core names it in the session's exports/
+            self.show_status(f"Exporting {name} as {self.format.value} to {out or 'the exports/ folder'}…")
+            self.path = Path(self._export(session, resolve_model(self._model), name, self.format.value, out,
+                                          force=self.force.value, fp16=self.fp16.value))
             self.show_status(f"Exported {name} to {self.path}.", ok=True)
             return self.path
 
-        return self._act(export, raise_errors=raise_errors)
+        return self._busy(export, raise_errors)
 
     def push(self, *, raise_errors: bool = False) -> str | None:
         def push() -> str:
@@ -114,15 +102,23 @@ class ExportView(View):
             repo_id = self.repo_id.value.strip()
             if not repo_id or repo_id.count("/") != 1:
                 raise UserError("Type the Hub repository as your-name/model-name.")
-            self.show_status(f"Uploading {name} to {repo_id}…")
-            url = self._push(session, resolve_model(self._model), name, repo_id, private=self.private.value)
+            self.show_status(f"Exporting {name} as {self.format.value} and uploading it to {repo_id}…")
+            url = self._push(session, resolve_model(self._model), name, repo_id, private=self.private.value, format=self.format.value)
             self.url = str(url)
             self.show_status(f"Pushed {name} to {self.url}.", ok=True)
             return self.url
 
-        return self._act(push, raise_errors=raise_errors)
+        return self._busy(push, raise_errors)
 
     # --- internals -------------------------------------------------------------------------------
+    def _busy(self, action: Callable[[], Any], raise_errors: bool) -> Any:
+        """Run an export or push with both buttons off: a second click would queue the same minutes-long work."""
+        self.export_button.disabled = self.push_button.disabled = True
+        try:
+            return self._act(action, raise_errors=raise_errors)
+        finally:
+            self.export_button.disabled = self.push_button.disabled = False
+
     def _chosen(self) -> tuple[Session, str]:
         self.refresh()
         session = resolve_session(self._session)

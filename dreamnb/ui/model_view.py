@@ -6,6 +6,8 @@ token is not in the notebook file or its saved widget state.
 """
 from __future__ import annotations
 
+import html
+
 import os
 from pathlib import Path
 from typing import Callable
@@ -48,7 +50,7 @@ class ModelView(View):
             row(self.source_text, "A Hub id like stable-diffusion-v1-5/stable-diffusion-v1-5, a folder, or a .safetensors file.", "Base model"),
             row(self.kind, "", " "),
             row(self.config_text, "For a single file: a diffusers folder or Hub id whose configs describe it (SD 2.x files need one).", "Config (optional)"),
-            row(W.HBox([self.token_box, self.token_button]), "Only for gated or private models; used for this session only, never saved.", "Hugging Face token"),
+            row(W.HBox([self.token_box, self.token_button]), "For gated or private models, and for pushing to the Hub (write access); kept in this runtime only, never saved.", "Hugging Face token"),
             row(self.token_state, "", " "),
             self.load_button, self.status, self.error, self.out,
         ])
@@ -107,10 +109,10 @@ class ModelView(View):
         try:
             self.kind.value = f"<i>{KIND_WORDS[source_kind(text)]}</i>"
         except ModelError as err:  # a hint while typing, not an error yet
-            self.kind.value = f"<i>{err}</i>"
+            self.kind.value = f"<i>{html.escape(str(err))}</i>"
 
     def _show_token_state(self) -> None:
-        available = bool(os.environ.get("HF_TOKEN") or resolve_hf_token() or _stored_login())
+        available = bool(resolve_hf_token() or _stored_login())
         self.token_state.value = ("<i>A Hugging Face token is available for downloads.</i>" if available
                                   else "<i>No token: fine for public models such as SD 1.5.</i>")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import io
+import logging
 import threading
 import time
 import traceback
@@ -22,6 +23,8 @@ from ..session import Session
 from ..train import TrainEvent, TrainResult, train
 from .base import HELP_STYLE, StepFailed, View, current_text, png_bytes, resolve_model, resolve_session, row
 from .config_form import ConfigForm
+
+log = logging.getLogger(__name__)
 
 CHART_REDRAW_S = 1.0  # drawing the loss curve costs ~50 ms; at most once a second keeps training fast
 SAMPLE_PX = 192
@@ -261,7 +264,10 @@ class TrainView(View):
 
     def _on_event(self, event: TrainEvent) -> None:
         self.events.append(event)
-        self.live.handle(event)
+        try:
+            self.live.handle(event)
+        except Exception:  # runs inside the trainer: a drawing problem must never end a long run
+            log.warning("could not show a training event", exc_info=True)
 
     def _set_running(self, running: bool) -> None:
         self.train_button.disabled = running or self.form.problem is not None
