@@ -260,7 +260,7 @@ def cmd_export(args) -> Any:
 
 
 def cmd_sessions(args) -> Any:
-    from .session import default_root, list_sessions
+    from .session import default_root, describe_attempt, list_sessions
 
     root = Path(args.root) if args.root else default_root()
     sessions = list_sessions(root)
@@ -269,7 +269,7 @@ def cmd_sessions(args) -> Any:
     if not sessions:
         print(f"No sessions in {root}.")
     for s in sessions:
-        attempts = ", ".join(f"{a.name} ({a.status}, {a.steps_done} steps)" for a in s.attempts) or "no attempts"
+        attempts = ", ".join(describe_attempt(a) for a in s.attempts) or "no attempts"
         print(f"{s.name}  [{s.base_model or 'no model yet'}]  {attempts}")
     return None
 

@@ -1,4 +1,4 @@
-"""Where the notebook runs: Colab or not, Google Drive for sessions, which GPU, how to install.
+"""Where the notebook runs: Colab or not, Google Drive for sessions, which GPU.
 
 A Colab runtime forgets everything on disconnect, so sessions belong on Drive there; anywhere
 else they go in ./dreamnb-sessions. Nothing here needs widgets, so the CLI can use it too.
@@ -16,8 +16,7 @@ from .session import default_root
 
 log = logging.getLogger(__name__)
 
-DRIVE_MOUNT_POINT = Path("/content/drive")
-INSTALL_SPEC = "dreamnb @ git+https://github.com/dreamnb/dreamnb"
+DRIVE_MOUNT_POINT = Path("/content/drive")  # where Colab mounts Drive; session.default_root looks in MyDrive under it
 
 
 def in_colab() -> bool:
@@ -30,25 +29,25 @@ def in_colab() -> bool:
         return False
 
 
-def mount_drive(mount_point: str | Path = DRIVE_MOUNT_POINT) -> Path:
+def mount_drive() -> Path:
     """Mount Google Drive on Colab (Colab asks for permission) and return the session root it chose.
 
     Outside Colab nothing is mounted and the root is ./dreamnb-sessions, so the same notebook cell
     works everywhere. Sessions on Drive survive a Colab disconnect; the rest of the runtime does not.
     """
     if not in_colab():
-        log.info("not in Colab: sessions go to %s", default_root())
-        return default_root()
-    mount_point = Path(mount_point)
-    if not (mount_point / "MyDrive").is_dir():
+        root = default_root()
+        log.info("not in Colab: sessions go to %s", root)
+        return root
+    if not (DRIVE_MOUNT_POINT / "MyDrive").is_dir():
         from google.colab import drive  # type: ignore[import-not-found]
 
         try:
-            drive.mount(str(mount_point))
+            drive.mount(str(DRIVE_MOUNT_POINT))
         except Exception as err:  # refused permission, timeout, Drive quota
             raise UserError(f"Google Drive could not be mounted ({err}); allow access when Colab asks, "
                             "or type a session folder on this runtime (it is lost when the runtime disconnects).") from err
-    root = mount_point / "MyDrive" / "dreamnb"
+    root = default_root()  # MyDrive/dreamnb now that Drive is mounted
     root.mkdir(parents=True, exist_ok=True)
     return root
 
@@ -99,9 +98,3 @@ def gpu_summary() -> GpuSummary:
         count=torch.cuda.device_count(),
         bf16=torch.cuda.is_bf16_supported(),
     )
-
-
-def install_hint() -> str:
-    """The command that installs dreamnb here: a `%pip` magic in a notebook, `pip` in a terminal."""
-    in_notebook = "ipykernel" in sys.modules or in_colab()
-    return f'%pip install -q "{INSTALL_SPEC}"' if in_notebook else f'pip install "{INSTALL_SPEC}"'

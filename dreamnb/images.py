@@ -521,7 +521,7 @@ def prepare_photos(
     earlier = [_describe_prepared(instance_dir / p.name, preset) for p in existing if p.name not in added]
     photo_set = earlier + [r for r in results if r.accepted]
     return PrepareReport(results=results, advice=advise(photo_set, preset), instance_dir=str(instance_dir),
-                         photos_in_set=len(_prepared_files(instance_dir)))
+                         photos_in_set=len(prepared_files(instance_dir)))
 
 
 def _check_prepare_inputs(size: int, crop: str, preset: str | None, min_side: int | None) -> None:
@@ -621,7 +621,8 @@ def _slug(name: str) -> str:
 _DIGEST_IN_NAME = re.compile(r"-([0-9a-f]{12})$")
 
 
-def _prepared_files(instance_dir: Path) -> list[Path]:
+def prepared_files(instance_dir: Path) -> list[Path]:
+    """The prepared photos in an instance folder, by name (captions and hidden files left out)."""
     return sorted(p for p in instance_dir.iterdir()
                   if p.is_file() and p.suffix.lower() in PREPARED_SUFFIXES and not p.name.startswith("."))
 
@@ -629,7 +630,7 @@ def _prepared_files(instance_dir: Path) -> list[Path]:
 def _scan_prepared(instance_dir: Path) -> list[_Prepared]:
     """The photos already prepared (or put there by hand), so duplicates of them are recognised."""
     prepared = []
-    for path in _prepared_files(instance_dir):
+    for path in prepared_files(instance_dir):
         match = _DIGEST_IN_NAME.search(path.stem)
         try:
             with Image.open(path) as image:
@@ -748,7 +749,7 @@ def remove_photo(instance_dir: str | Path, name: str) -> None:
         raise UserError(f"{name!r} is not the name of a prepared photo; give a file name from the report, such as 'me-1a2b3c4d5e6f.png'.")
     path = instance_dir / name
     if not (path.is_file() and path.suffix.lower() in PREPARED_SUFFIXES):
-        matches = [p for p in _prepared_files(instance_dir) if p.stem == name] if instance_dir.is_dir() else []
+        matches = [p for p in prepared_files(instance_dir) if p.stem == name] if instance_dir.is_dir() else []
         if len(matches) != 1:
             raise UserError(f"There is no prepared photo named {name!r} in {instance_dir}; the names are listed in the prepare report.")
         path = matches[0]
@@ -764,7 +765,7 @@ def caption_warnings(instance_dir: str | Path, token: str) -> list[str]:
         raise UserError("The token is empty; choose a rare word for your subject, such as 'squidarth'.")
     mention = re.compile(rf"(?<!\w){re.escape(token)}(?!\w)", re.IGNORECASE)
     found = []
-    for photo in _prepared_files(Path(instance_dir)):
+    for photo in prepared_files(Path(instance_dir)):
         caption_path = photo.with_suffix(".txt")
         if not caption_path.is_file():
             continue

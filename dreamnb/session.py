@@ -51,6 +51,11 @@ class Attempt:
     message: str = ""
 
 
+def describe_attempt(attempt: Attempt) -> str:
+    """'attempt-1 (finished, 1850 steps)': an attempt's name with its status, for lists."""
+    return f"{attempt.name} ({attempt.status}, {attempt.steps_done} steps)"
+
+
 @dataclass
 class Session:
     path: Path

@@ -16,7 +16,7 @@ from .. import fileio
 from ..attempts import Comparison, comparison_grid
 from ..errors import UserError
 from ..sample import PROBE_PROMPTS
-from ..session import Session
+from ..session import Session, describe_attempt
 from .base import View, png_bytes, resolve_model, resolve_session, row
 
 BASE = "base"
@@ -92,7 +92,7 @@ class CompareView(View):
     # --- actions ----------------------------------------------------------------------------------
     def refresh(self) -> None:
         session = resolve_session(self._session)
-        options = [(BASE, BASE)] + [(f"{a.name} ({a.status}, {a.steps_done} steps)", a.name) for a in session.attempts]
+        options = [(BASE, BASE)] + [(describe_attempt(a), a.name) for a in session.attempts]
         names = [value for _, value in options]
         chosen = [n for n in (self._chosen or default_attempts(session)) if n in names] or [BASE]
         self._filling = True

@@ -128,3 +128,5 @@ class ExportView(View):
 
     def _show_format(self) -> None:
         self.format_help.value = f"<i>{FORMATS[self.format.value]}</i>"
+        # fp16 only applies to the single file; the diffusers folder and the LoRA keep the trained precision
+        self.fp16.layout.display = "" if self.format.value == "safetensors" else "none"

@@ -33,16 +33,19 @@ class ModelView(View):
         super().__init__()
         self._loader = loader
         self.loaded: BaseModel | None = None
+        self._token_from_box = False  # the box applied a token since the last button press
         self.source_text = W.Text(value=str(default or DEFAULT_MODEL), layout=W.Layout(width="420px"))
         self.kind = W.HTML()
         self.config_text = W.Text(value=str(config or ""), placeholder="only for a single file; usually empty",
                                   layout=W.Layout(width="420px"))
-        self.token_box = W.Password(placeholder="hf_…", layout=W.Layout(width="300px"))
+        # continuous_update=False: the value arrives once, on Enter or leaving the box, not per keystroke
+        self.token_box = W.Password(placeholder="hf_…", continuous_update=False, layout=W.Layout(width="300px"))
         self.token_button = W.Button(description="Use this token", icon="key")
         self.token_state = W.HTML()
         self.load_button = W.Button(description="Load model", button_style="primary", icon="download")
         self.source_text.observe(lambda _: self._show_kind(), names="value")
-        self.token_button.on_click(lambda _: self.use_token())
+        self.token_box.observe(self._on_token_typed, names="value")
+        self.token_button.on_click(lambda _: self._on_token_button())
         self.load_button.on_click(lambda _: self.load())
         self._show_kind()
         self._show_token_state()
@@ -99,6 +102,19 @@ class ModelView(View):
             self._show_token_state()
 
         self._act(apply)
+
+    def _on_token_typed(self, change: dict) -> None:
+        if change["new"]:  # not the "" that use_token itself puts back
+            self._token_from_box = True
+            self.use_token()
+
+    def _on_token_button(self) -> None:
+        # Pressing the button takes the focus from the box, so the box commits (and applies) the
+        # token just before this click arrives; that click then has nothing left to do.
+        already_applied, self._token_from_box = self._token_from_box, False
+        if already_applied and not self.token_box.value:
+            return
+        self.use_token()
 
     # --- display ---------------------------------------------------------------------------------
     def _show_kind(self) -> None:

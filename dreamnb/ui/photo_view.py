@@ -16,7 +16,7 @@ from .. import fileio
 from ..config import PRESETS
 from ..crop import CROP_MODES
 from ..errors import UserError
-from ..images import PREPARED_SUFFIXES, PrepareReport, caption_warnings, prepare_photos, remove_photo
+from ..images import PrepareReport, caption_warnings, prepare_photos, prepared_files, remove_photo
 from .base import HELP_STYLE, View, current_text, png_bytes, resolve_session, row
 
 THUMBNAIL_PX = 128
@@ -97,9 +97,7 @@ class PhotosView(View):
     def photos(self) -> list[Path]:
         """The prepared photos in the session (earlier runs included)."""
         folder = self.instance_dir
-        if not folder.is_dir():
-            return []
-        return sorted(p for p in folder.iterdir() if p.suffix.lower() in PREPARED_SUFFIXES and not p.name.startswith("."))
+        return prepared_files(folder) if folder.is_dir() else []
 
     @property
     def sources(self) -> list[Any]:

@@ -8,7 +8,8 @@ from typing import Any
 import ipywidgets as W
 
 from ..errors import UserError
-from ..session import Session, check_name, create_session, default_root, list_sessions, open_or_create, open_session
+from ..images import prepared_files
+from ..session import Session, check_name, create_session, default_root, describe_attempt, list_sessions, open_or_create, open_session
 from .base import HELP_STYLE, View, row
 
 NEW, RESUME = "new", "resume"
@@ -18,7 +19,7 @@ def describe_attempts(session: Session) -> str:
     """'attempt-1 (finished, 1850 steps), attempt-2 (interrupted, 400 steps)' or 'no attempts yet'."""
     if not session.attempts:
         return "no attempts yet"
-    return ", ".join(f"{a.name} ({a.status}, {a.steps_done} steps)" for a in session.attempts)
+    return ", ".join(describe_attempt(a) for a in session.attempts)
 
 
 class SessionView(View):
@@ -109,7 +110,7 @@ class SessionView(View):
         if session is None:
             self.details.value = f'<span style="{HELP_STYLE}">No sessions in {html.escape(str(self.root))} yet.</span>'
             return
-        photos = len([p for p in session.instance_dir.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")])
+        photos = len(prepared_files(session.instance_dir)) if session.instance_dir.is_dir() else 0
         self.details.value = (f"<b>{html.escape(session.name)}</b>: {photos} photo(s), base model "
                               f"{html.escape(session.base_model or 'not chosen yet')}<br>"
                               f"Attempts: {html.escape(describe_attempts(session))}")
