@@ -371,7 +371,7 @@ def train(
 def make_previews(config: TrainConfig, step: int, unet, text_encoder, base_model: BaseModel, vae, attempt_dir: Path, device) -> tuple[list[Any], Path]:
     """Preview images of the model as it is at `step`, saved as samples/step-N.png. The prompts and seed are
     the same every time, so previews side by side show what training changed. Uses no training randomness
-    (resume stays exact) and the cached prompt embeddings' text encoder wherever it currently lives."""
+    (resume stays exact), and the text encoder where it currently is (the CPU during the UNet phase)."""
     from diffusers import StableDiffusionPipeline
 
     from .grid import make_grid
