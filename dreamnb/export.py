@@ -112,7 +112,7 @@ def check_export(session: Session, attempt: str | None, format: str, out: str | 
     if format == "lora" and not (weights_dir / LORA_FILE).is_file():
         raise ExportError(
             f"Attempt {name!r} trained every weight, so there is no LoRA to export; export it as 'diffusers' "
-            "or 'safetensors', or train a new attempt with --lora (method='lora')."
+            "or 'safetensors', or train a new attempt with the 'lora' method."
         )
     path = export_path(session, name, format, out)
     check_overwrite(path, format, force)
@@ -133,7 +133,7 @@ def export_path(session: Session, attempt: str, format: str, out: str | Path | N
     out = Path(out).expanduser()
     if format == "diffusers":
         if out.suffix == SUFFIX:
-            raise ExportError(f"A diffusers export is a folder, but {out} names a {SUFFIX} file; give a folder path, or use --format safetensors.")
+            raise ExportError(f"A diffusers export is a folder, but {out} names a {SUFFIX} file; give a folder path, or choose the 'safetensors' format.")
         return out
     if out.is_dir():
         return out / default_file_name(session, attempt, format)
@@ -147,11 +147,11 @@ def check_overwrite(out: Path, format: str, force: bool) -> None:
     if not out.exists():
         return
     if not force:
-        raise ExportError(f"{out} exists; use --force to overwrite it, or choose another --out.")
+        raise ExportError(f"{out} exists; replace it (--force, or tick 'Replace an existing export'), or choose another path.")
     if format == "diffusers" and not (out.is_dir() and ((out / "model_index.json").is_file() or not any(out.iterdir()))):
-        raise ExportError(f"{out} exists and is not a diffusers model folder, so it is not replaced even with --force; choose a new folder name.")
+        raise ExportError(f"{out} exists and is not a diffusers model folder, so it is never replaced; choose a new folder name.")
     if format != "diffusers" and not out.is_file():
-        raise ExportError(f"{out} exists and is not a file, so it is not replaced; choose another --out.")
+        raise ExportError(f"{out} exists and is not a file, so it is not replaced; choose another path.")
 
 
 def describe(session: Session, attempt: str, config: dict, base_source: str) -> dict[str, str]:
@@ -207,7 +207,7 @@ def kohya_lora(
 
     alpha = float(config.get("lora_alpha") or config.get("lora_rank") or 0)
     if alpha <= 0:
-        raise ExportError(f"Attempt {attempt!r} has no lora_alpha in its config.json, so the LoRA's strength is unknown; train it again with --lora.")
+        raise ExportError(f"Attempt {attempt!r} has no lora_alpha in its config.json, so the LoRA's strength is unknown; train it again with the 'lora' method.")
     pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, value in load_file(str(lora_file)).items():
         match = _LORA_KEY.match(key)
@@ -257,7 +257,7 @@ def _check_linear(model: torch.nn.Module, module: str, attempt: str, shown_prefi
     except AttributeError:
         layer = None
     if not isinstance(layer, torch.nn.Linear):
-        raise ExportError(f"The LoRA of attempt {attempt!r} adapts a layer {shown_prefix}{module} that the base model does not have; export it with the base model it was trained on (--model).")
+        raise ExportError(f"The LoRA of attempt {attempt!r} adapts a layer {shown_prefix}{module} that the base model does not have; export it with the base model it was trained on.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,7 +376,7 @@ def push_to_hub(
         raise ExportError(f"{repo_id!r} is not a usable Hub repository name; use 'your-username/model-name' (letters, digits, '-', '_', '.').") from None
     token = token or resolve_hf_token() or get_token()
     if not token:
-        raise ExportError("No Hugging Face token found; set HF_TOKEN, add HF_TOKEN to Colab's secrets, or log in with huggingface_hub.notebook_login().")
+        raise ExportError("No Hugging Face token found; set HF_TOKEN, add HF_TOKEN to Colab's secrets, or paste a token in the notebook's base model section.")
     name = session.attempt(attempt).name
     config = attempt_config(session, name)
 

@@ -201,7 +201,7 @@ def test_overwriting_needs_force_and_nothing_is_written_outside_out(trained, bas
     (tmp_path / "exports" / "neighbour.txt").write_text("keep me")
     before_session, before_exports = snapshot(session.path), snapshot(tmp_path / "exports")
 
-    with pytest.raises(ExportError, match="exists; use --force"):
+    with pytest.raises(ExportError, match="exists; replace it"):
         export_attempt(session, base_sd1, lora, format, out)
     assert snapshot(tmp_path / "exports") == before_exports
 
