@@ -164,7 +164,7 @@ def test_lora_file_is_kohya_layout_and_load_lora_weights_matches_dreamnbs_own_sa
 
 def test_lora_export_of_a_full_attempt_is_refused_with_what_to_do(trained, base_sd1, tmp_path):
     session, full, _ = trained
-    with pytest.raises(ExportError, match="--lora"):
+    with pytest.raises(ExportError, match="the 'lora' method"):
         export_attempt(session, base_sd1, full, "lora", tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
 
