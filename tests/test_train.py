@@ -112,14 +112,14 @@ def test_prior_preservation_trains_each_step_on_class_images_under_the_class_pro
     subject_latents = instance_latents(photo_session, base_sd1)
     with torch.no_grad():
         prompts = encode_prompts(base_sd1.text_encoder, tokenize(base_sd1.tokenizer, ["photo of zwx thing", "photo of a thing"]))
+    scaled = class_latents * base_sd1.vae.config.scaling_factor
+
+    def nearest(row, pool):
+        return (pool.flatten(1) - row.flatten()).norm(dim=1).min()
+
     for latents, embeds, n_instance in batches:
         assert n_instance == 1 and latents.shape[0] == 2
         assert torch.allclose(embeds[0], prompts[0], atol=1e-5) and torch.allclose(embeds[1], prompts[1], atol=1e-5)
-
-        def nearest(row, pool):
-            return (pool.flatten(1) - row.flatten()).norm(dim=1).min()
-
-        scaled = class_latents * base_sd1.vae.config.scaling_factor
         assert nearest(latents[1], scaled) < nearest(latents[1], subject_latents)  # the second row is a class image
         assert nearest(latents[0], subject_latents) < nearest(latents[0], scaled)  # the first the subject
 

@@ -14,7 +14,7 @@ import io
 import logging
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import ipywidgets as W
 
@@ -72,18 +72,22 @@ class View:
 
     # --- running an action -------------------------------------------------------------------------
     def _act(self, action: Callable[[], Any], *, raise_errors: bool = False, clear: bool = True,
-             capture: bool = True) -> Any:
+             capture: bool = True, busy: Sequence[W.Button] = ()) -> Any:
         """Run `action` with its output in this view's Output; show a failure beside the widget.
 
         Returns what the action returned, or None when it failed. With `raise_errors` (headless runs)
         a failure is also raised as `StepFailed`, so the notebook stops at this cell. `capture=False`
         for actions run from another thread: capturing there would redirect whatever the kernel's
-        current cell prints, since an Output captures by the kernel's current message.
+        current cell prints, since an Output captures by the kernel's current message. The `busy`
+        buttons are off while the action runs: a second click would queue the same slow work again.
         """
         self.show_error("")
         if clear:
             self.out.outputs = ()  # not clear_output(): that one needs a kernel and a current cell
         failure: BaseException | None = None
+        was_disabled = [button.disabled for button in busy]
+        for button in busy:
+            button.disabled = True
         with self.out if capture else contextlib.nullcontext():
             try:
                 return action()
@@ -95,6 +99,9 @@ class View:
                 log.exception("unexpected error in the notebook view")
                 self.show_error(f"Something unexpected went wrong ({type(err).__name__}: {_first_line(err)}); the details are below.")
                 self.out.append_stderr(traceback.format_exc())
+            finally:
+                for button, disabled in zip(busy, was_disabled):
+                    button.disabled = disabled
         if failure is not None and raise_errors:
             raise StepFailed(str(failure) if isinstance(failure, ValueError) else self.error_text) from failure
         return None

@@ -111,14 +111,10 @@ class CompareView(View):
                 raise UserError("No attempt is picked; pick 'base' and at least one attempt.")
             prompts, seeds = parse_prompts(self.prompts.value), parse_seeds(self.seeds.value)
             model = resolve_model(self._model)
-            self.compare_button.disabled = True
             self.show_status(f"Generating {len(names) * len(prompts) * len(seeds)} images…")
-            try:
-                comparison = self._compare(session, model, names, prompts, seeds,
-                                           num_inference_steps=self.steps.value, guidance_scale=self.guidance.value,
-                                           cell_size=self.cell_size or readable_cell_size(model))
-            finally:
-                self.compare_button.disabled = False
+            comparison = self._compare(session, model, names, prompts, seeds,
+                                       num_inference_steps=self.steps.value, guidance_scale=self.guidance.value,
+                                       cell_size=self.cell_size or readable_cell_size(model))
             self.comparison = comparison
             self.grid.value = png_bytes(comparison.grid)
             self.grid.layout.display = ""
@@ -126,7 +122,7 @@ class CompareView(View):
             self.show_status(f"Saved the grid as {self.grid_path}.", ok=True)
             return comparison
 
-        result = self._act(compare, raise_errors=raise_errors)
+        result = self._act(compare, raise_errors=raise_errors, busy=[self.compare_button])
         if result is None:
             self.show_status("")
         return result

@@ -94,7 +94,7 @@ class ExportView(View):
             self.show_status(f"Exported {name} to {self.path}.", ok=True)
             return self.path
 
-        return self._busy(export, raise_errors)
+        return self._act(export, raise_errors=raise_errors, busy=[self.export_button, self.push_button])
 
     def push(self, *, raise_errors: bool = False) -> str | None:
         def push() -> str:
@@ -108,17 +108,9 @@ class ExportView(View):
             self.show_status(f"Pushed {name} to {self.url}.", ok=True)
             return self.url
 
-        return self._busy(push, raise_errors)
+        return self._act(push, raise_errors=raise_errors, busy=[self.export_button, self.push_button])
 
     # --- internals -------------------------------------------------------------------------------
-    def _busy(self, action: Callable[[], Any], raise_errors: bool) -> Any:
-        """Run an export or push with both buttons off: a second click would queue the same minutes-long work."""
-        self.export_button.disabled = self.push_button.disabled = True
-        try:
-            return self._act(action, raise_errors=raise_errors)
-        finally:
-            self.export_button.disabled = self.push_button.disabled = False
-
     def _chosen(self) -> tuple[Session, str]:
         self.refresh()
         session = resolve_session(self._session)

@@ -75,16 +75,12 @@ class ModelView(View):
             if not self.source:
                 raise ModelError(f"The base model is empty; type a Hub id such as {DEFAULT_MODEL}, a folder or a .safetensors file.")
             self.show_status(f"Loading {self.source}… (a first download of SD 1.5 takes a few minutes)")
-            self.load_button.disabled = True
-            try:
-                model = self._loader(self.source, config=self.config_text.value.strip() or None)
-            finally:
-                self.load_button.disabled = False
+            model = self._loader(self.source, config=self.config_text.value.strip() or None)
             self.loaded = model
             self.show_status(f"Loaded: {model.info.describe()}.", ok=True)
             return model
 
-        result = self._act(load, raise_errors=raise_errors)
+        result = self._act(load, raise_errors=raise_errors, busy=[self.load_button])
         if result is None:
             self.show_status("")
         return result

@@ -113,13 +113,11 @@ class PhotosView(View):
             missing = [p for p in split_paths(self.paths_text.value) if not Path(p).expanduser().exists()]
             if missing:
                 raise UserError(f"There is no file or folder at {missing[0]}; check the path (on Colab, is Drive mounted?).")
-            self.prepare_button.disabled = True
             self.progress.layout.visibility = "visible"
             try:
                 report = self._prepare(sources, self.instance_dir, size=self.size.value, crop=self.crop.value,
                                        preset=self.preset.value, progress=self._on_progress)
             finally:
-                self.prepare_button.disabled = False
                 self.progress.layout.visibility = "hidden"
             self.report = report
             self.upload.value = ()  # prepared: pressing again must not add the same files twice
@@ -129,7 +127,7 @@ class PhotosView(View):
             self.refresh()
             return report
 
-        return self._act(prepare, raise_errors=raise_errors)
+        return self._act(prepare, raise_errors=raise_errors, busy=[self.prepare_button])
 
     def refresh(self) -> None:
         """Show the prepared photos as thumbnails and fill the caption editor's list."""
