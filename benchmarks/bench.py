@@ -126,30 +126,41 @@ def prepare(workdir: Path, tiny: bool) -> dict:
 
 # --- one dreamnb configuration, in its own process ------------------------------------------------------
 
-def run_dreamnb(name: str, workdir: Path, tiny: bool, unet_steps: int, te_steps: int) -> dict:
+def run_dreamnb(name: str, workdir: Path, tiny: bool, unet_steps: int, te_steps: int,
+                session_name: str | None = None, extra: dict | None = None, resume: bool = False) -> dict:
+    """One configuration; `extra` overrides settings (batch size, CUDA graphs, checkpoints); `resume` continues
+    the session's attempt from its newest checkpoint.
+    Under `accelerate launch` every process runs this and reports its own figures (rank, peak memory)."""
     import shutil
 
     import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     from dreamnb.config import TrainConfig
     from dreamnb.models import load_base_model
-    from dreamnb.session import create_session
+    from dreamnb.session import create_session, open_session
     from dreamnb.train import train
 
     started = time.time()  # after the imports: a notebook has made them in its setup cell
+    # one process, or this one of several under accelerate launch (on the CPU when --tiny: the trainer's Accelerator agrees)
+    processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     cuda = torch.cuda.is_available()
     if name == "e" and cuda:  # a Colab T4 has 15 GB
         torch.cuda.set_per_process_memory_fraction(15e9 / torch.cuda.get_device_properties(0).total_memory)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    session_dir = workdir / f"session-{name}"
-    shutil.rmtree(session_dir, ignore_errors=True)
-    session = create_session(session_dir)
-    for photo in sorted((workdir / "photos").iterdir()):
-        shutil.copy(photo, session.instance_dir / photo.name)
-    if name == "c":  # the same 20 class images the reference uses, generated once
-        shutil.copytree(workdir / "class", session.class_dir, dirs_exist_ok=True)
-    overrides = dict(CONFIGS[name][1])
+    session_dir = workdir / (session_name or f"session-{name}")
+    if not resume and processes.is_main_process:
+        shutil.rmtree(session_dir, ignore_errors=True)
+        session = create_session(session_dir)
+        for photo in sorted((workdir / "photos").iterdir()):
+            shutil.copy(photo, session.instance_dir / photo.name)
+        if name == "c":  # the same 20 class images the reference uses, generated once
+            shutil.copytree(workdir / "class", session.class_dir, dirs_exist_ok=True)
+    processes.wait_for_everyone()
+    session = open_session(session_dir)
+    overrides = {**CONFIGS[name][1], **(extra or {})}
     overrides["text_encoder_steps"] = min(overrides.get("text_encoder_steps", 0), te_steps)
     if not cuda:
         overrides.pop("mixed_precision", None)  # fp16 needs a GPU; the CPU run only checks the script
@@ -158,7 +169,7 @@ def run_dreamnb(name: str, workdir: Path, tiny: bool, unet_steps: int, te_steps:
     config = TrainConfig.from_preset("face", **{**settings, **overrides})
     base = load_base_model(workdir / "model")
     loaded_s = time.time() - started
-    if name == "c":
+    if name == "c" and not resume:
         from dreamnb.data import class_images_dir
 
         folder = class_images_dir(session.class_dir, f"{base.info.source}|{base.info.family}|{base.info.prediction_type}",
@@ -168,21 +179,22 @@ def run_dreamnb(name: str, workdir: Path, tiny: bool, unet_steps: int, te_steps:
             shutil.copy(image, folder / f"class-{i:04d}.png")
     marks: list[tuple[str, int, float]] = []
     messages: list[str] = [f"{loaded_s:6.1f}s loaded the base model"]
-
     def on_event(event):
         if event.kind == "step":
             marks.append((event.phase, event.step, time.time()))
         elif event.message:
             messages.append(f"{time.time() - started:6.1f}s {event.message}")
 
-    result = train(session, config, base, callback=on_event, progress=False)
+    result = train(session, config, base, callback=on_event, progress=False, resume=resume)
     if result.status != "finished":
         raise RuntimeError(result.message)
-    out = {"name": name, "messages": messages, "wall_s": time.time() - started}
+    out = {"name": name, "messages": messages, "wall_s": time.time() - started, "status": result.status,
+           "steps_done": result.steps_done, "rank": processes.process_index, "processes": processes.num_processes,
+           "images_per_step": config.train_batch_size * (2 if config.with_prior_preservation else 1) * processes.num_processes}
     for phase in ("text_encoder", "unet"):
         points = [(step, t) for p, step, t in marks if p == phase]
         if len(points) >= 3:  # skip the first logged interval: warm-up and graph capture
-            (s0, t0), (s1, t1) = points[1], points[-1]
+            (s0, t0), (s1, t1) = points[1], points[-2 if len(points) >= 4 else -1]  # the last may hold a checkpoint write
             out[f"{phase}_s_per_step"] = (t1 - t0) / (s1 - s0)
     first = marks[0] if marks else None
     per_step = out.get(f"{first[0]}_s_per_step", 0) if first else 0
@@ -367,6 +379,83 @@ def table(results: dict, gpu: str) -> str:
     return "\n".join(lines)
 
 
+# --- data parallel: 1 GPU against N ----------------------------------------------------------------------
+
+def run_child(name: str, workdir: Path, args, *, processes: int = 1, session: str | None = None, extra: dict | None = None,
+              resume: bool = False, unet_steps: int | None = None, te_steps: int | None = None) -> list[dict]:
+    """One measurement in fresh processes (`accelerate launch` when several): each process's figures."""
+    cmd = [__file__, "--workdir", str(workdir), "--child", name, "--unet-steps", str(unet_steps or args.unet_steps),
+           "--te-steps", str(te_steps or args.te_steps)] + (["--tiny"] if args.tiny else [])
+    cmd += (["--session", session] if session else []) + (["--extra", json.dumps(extra)] if extra else []) + (["--resume"] if resume else [])
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0"}  # NVLink multicast stays off (see the device notes)
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+                     "--mixed_precision", "no", "--dynamo_backend", "no"]
+        if args.tiny:  # the CPU check: gloo, one thread per process
+            env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    done = subprocess.run(launcher + cmd, capture_output=True, text=True, env=env)
+    found = [json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if len(found) < processes:
+        print(done.stderr[-3000:], file=sys.stderr)
+        errors = [line for line in done.stderr.splitlines() if re.search(r"\w(Error|Exception)\b", line)]
+        return [{"name": name, "error": (errors or done.stderr.strip().splitlines() or ["no result"])[-1]}]
+    return sorted(found, key=lambda result: result.get("rank", 0))
+
+
+def run_data_parallel(names: list[str], workdir: Path, args) -> dict:
+    """Each configuration on 1 GPU (CUDA graphs off, as data parallel runs; and on, dreamnb's best single-GPU
+    path) and on N GPUs with a checkpoint near the end, which is then resumed in a single process."""
+    results: dict = {}
+    extra = {"train_batch_size": args.batch}
+    for name in names:
+        total = min(CONFIGS[name][1].get("text_encoder_steps", 0), args.te_steps) + args.unet_steps
+        results[f"{name}@1"] = run_child(name, workdir, args, session=f"session-{name}-1", extra={**extra, "cuda_graphs": "off"})
+        if not args.tiny:
+            results[f"{name}@1-graphs"] = run_child(name, workdir, args, session=f"session-{name}-1g", extra=extra)
+        results[f"{name}@{args.gpus}"] = run_child(name, workdir, args, processes=args.gpus, session=f"session-{name}-{args.gpus}",
+                                                   extra={**extra, "checkpoint_every": total - 10})
+        results[f"{name}@{args.gpus}-resumed"] = run_child(name, workdir, args, session=f"session-{name}-{args.gpus}", resume=True)
+        for key in (k for k in results if k.startswith(f"{name}@")):
+            print(f"{key}: {json.dumps(results[key])}", flush=True)
+    return results
+
+
+def scaling_table(results: dict, names: list[str], gpus: int, batch: int, gpu: str) -> str:
+    lines = [f"GPU: {gpu}", "",
+             "| config | processes | CUDA graphs | dreamnb s/step (UNet / TE) | images/s | peak alloc / reserved GB per process | scaling vs 1 (same path) |",
+             "|---|---|---|---|---|---|---|"]
+    notes = []
+    for name in names:
+        single = results[f"{name}@1"][0]
+        for key, graphs in ((f"{name}@1", "off"), (f"{name}@1-graphs", "auto"), (f"{name}@{gpus}", "off (data parallel)")):
+            runs = results.get(key)
+            if not runs:
+                continue
+            first = runs[0]
+            if "error" in first or "unet_s_per_step" not in first:
+                lines.append(f"| {name} | {key.split('@')[1]} | {graphs} | failed: {first.get('error', 'too few steps')[:120]} ||||")
+                continue
+            unet, te = first["unet_s_per_step"], first.get("text_encoder_s_per_step")
+            images = first["images_per_step"] / unet
+            scaling = ""
+            if key == f"{name}@{gpus}" and "unet_s_per_step" in single:
+                scaling = f"{images / (single['images_per_step'] / single['unet_s_per_step']):.2f}× (efficiency {images / (gpus * single['images_per_step'] / single['unet_s_per_step']):.0%})"
+            memory = ", ".join(f"{r['peak_allocated_gb']:.1f} / {r['peak_reserved_gb']:.1f}" if "peak_allocated_gb" in r else "–" for r in runs)
+            lines.append(f"| {name} (batch {batch} per process) | {first['processes']} | {graphs} | {unet:.4f}"
+                         + (f" / {te:.4f}" if te else "") + f" | {images:.1f} | {memory} | {scaling} |")
+        parallel = results.get(f"{name}@{gpus}", [{}])[0]
+        notes += [f"{name}: {m.split('s ', 1)[1]}" for m in parallel.get("messages", []) if "weights" in m and "processes" in m]
+        resumed = results.get(f"{name}@{gpus}-resumed", [{}])[0]
+        if "error" in resumed:
+            notes.append(f"{name}: resuming the {gpus}-process checkpoint in 1 process failed: {resumed['error']}")
+        else:
+            where = next((m.split("s ", 1)[1] for m in resumed.get("messages", []) if "Resuming" in m), "?")
+            notes.append(f"{name}: the {gpus}-process run's checkpoint resumed in 1 process ({where}) and finished "
+                         f"{resumed.get('steps_done')} steps.")
+    return "\n".join(lines + [""] + notes)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU (checks the script)")
@@ -378,7 +467,12 @@ def main() -> None:
     parser.add_argument("--reference", type=Path, help="folder with diffusers' train_dreambooth.py and train_dreambooth_lora.py")
     parser.add_argument("--reference-steps", type=int, default=60)
     parser.add_argument("--json", type=Path, help="write the raw figures here")
+    parser.add_argument("--gpus", type=int, default=1, help="data parallel: run each configuration on 1 and on this many GPUs")
+    parser.add_argument("--batch", type=int, default=2, help="photos per GPU per step in the data-parallel comparison")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--session", help=argparse.SUPPRESS)
+    parser.add_argument("--extra", type=json.loads, help=argparse.SUPPRESS)
+    parser.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     workdir = Path(args.workdir)
 
@@ -386,7 +480,8 @@ def main() -> None:
         if args.child == "f":
             result = run_sampling(workdir, args.tiny)
         else:
-            result = run_dreamnb(args.child, workdir, args.tiny, args.unet_steps, args.te_steps)
+            result = run_dreamnb(args.child, workdir, args.tiny, args.unet_steps, args.te_steps,
+                                 session_name=args.session, extra=args.extra, resume=args.resume)
         print("RESULT " + json.dumps(result), flush=True)
         return
 
@@ -395,16 +490,18 @@ def main() -> None:
     names = [n for n in args.configs.split(",") if n]
     if "c" in names:
         generate_class_images(workdir, 20, args.tiny)
+    if args.gpus > 1:
+        names = [n for n in names if n in CONFIGS]  # training configurations only
+        results = run_data_parallel(names, workdir, args)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+        print()
+        print(scaling_table(results, names, args.gpus, args.batch, gpu_name()))
+        return
     results: dict = {}
     for name in names:
         unet_steps, te_steps = (DEFAULT_RUN[1], DEFAULT_RUN[0]) if (name == "a" and args.full_run) else (args.unet_steps, args.te_steps)
-        cmd = [sys.executable, __file__, "--workdir", str(workdir), "--child", name,
-               "--unet-steps", str(unet_steps), "--te-steps", str(te_steps)] + (["--tiny"] if args.tiny else [])
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
-        results[name] = json.loads(line[7:]) if line else {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no result"}
-        if not line:
-            print(done.stderr[-3000:], file=sys.stderr)
+        results[name] = run_child(name, workdir, args, unet_steps=unet_steps, te_steps=te_steps)[0]
         print(f"{name}: {json.dumps(results[name])}", flush=True)
         if args.reference and name in CONFIGS and CONFIGS[name][2]:
             try:
@@ -412,18 +509,18 @@ def main() -> None:
             except Exception as err:  # a failed reference run is reported, not fatal
                 results[f"ref-{name}"] = {"error": str(err)[-500:]}
             print(f"ref-{name}: {json.dumps(results[f'ref-{name}'])}", flush=True)
-    gpu = "CPU (tiny model)"
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            gpu = f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    except ImportError:
-        pass
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     print()
-    print(table(results, gpu))
+    print(table(results, gpu_name()))
+
+
+def gpu_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} × {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return "CPU (tiny model)"
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ def diffusion_loss(unet, latents, embeds, generator, schedule: NoiseSchedule, co
 def train(
     session: Session,
     config: TrainConfig,
-    base_model: BaseModel | str,
+    base_model: BaseModel | str | Path,
     *,
     attempt: str | None = None,
     resume: bool = False,
@@ -163,7 +163,7 @@ def train(
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config), gradient_accumulation_steps=config.gradient_accumulation_steps)
     device = accelerator.device
     frozen_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    if isinstance(base_model, str):
+    if isinstance(base_model, (str, Path)):
         base_model = load_base_model(base_model, config=config_source)
     info = base_model.info
     model_key = f"{info.source}|{info.family}|{info.prediction_type}"
@@ -249,7 +249,7 @@ def train(
             trainable = text_encoder if phase == "text_encoder" else unet
             params = set_trainable(trainable, config)
             lr = config.text_encoder_lr if phase == "text_encoder" else config.unet_lr
-            optimizer = make_optimizer(params, lr, optimizer_name, device, generator if use_graphs else None)
+            optimizer = make_optimizer(params, lr, optimizer_name, device, generator)
             lr_scheduler = make_lr_scheduler(optimizer, config, phase_steps)
             if start_step:
                 load_checkpoint_optimizer(checkpoint, optimizer, lr_scheduler)
@@ -339,6 +339,8 @@ def train(
             state = {"phase": phase, "phase_step": phase_steps, "global_step": state["global_step"]}
             if isinstance(optimizer, AdamWBF16):
                 optimizer.unflatten()
+        if accelerator.num_processes > 1:
+            emit(TrainEvent("info", message=ranks_agree_message(accelerator, unet, text_encoder)))
         final_dir = save_final(accelerator, attempt_dir, unet, text_encoder, config)
         message = f"Finished {total_steps} steps; the trained model is in {final_dir}."
     except KeyboardInterrupt:
@@ -537,6 +539,18 @@ def draw_batch(generator, mean, std, class_mean, class_std, config: TrainConfig,
         class_rows, class_latents = draw(class_mean, class_std)
         latents = torch.cat([latents, class_latents])
     return latents, rows, class_rows
+
+
+def ranks_agree_message(accelerator, *models) -> str:
+    """Data-parallel processes must end with the same weights (one copy is saved): compare a checksum of
+    every process's weights, position-weighted so that swapped tensors differ too."""
+    sums = torch.stack([p.detach().double().sum().cpu() for model in models for p in model.parameters()])
+    checksum = torch.stack([sums.sum(), (sums * torch.arange(1, len(sums) + 1, dtype=torch.float64)).sum()])
+    every = accelerator.gather(checksum.to(accelerator.device)).view(-1, 2)
+    if bool((every == every[0]).all()):
+        return f"All {accelerator.num_processes} processes ended with the same weights."
+    return (f"The {accelerator.num_processes} processes ended with different weights (a data-parallel bug); "
+            "the saved model is the first process's.")
 
 
 def nan_message(config: TrainConfig, precision: str) -> str:

@@ -19,3 +19,19 @@ def test_benchmark_script_prints_a_table_on_the_tiny_model(tmp_path):
         seconds_per_step = float(rows[name].split("|")[3].split("/")[0])
         assert 0 < seconds_per_step < 5
     assert "| 4 image(s) |" in done.stdout and "switch to another trained attempt" in done.stdout
+
+
+def test_data_parallel_comparison_runs_two_processes_and_resumes_their_checkpoint_in_one(tmp_path):
+    """`--gpus 2` on the CPU (gloo): the same script the 2-GPU machine runs, so a device call is not spent on a typo."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--tiny", "--workdir", str(tmp_path), "--gpus", "2", "--configs", "b",
+         "--unet-steps", "30", "--te-steps", "0"],
+        capture_output=True, text=True, timeout=1200,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|") for line in done.stdout.splitlines() if line.startswith("| b ")]
+    assert [row[2].strip() for row in rows] == ["1", "2"]
+    assert all(0 < float(row[4]) < 10 for row in rows)  # s/step measured in both
+    assert "efficiency" in rows[1][7]
+    assert "b: All 2 processes ended with the same weights." in done.stdout
+    assert "b: the 2-process run's checkpoint resumed in 1 process (Resuming attempt-1 from step 20.) and finished 30 steps." in done.stdout

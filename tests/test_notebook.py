@@ -77,7 +77,7 @@ def test_notebook_runs_headless_from_top_to_bottom(tmp_path, tiny_sd1):
         compare_prompts=["photo of {token} {class}", "photo of a {class}"], compare_seeds=[1], sample_steps=3,
         export_format="safetensors", auto_run=True,
     ))
-    NotebookClient(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     nbformat.write(nb, tmp_path / "executed.ipynb")  # for a look when the test fails
 
     # every section showed its widgets, and none failed

@@ -295,25 +295,34 @@ def test_lora_attempt_is_a_file_diffusers_loads(photo_session, base_sd1):
     assert not torch.allclose(torch.from_numpy(theirs), torch.from_numpy(image(base_sd1.pipeline)), atol=1e-3)
 
 
-def test_data_parallel_under_accelerate_launch_on_cpu(photo_session, tiny_sd1, tmp_path):
+def test_data_parallel_under_accelerate_launch_on_cpu_ends_identical_and_resumes_on_one_process(photo_session, tiny_sd1, tmp_path, monkeypatch):
+    """Two processes (gloo) on the GPU's default path: bf16 weights with AdamWBF16, whose flat buffers DDP
+    must average in place. Stopped at step 4 (the Colab stop button on both ranks), the checkpoint they
+    wrote resumes in one process."""
     script = tmp_path / "ddp_train.py"
     script.write_text(textwrap.dedent(f"""
-        import hashlib, os, torch
+        import hashlib, os, threading
         from dreamnb import train as t
         from dreamnb.config import TrainConfig
         from dreamnb.session import open_session
-        seen = {{}}
-        real = t.save_final
-        def spy(accelerator, attempt_dir, unet, text_encoder, config):
+        t.resolve_mixed_precision = lambda config: "bf16"  # what a GPU gets; the CPU refuses it as a setting
+        real = t.save_checkpoint
+        def spy(accelerator, attempt_dir, state, unet, text_encoder, *rest):
             model = accelerator.unwrap_model(unet)
-            digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
-            open(os.path.join({str(tmp_path)!r}, f"rank{{accelerator.process_index}}.txt"), "w").write(f"{{accelerator.num_processes}} {{digest}}")
-            return real(accelerator, attempt_dir, unet, text_encoder, config)
-        t.save_final = spy
-        config = TrainConfig.from_preset("object", token="zwx", class_word="thing", resolution=64,
-            with_prior_preservation=False, unet_steps=4, unet_lr=1e-3, text_encoder_steps=2, checkpoint_every=0)
-        result = t.train(open_session({str(photo_session.path)!r}), config, {str(tiny_sd1.folder)!r}, progress=False)
-        assert result.status == "finished", result.message
+            digest = hashlib.sha256(b"".join(p.detach().float().numpy().tobytes() for p in model.parameters())).hexdigest()
+            open(os.path.join({str(tmp_path)!r}, f"rank{{accelerator.process_index}}.txt"), "w").write(
+                f"{{accelerator.num_processes}} {{state['global_step']}} {{next(model.parameters()).dtype}} {{digest}}")
+            return real(accelerator, attempt_dir, state, unet, text_encoder, *rest)
+        t.save_checkpoint = spy
+        stop = threading.Event()
+        def on_event(event):
+            if event.kind == "step" and event.step == 4:
+                stop.set()
+        config = TrainConfig.from_preset("object", token="zwx", class_word="thing", resolution=64, optimizer="adamw-bf16",
+            with_prior_preservation=False, unet_steps=4, unet_lr=1e-3, text_encoder_steps=2, checkpoint_every=0, log_every=1)
+        result = t.train(open_session({str(photo_session.path)!r}), config, {str(tiny_sd1.folder)!r}, progress=False,
+                         callback=on_event, stop=stop)
+        assert result.status == "interrupted" and result.steps_done == 4, result.message
     """))
     done = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -322,5 +331,27 @@ def test_data_parallel_under_accelerate_launch_on_cpu(photo_session, tiny_sd1, t
     )
     assert done.returncode == 0, done.stderr[-3000:]
     reports = {(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)}
-    assert len(reports) == 1 and reports.pop().startswith("2 ")  # two processes, identical weights
+    assert len(reports) == 1 and reports.pop().startswith("2 4 torch.bfloat16 ")  # two processes, identical bf16 weights
+
+    monkeypatch.setattr(train_module, "resolve_mixed_precision", lambda config: "bf16")
+    messages = []
+    result = train(open_session(photo_session.path), None, tiny_sd1.folder, resume=True, progress=False,
+                   callback=lambda e: messages.append(e.message))
+    assert result.status == "finished" and result.steps_done == 6, result.message
+    assert "Resuming attempt-1 from step 4." in messages
     assert (photo_session.attempt_dir("attempt-1") / "final" / "unet").is_dir()
+
+
+def test_processes_that_ended_with_different_weights_are_reported(base_sd1):
+    class TwoProcesses:  # what accelerate's gather returns when the other process's weights differ slightly
+        num_processes, device = 2, torch.device("cpu")
+
+        def __init__(self, other_offset):
+            self.other_offset = other_offset
+
+        def gather(self, checksum):
+            return torch.cat([checksum, checksum + self.other_offset])
+
+    unet = base_sd1.unet
+    assert "same weights" in train_module.ranks_agree_message(TwoProcesses(0.0), unet)
+    assert "different weights" in train_module.ranks_agree_message(TwoProcesses(1e-9), unet)
