@@ -181,8 +181,11 @@ def cmd_train(args) -> Any:
     if not args.resume and not args.token:
         raise UsageError("--token is required: the rare word that will mean your subject (see `dreamnb check-token`).")
     config = train_config_from_args(args) if not args.resume else TrainConfig()
+    speaks = os.environ.get("RANK", "0") == "0"  # under `accelerate launch` (several GPUs) one process reports
     result = train(session, config, model, attempt=args.attempt, resume=args.resume, config_source=args.model_config,
-                   callback=_print_train_event if not args.json else None, progress=not args.json)
+                   callback=_print_train_event if speaks and not args.json else None, progress=speaks and not args.json)
+    if not speaks:
+        raise SystemExit(1 if result.status == "failed" else 0)
     if args.json:
         return {"attempt": result.attempt, "status": result.status, "steps_done": result.steps_done,
                 "total_steps": result.total_steps, "final_dir": str(result.final_dir) if result.final_dir else None,

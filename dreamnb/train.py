@@ -32,7 +32,7 @@ from . import data, fileio
 from .config import ConfigError, TrainConfig, validate
 from .fast import AdamWBF16, GraphedStep
 from .models import BaseModel, load_base_model
-from .session import Session, add_attempt, save_session, update_attempt
+from .session import Session, add_attempt, open_session, save_session, update_attempt
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +143,8 @@ def train(
     copied) or a source string. With `resume`, continue the named (or latest) attempt from its
     newest checkpoint. `stop` (e.g. the notebook's Stop button) ends the run with a checkpoint."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import broadcast_object_list
 
     emit = callback or (lambda event: None)
     if resume:  # an attempt always continues with the settings it started with
@@ -152,15 +154,22 @@ def train(
     examples = data.list_examples(session.instance_dir)
     check_training_data(config, examples)
 
+    # A notebook trains attempt after attempt in one kernel, and accelerate keeps the first one's precision
+    # ("restart your runtime") unless its state is cleared; the process group of `accelerate launch` stays.
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config), gradient_accumulation_steps=config.gradient_accumulation_steps)
+
     # --- the attempt folder: new, or the one to resume ------------------------------------------
-    if not resume:
-        name = add_attempt(session, attempt).name
+    if not resume:  # one process names the attempt (the others may have read session.json at another moment)
+        name = broadcast_object_list([add_attempt(session, attempt).name if accelerator.is_main_process else None])[0]
+        if not accelerator.is_main_process:
+            session = open_session(session.path)
     attempt_dir = session.attempt_dir(name)
-    fileio.write_json(attempt_dir / "config.json", config.to_dict())
+    if accelerator.is_main_process:
+        fileio.write_json(attempt_dir / "config.json", config.to_dict())
     checkpoint = latest_checkpoint(attempt_dir) if resume else None
 
     # --- devices and precision ------------------------------------------------------------------
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config), gradient_accumulation_steps=config.gradient_accumulation_steps)
     device = accelerator.device
     frozen_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     if isinstance(base_model, (str, Path)):

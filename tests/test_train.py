@@ -227,6 +227,17 @@ def test_out_of_memory_says_what_to_change_and_the_session_stays_usable(photo_se
     assert train(photo_session, quick_config(unet_steps=2), base_sd1, progress=False).status == "finished"
 
 
+def test_a_later_attempt_in_the_same_kernel_can_use_another_precision(photo_session, base_sd1, monkeypatch):
+    """accelerate keeps the first Accelerator's precision for the whole process; a notebook trains many attempts."""
+    assert train(photo_session, quick_config(unet_steps=2), base_sd1, progress=False).status == "finished"  # fp32
+    monkeypatch.setattr(train_module, "resolve_mixed_precision", lambda config: "bf16")  # what a GPU gets
+    messages = []
+    result = train(photo_session, quick_config(unet_steps=2, optimizer="adamw-bf16"), base_sd1, progress=False,
+                   callback=lambda event: messages.append(event.message))
+    assert result.status == "finished", result.message
+    assert any("bf16 mixed precision" in m and "weights in bfloat16" in m for m in messages), messages
+
+
 def test_settings_and_data_that_cannot_work_are_refused_before_training(photo_session, base_sd1, tmp_path):
     from dreamnb.session import create_session
 
@@ -301,7 +312,7 @@ def test_data_parallel_under_accelerate_launch_on_cpu_ends_identical_and_resumes
     wrote resumes in one process."""
     script = tmp_path / "ddp_train.py"
     script.write_text(textwrap.dedent(f"""
-        import hashlib, os, threading
+        import hashlib, os, threading, time
         from dreamnb import train as t
         from dreamnb.config import TrainConfig
         from dreamnb.session import open_session
@@ -320,6 +331,8 @@ def test_data_parallel_under_accelerate_launch_on_cpu_ends_identical_and_resumes
                 stop.set()
         config = TrainConfig.from_preset("object", token="zwx", class_word="thing", resolution=64, optimizer="adamw-bf16",
             with_prior_preservation=False, unet_steps=4, unet_lr=1e-3, text_encoder_steps=2, checkpoint_every=0, log_every=1)
+        if os.environ["RANK"] == "1":  # reads session.json late, as a slower process does: the attempt name must still agree
+            time.sleep(3)
         result = t.train(open_session({str(photo_session.path)!r}), config, {str(tiny_sd1.folder)!r}, progress=False,
                          callback=on_event, stop=stop)
         assert result.status == "interrupted" and result.steps_done == 4, result.message
@@ -332,6 +345,8 @@ def test_data_parallel_under_accelerate_launch_on_cpu_ends_identical_and_resumes
     assert done.returncode == 0, done.stderr[-3000:]
     reports = {(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)}
     assert len(reports) == 1 and reports.pop().startswith("2 4 torch.bfloat16 ")  # two processes, identical bf16 weights
+    assert [a.name for a in open_session(photo_session.path).attempts] == ["attempt-1"]
+    assert [p.name for p in (photo_session.path / "attempts").iterdir()] == ["attempt-1"]
 
     monkeypatch.setattr(train_module, "resolve_mixed_precision", lambda config: "bf16")
     messages = []
