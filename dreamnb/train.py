@@ -319,9 +319,10 @@ def train(
                 bar.update(1)
                 checkpoint_due = config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps
                 # Reading the loss syncs with the GPU, so it happens only when logging or before a checkpoint
-                # (which must never hold weights from after a NaN).
+                # (which must never hold weights from after a NaN). Averaged over processes: every one of them
+                # shows the same loss and stops on the same NaN (one stopping alone would leave the others waiting).
                 if step % config.log_every == 0 or phase_step + 1 == phase_steps or checkpoint_due:
-                    mean_loss = (running_loss / steps_since_log).item()
+                    mean_loss = (accelerator.reduce(running_loss, "mean") / steps_since_log).item()
                     running_loss.zero_()
                     steps_since_log = 0
                     if not math.isfinite(mean_loss):

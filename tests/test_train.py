@@ -322,11 +322,14 @@ def test_data_parallel_under_accelerate_launch_on_cpu_ends_identical_and_resumes
             model = accelerator.unwrap_model(unet)
             digest = hashlib.sha256(b"".join(p.detach().float().numpy().tobytes() for p in model.parameters())).hexdigest()
             open(os.path.join({str(tmp_path)!r}, f"rank{{accelerator.process_index}}.txt"), "w").write(
-                f"{{accelerator.num_processes}} {{state['global_step']}} {{next(model.parameters()).dtype}} {{digest}}")
+                f"{{accelerator.num_processes}} {{state['global_step']}} {{next(model.parameters()).dtype}} {{digest}} {{losses}}")
             return real(accelerator, attempt_dir, state, unet, text_encoder, *rest)
         t.save_checkpoint = spy
         stop = threading.Event()
+        losses = []  # each process's view of the loss: the mean over both, so the same on each
         def on_event(event):
+            if event.kind == "step":
+                losses.append(round(event.loss, 6))
             if event.kind == "step" and event.step == 4:
                 stop.set()
         config = TrainConfig.from_preset("object", token="zwx", class_word="thing", resolution=64, optimizer="adamw-bf16",
