@@ -179,6 +179,7 @@ def run_dreamnb(name: str, workdir: Path, tiny: bool, unet_steps: int, te_steps:
             shutil.copy(image, folder / f"class-{i:04d}.png")
     marks: list[tuple[str, int, float]] = []
     messages: list[str] = [f"{loaded_s:6.1f}s loaded the base model"]
+
     def on_event(event):
         if event.kind == "step":
             marks.append((event.phase, event.step, time.time()))
@@ -188,8 +189,7 @@ def run_dreamnb(name: str, workdir: Path, tiny: bool, unet_steps: int, te_steps:
     result = train(session, config, base, callback=on_event, progress=False, resume=resume)
     if result.status != "finished":
         raise RuntimeError(result.message)
-    out = {"name": name, "messages": messages, "wall_s": time.time() - started, "status": result.status,
-           "steps_done": result.steps_done, "rank": processes.process_index, "processes": processes.num_processes,
+    out = {"name": name, "messages": messages, "wall_s": time.time() - started, "steps_done": result.steps_done, "rank": processes.process_index, "processes": processes.num_processes,
            "images_per_step": config.train_batch_size * (2 if config.with_prior_preservation else 1) * processes.num_processes}
     for phase in ("text_encoder", "unet"):
         points = [(step, t) for p, step, t in marks if p == phase]
@@ -379,7 +379,7 @@ def table(results: dict, gpu: str) -> str:
     return "\n".join(lines)
 
 
-# --- data parallel: 1 GPU against N ----------------------------------------------------------------------
+# --- measurements in fresh processes; data parallel: 1 GPU against N ---------------------------------------
 
 def run_child(name: str, workdir: Path, args, *, processes: int = 1, session: str | None = None, extra: dict | None = None,
               resume: bool = False, unet_steps: int | None = None, te_steps: int | None = None) -> list[dict]:
@@ -426,8 +426,12 @@ def scaling_table(results: dict, names: list[str], gpus: int, batch: int, gpu: s
              "| config | processes | CUDA graphs | dreamnb s/step (UNet / TE) | images/s | peak alloc / reserved GB per process | scaling vs 1 (same path) |",
              "|---|---|---|---|---|---|---|"]
     notes = []
+
+    def images_per_s(run: dict) -> float | None:
+        return run["images_per_step"] / run["unet_s_per_step"] if "unet_s_per_step" in run else None
+
     for name in names:
-        single = results[f"{name}@1"][0]
+        single_images = images_per_s(results[f"{name}@1"][0])
         for key, graphs in ((f"{name}@1", "off"), (f"{name}@1-graphs", "auto"), (f"{name}@{gpus}", "off (data parallel)")):
             runs = results.get(key)
             if not runs:
@@ -436,11 +440,10 @@ def scaling_table(results: dict, names: list[str], gpus: int, batch: int, gpu: s
             if "error" in first or "unet_s_per_step" not in first:
                 lines.append(f"| {name} | {key.split('@')[1]} | {graphs} | failed: {first.get('error', 'too few steps')[:120]} ||||")
                 continue
-            unet, te = first["unet_s_per_step"], first.get("text_encoder_s_per_step")
-            images = first["images_per_step"] / unet
+            unet, te, images = first["unet_s_per_step"], first.get("text_encoder_s_per_step"), images_per_s(first)
             scaling = ""
-            if key == f"{name}@{gpus}" and "unet_s_per_step" in single:
-                scaling = f"{images / (single['images_per_step'] / single['unet_s_per_step']):.2f}× (efficiency {images / (gpus * single['images_per_step'] / single['unet_s_per_step']):.0%})"
+            if key == f"{name}@{gpus}" and single_images:
+                scaling = f"{images / single_images:.2f}× (efficiency {images / (gpus * single_images):.0%})"
             memory = ", ".join(f"{r['peak_allocated_gb']:.1f} / {r['peak_reserved_gb']:.1f}" if "peak_allocated_gb" in r else "–" for r in runs)
             lines.append(f"| {name} (batch {batch} per process) | {first['processes']} | {graphs} | {unet:.4f}"
                          + (f" / {te:.4f}" if te else "") + f" | {images:.1f} | {memory} | {scaling} |")

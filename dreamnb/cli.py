@@ -171,7 +171,7 @@ def train_config_from_args(args, saved: dict | None = None) -> TrainConfig:
 
 
 def cmd_train(args) -> Any:
-    from .session import open_session
+    from .session import is_main_process, open_session
     from .train import train
 
     session = open_session(args.session)
@@ -181,7 +181,7 @@ def cmd_train(args) -> Any:
     if not args.resume and not args.token:
         raise UsageError("--token is required: the rare word that will mean your subject (see `dreamnb check-token`).")
     config = train_config_from_args(args) if not args.resume else TrainConfig()
-    speaks = os.environ.get("RANK", "0") == "0"  # under `accelerate launch` (several GPUs) one process reports
+    speaks = is_main_process()  # under `accelerate launch` (several GPUs) one process reports
     result = train(session, config, model, attempt=args.attempt, resume=args.resume, config_source=args.model_config,
                    callback=_print_train_event if speaks and not args.json else None, progress=speaks and not args.json)
     if not speaks:

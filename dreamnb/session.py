@@ -171,8 +171,13 @@ def open_or_create(path: str | Path, base_model: str | None = None) -> Session:
     return create_session(path, base_model=base_model)
 
 
+def is_main_process() -> bool:
+    """False in every process but the first under `accelerate launch` (several GPUs): those neither write nor print."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def save_session(session: Session) -> None:
-    if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch` only the main process writes
+    if not is_main_process():
         return
     fileio.write_json(session.path / SESSION_FILE, session.to_dict())
 

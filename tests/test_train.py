@@ -330,8 +330,8 @@ def test_data_parallel_under_accelerate_launch_on_cpu_ends_identical_and_resumes
         def on_event(event):
             if event.kind == "step":
                 losses.append(round(event.loss, 6))
-            if event.kind == "step" and event.step == 4:
-                stop.set()
+                if event.step == 4:
+                    stop.set()
         config = TrainConfig.from_preset("object", token="zwx", class_word="thing", resolution=64, optimizer="adamw-bf16",
             with_prior_preservation=False, unet_steps=4, unet_lr=1e-3, text_encoder_steps=2, checkpoint_every=0, log_every=1)
         if os.environ["RANK"] == "1":  # reads session.json late, as a slower process does: the attempt name must still agree
