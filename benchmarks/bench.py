@@ -244,10 +244,26 @@ def run_sampling(workdir: Path, tiny: bool) -> dict:
         generators = [torch.Generator(pipe.device).manual_seed(i) for i in range(count)]
         out[f"diffusers_{count}_images_s"] = timed(lambda: pipe(["photo of zwx person"] * count, num_inference_steps=25,
                                                                 height=size, width=size, generator=generators))
-    for count in (1, 4):
+
+    def images(count: int, compile_unet: bool = False):
         settings = [SampleSettings(prompt="photo of zwx person", seed=i, num_inference_steps=25, width=size, height=size)
                     for i in range(count)]
-        out[f"dreamnb_{count}_images_s"] = timed(lambda: generate(pipe, settings, batch_size=4, progress=False))
+        return generate(pipe, settings, batch_size=4, progress=False, compile_unet=compile_unet)
+
+    for count in (1, 4):
+        out[f"dreamnb_{count}_images_s"] = timed(lambda: images(count))
+    if cuda:  # torch.compile on the CPU is not what a user would run
+        import numpy as np
+
+        plain = images(4)
+        for count in (1, 4):  # the first call per batch size compiles (a cold cache unless run before on this machine)
+            t = time.time()
+            images(count, compile_unet=True)
+            out[f"compile_{count}_images_first_call_s"] = time.time() - t
+            out[f"dreamnb_compiled_{count}_images_s"] = timed(lambda: images(count, compile_unet=True))
+        compiled = images(4, compile_unet=True)
+        out["compiled_vs_plain_mean_abs_pixel_diff"] = float(np.mean([
+            np.abs(np.asarray(a.image, np.float32) - np.asarray(b.image, np.float32)).mean() for a, b in zip(plain, compiled)]))
     # switching attempts: load two full attempts' UNets in turn onto the base already in memory
     switch = _attempt_switch_seconds(workdir, base)
     if switch is not None:
@@ -370,12 +386,18 @@ def table(results: dict, gpu: str) -> str:
         )
     f = results.get("f")
     if f:
-        lines += ["", "| sampling (f), warm, 25 DPM-Solver++ steps, guidance 7.5 | dreamnb | diffusers pipeline |", "|---|---|---|"]
+        compiled = "dreamnb_compiled_1_images_s" in f
+        lines += ["", "| sampling (f), warm, 25 DPM-Solver++ steps, guidance 7.5 | dreamnb | dreamnb, UNet compiled | diffusers pipeline |",
+                  "|---|---|---|---|"]
         for count in (1, 4):
-            lines.append(f"| {count} image(s) | {f[f'dreamnb_{count}_images_s']:.3f} s | {f[f'diffusers_{count}_images_s']:.3f} s |")
-        lines.append(f"| load from local disk | {f['load_s']:.1f} s | |")
+            lines.append(f"| {count} image(s) | {f[f'dreamnb_{count}_images_s']:.3f} s | "
+                         + (f"{f[f'dreamnb_compiled_{count}_images_s']:.3f} s (first call {f[f'compile_{count}_images_first_call_s']:.0f} s)"
+                            if compiled else "–") + f" | {f[f'diffusers_{count}_images_s']:.3f} s |")
+        if compiled:
+            lines.append(f"| compiled against plain images: mean absolute pixel difference (0-255) | | {f['compiled_vs_plain_mean_abs_pixel_diff']:.2f} | |")
+        lines.append(f"| load from local disk | {f['load_s']:.1f} s | | |")
         if "switch_attempt_s" in f:
-            lines.append(f"| switch to another trained attempt (base in memory) | {f['switch_attempt_s']:.2f} s | |")
+            lines.append(f"| switch to another trained attempt (base in memory) | {f['switch_attempt_s']:.2f} s | | |")
     return "\n".join(lines)
 
 

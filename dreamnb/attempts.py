@@ -133,10 +133,12 @@ def comparison_grid(
     scheduler: str = "dpm++",
     checkpoint: int | None = None,
     cell_size: int | None = None,
+    compile_unet: bool = False,
 ) -> Comparison:
     """Generate the same prompts and seeds with each attempt ('base' is the untrained model) and lay
     them out in one labelled grid; column labels name only the settings that differ between attempts.
-    `cell_size` enlarges small images (the CPU demo's 64 px) so the grid stays readable."""
+    `cell_size` enlarges small images (the CPU demo's 64 px) so the grid stays readable; `compile_unet`
+    is `generate`'s (every attempt reuses the same compiled code)."""
     from .grid import differing_settings, make_grid
     from .sample import PROBE_PROMPTS, SampleSettings, expand_prompt, generate
 
@@ -154,7 +156,7 @@ def comparison_grid(
                            guidance_scale=guidance_scale, scheduler=scheduler, attempt=name, base_model=base.info.source)
             for p in prompts for s in seeds
         ]
-        samples[name] = generate(pipe, settings, progress=False)
+        samples[name] = generate(pipe, settings, progress=False, compile_unet=compile_unet)
         col_labels += [f"{name} · seed {s}" + (f"\n{labels[name]}" if labels.get(name) else "") for s in seeds]
     rows = [
         [sample.image for name in attempt_names for sample in samples[name][i * len(seeds):(i + 1) * len(seeds)]]

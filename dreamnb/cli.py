@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--steps", type=int, default=25, help="inference steps")
         p.add_argument("--guidance-scale", type=float, default=7.5)
         p.add_argument("--scheduler", default="dpm++", help="dpm++, euler or ddim")
+        p.add_argument("--compile", action="store_true", help=config_module.COMPILE_UNET_HELP)
         p.add_argument("--model", help="base model (default: the session's)")
         p.add_argument("--model-config")
         p.add_argument("--out", required=True, help="PNG file for the grid")
@@ -219,7 +220,7 @@ def _grid(session, base, names: list[str], args):
     return comparison_grid(
         session, base, names, args.prompt, args.seed, negative_prompt=args.negative_prompt,
         num_inference_steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
-        checkpoint=getattr(args, "checkpoint", None),
+        checkpoint=getattr(args, "checkpoint", None), compile_unet=args.compile,
     ).grid
 
 

@@ -14,6 +14,8 @@ be captured in the graph.
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import logging
 from typing import Callable
 
@@ -213,50 +215,100 @@ class GraphedStep:
         return self.static_loss.clone()
 
 
-class GraphedUNetForward:
-    """Stands in for `unet.forward` while sampling: one CUDA graph per input shape, replayed each
-    denoising step (sampling at batch 1-8 is bound by kernel launches, like training).
+# torch.compile backend for sampling; tests use a lighter one
+COMPILE_BACKEND = "inductor"
 
-    Falls back to the real forward for anything unusual (gradients, extra conditioning)."""
 
-    def __init__(self, unet):
+@functools.lru_cache(maxsize=None)
+def _compiled_unet_forward(backend: str):
+    from diffusers import UNet2DConditionModel
+
+    # compiled once for the class, not per model: weights are inputs, so every trained attempt reuses the code
+    return torch.compile(UNet2DConditionModel.forward, backend=backend, fullgraph=True, dynamic=False)
+
+
+class FastUNetForward:
+    """Stands in for `unet.forward` while sampling. On a GPU, one CUDA graph per input shape, replayed
+    each denoising step (sampling at batch 1-8 is bound by kernel launches, like training). With
+    `compiled`, it runs torch.compile's fused kernels (inside the graphs on a GPU): sampling was 1.4× faster on an
+    H200, after compiling for about 45 s per batch size the first time (seconds once cached on disk).
+
+    Falls back to the plain forward for anything unusual (gradients, extra conditioning), and for
+    good if compiling fails."""
+
+    def __init__(self, unet, *, graphs: bool, compiled: bool):
         self.unet = unet
         self.forward = unet.forward
+        self.use_graphs = graphs
+        self.compiled = compiled
+        self.compile_failed = False
         self.graphs: dict[tuple, tuple] = {}
 
     def __call__(self, sample, timestep, encoder_hidden_states, *args, return_dict: bool = True, **kwargs):
         unusual = args or any(v is not None for v in kwargs.values()) or torch.is_grad_enabled()
-        if unusual or not sample.is_cuda:
+        if unusual:
             return self.forward(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
         timestep = torch.as_tensor(timestep, device=sample.device)
-        key = (tuple(sample.shape), sample.dtype, tuple(encoder_hidden_states.shape), tuple(timestep.shape), timestep.dtype)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(sample, timestep, encoder_hidden_states)
-        graph, inputs, output = self.graphs[key]
-        for static, value in zip(inputs, (sample, timestep, encoder_hidden_states)):
-            static.copy_(value)
-        graph.replay()
-        result = output.clone()  # schedulers keep past outputs; the next replay overwrites `output`
+        if self.use_graphs and sample.is_cuda:
+            key = (tuple(sample.shape), sample.dtype, tuple(encoder_hidden_states.shape), tuple(timestep.shape), timestep.dtype)
+            if key not in self.graphs:
+                self.graphs[key] = self._capture(sample, timestep, encoder_hidden_states)
+            graph, inputs, output = self.graphs[key]
+            for static, value in zip(inputs, (sample, timestep, encoder_hidden_states)):
+                static.copy_(value)
+            graph.replay()
+            result = output.clone()  # schedulers keep past outputs; the next replay overwrites `output`
+        else:
+            result = self._run(sample, timestep, encoder_hidden_states)
         if not return_dict:
             return (result,)
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
         return UNet2DConditionOutput(sample=result)
 
+    def __deepcopy__(self, memo):
+        """A copy of the UNet (a training run's, a LoRA attempt's) starts plain: recorded graphs point at
+        this UNet's memory, and its weights will change."""
+        unet = copy.deepcopy(self.unet, memo)
+        return type(unet).forward.__get__(unet)
+
+    def _run(self, sample, timestep, encoder_hidden_states) -> torch.Tensor:
+        if self.compiled:
+            try:
+                return _compiled_unet_forward(COMPILE_BACKEND)(self.unet, sample, timestep, encoder_hidden_states, return_dict=False)[0]
+            except Exception as err:  # a build without a working compiler: sample as before
+                log.warning("Compiling the UNet failed (%s); sampling without it.", str(err).splitlines()[0] if str(err) else type(err).__name__)
+                self.compiled, self.compile_failed = False, True
+        return self.forward(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
     def _capture(self, sample, timestep, encoder_hidden_states):
         inputs = tuple(t.clone() for t in (sample, timestep, encoder_hidden_states))
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self.forward(*inputs, return_dict=False)  # warm-up: kernels picked, workspaces allocated
+            self._run(*inputs)  # warm-up: kernels picked (and compiled), workspaces allocated
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            output = self.forward(*inputs, return_dict=False)[0]
+            output = self._run(*inputs)
         return graph, inputs, output
 
 
-def enable_graphed_sampling(pipe) -> None:
-    """Make `pipe`'s UNet replay CUDA graphs (a no-op on a CPU, and when already enabled)."""
-    if pipe.unet.device.type == "cuda" and not isinstance(pipe.unet.forward, GraphedUNetForward):
-        pipe.unet.forward = GraphedUNetForward(pipe.unet)
+def enable_fast_sampling(pipe, *, cuda_graphs: bool = True, compile_unet: bool = False) -> None:
+    """Make `pipe`'s UNet replay CUDA graphs on a GPU (`cuda_graphs`) and run torch.compile's kernels
+    (`compile_unet`); with neither, the plain forward runs. On a GPU the UNet's weights go channels_last
+    (faster convolutions: 1 image 0.35 → 0.30 s on an H200). Switching compile on or off drops the recorded graphs."""
+    unet = pipe.unet
+    graphs = cuda_graphs and unet.device.type == "cuda"
+    current = unet.forward if isinstance(unet.forward, FastUNetForward) else None
+    if current is None:
+        if not (graphs or compile_unet):
+            return
+        if unet.device.type == "cuda":
+            unet.to(memory_format=torch.channels_last)
+        unet.forward = FastUNetForward(unet, graphs=graphs, compiled=compile_unet)
+        return
+    compile_unet = compile_unet and not current.compile_failed
+    if compile_unet != current.compiled:
+        current.graphs.clear()
+    current.use_graphs, current.compiled = graphs, compile_unet

@@ -101,9 +101,9 @@ def test_graphed_sampling_gives_the_same_images(gpu_base):
     eager = generate(pipe, settings, progress=False, cuda_graphs=False)
     graphed = generate(pipe, settings, progress=False, cuda_graphs=True)
     again = generate(pipe, settings, progress=False, cuda_graphs=True)  # replays, no new capture
-    from dreamnb.fast import GraphedUNetForward
+    from dreamnb.fast import FastUNetForward
 
-    assert isinstance(pipe.unet.forward, GraphedUNetForward) and len(pipe.unet.forward.graphs) == 1
+    assert isinstance(pipe.unet.forward, FastUNetForward) and len(pipe.unet.forward.graphs) == 1
     for a, b, c in zip(eager, graphed, again):
         a, b, c = (torch.tensor(list(x.image.getdata()), dtype=torch.float32) for x in (a, b, c))
         assert (a - b).abs().mean() < 1.0 and torch.equal(b, c)

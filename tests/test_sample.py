@@ -189,3 +189,48 @@ def test_unusable_parameters_are_clear_errors(tmp_path):
         read_png_settings(plain)
     with pytest.raises(ValueError, match=re.escape(".png")):
         save_png(Sample(Image.new("RGB", (8, 8)), settings()), tmp_path / "a.jpg")
+
+
+def test_compiled_sampling_matches_and_every_attempt_reuses_the_compiled_code(monkeypatch, caplog):
+    """The wiring of `compile_unet` on the CPU, with a light torch.compile backend (inductor's own numbers are
+    the benchmark's, on the GPU): same images, one compiled graph for the base and a trained attempt alike,
+    and a backend that fails falls back to the plain forward with a warning."""
+    import copy
+
+    import torch
+    from torch._dynamo.utils import counters
+
+    from dreamnb import fast
+
+    pipe = tiny_pipeline("sd1", seed=0)  # its own: compile state must not leak into the module's fixture
+    batch = [settings(seed=1), settings(prompt="a red car", seed=2)]
+    plain = generate(pipe, batch, progress=False)
+    monkeypatch.setattr(fast, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = generate(pipe, batch, progress=False, compile_unet=True)
+    for a, b in zip(plain, compiled):
+        assert np.abs(pixels(a.image) - pixels(b.image)).max() <= 1
+    trained = type(pipe)(**{**pipe.components, "unet": copy.deepcopy(pipe.unet)})  # as a LoRA attempt is made
+    assert not isinstance(trained.unet.forward, fast.FastUNetForward)  # a copy starts plain (graphs stay with the original)
+    with torch.no_grad():
+        for p in trained.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    changed = generate(trained, batch, progress=False, compile_unet=True)
+    eager_changed = generate(trained, batch, progress=False, compile_unet=False, cuda_graphs=False)
+    assert counters["stats"]["unique_graphs"] == 1  # compiled once, for both models: weights are inputs
+    for a, b, c in zip(compiled, changed, eager_changed):
+        assert np.abs(pixels(a.image) - pixels(b.image)).mean() > 1  # the attempt's own weights were used
+        assert np.abs(pixels(b.image) - pixels(c.image)).max() <= 1
+
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(fast, "COMPILE_BACKEND", broken_backend)
+    torch._dynamo.reset()
+    other = tiny_pipeline("sd1", seed=0)
+    with caplog.at_level("WARNING", logger="dreamnb.fast"):
+        fallback = generate(other, batch, progress=False, compile_unet=True)
+    assert "Compiling the UNet failed" in caplog.text and "sampling without it" in caplog.text
+    for a, b in zip(plain, fallback):
+        assert np.abs(pixels(a.image) - pixels(b.image)).max() <= 1

@@ -421,10 +421,11 @@ def test_compare_view_calls_the_grid_with_the_picked_attempts_prompts_and_seeds(
     view.attempts.value = ("a1", "a2")
     view.prompts.value = "photo of {token} {class}\n\npainting of {token}"
     view.seeds.value = "3, 4"
+    view.compile_unet.value = True
     view.compare_button.click()
     names, prompts, seeds, kwargs = calls[0]
     assert names == ["a1", "a2"] and prompts == ["photo of {token} {class}", "painting of {token}"] and seeds == [3, 4]
-    assert kwargs["num_inference_steps"] == 7
+    assert kwargs["num_inference_steps"] == 7 and kwargs["compile_unet"] is True
     assert Image.open(io.BytesIO(view.grid.value)).size == (320, 160)
     assert view.grid_path.parent == session.path / "grids" and Image.open(view.grid_path).size == (320, 160)
     view.seeds.value = "1, x"

@@ -14,6 +14,7 @@ import ipywidgets as W
 
 from .. import fileio
 from ..attempts import Comparison, comparison_grid
+from ..config import COMPILE_UNET_HELP
 from ..errors import UserError
 from ..sample import PROBE_PROMPTS
 from ..session import Session, describe_attempt
@@ -70,6 +71,7 @@ class CompareView(View):
         self.seeds = W.Text(value=", ".join(str(s) for s in seeds), layout=W.Layout(width="160px"))
         self.steps = W.BoundedIntText(value=num_inference_steps, min=1, max=150, layout=W.Layout(width="100px"))
         self.guidance = W.FloatText(value=guidance_scale, step=None, layout=W.Layout(width="100px"))
+        self.compile_unet = W.Checkbox(value=False, indent=False, layout=W.Layout(width="100px"))
         self.compare_button = W.Button(description="Make the grid", button_style="primary", icon="th")
         self.grid = W.Image(format="png", layout=W.Layout(max_width="100%", display="none"))
         self._filling = False
@@ -82,6 +84,7 @@ class CompareView(View):
             row(self.seeds, "The same seeds for every attempt, so only the training differs.", "Seeds"),
             row(self.steps, "Denoising steps per image (25 is plenty with DPM++).", "Steps"),
             row(self.guidance, "How closely images follow the prompt (7.5 is usual).", "Guidance"),
+            row(self.compile_unet, COMPILE_UNET_HELP, "Compile"),
             self.compare_button, self.status, self.error, self.grid, self.out,
         ])
         try:
@@ -114,7 +117,8 @@ class CompareView(View):
             self.show_status(f"Generating {len(names) * len(prompts) * len(seeds)} images…")
             comparison = self._compare(session, model, names, prompts, seeds,
                                        num_inference_steps=self.steps.value, guidance_scale=self.guidance.value,
-                                       cell_size=self.cell_size or readable_cell_size(model))
+                                       cell_size=self.cell_size or readable_cell_size(model),
+                                       compile_unet=self.compile_unet.value)
             self.comparison = comparison
             self.grid.value = png_bytes(comparison.grid)
             self.grid.layout.display = ""
