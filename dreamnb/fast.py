@@ -298,7 +298,7 @@ class FastUNetForward:
 def enable_fast_sampling(pipe, *, cuda_graphs: bool = True, compile_unet: bool = False) -> None:
     """Make `pipe`'s UNet replay CUDA graphs on a GPU (`cuda_graphs`) and run torch.compile's kernels
     (`compile_unet`); with neither, the plain forward runs. On a GPU the UNet's weights go channels_last
-    (faster convolutions: 1 image 0.35 → 0.30 s on an H200). Switching compile on or off drops the recorded graphs."""
+    (faster convolutions: 1 image 0.35 → 0.32 s on an H200, as benchmarked). Switching compile on or off drops the recorded graphs."""
     unet = pipe.unet
     graphs = cuda_graphs and unet.device.type == "cuda"
     current = unet.forward if isinstance(unet.forward, FastUNetForward) else None
