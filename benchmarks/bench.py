@@ -3,6 +3,7 @@
     python benchmarks/bench.py                  # on a GPU: full SD-1.5 architecture, random weights
     python benchmarks/bench.py --tiny           # on a CPU: the tiny model, to check the script itself
     python benchmarks/bench.py --reference .ref # also run diffusers' train_dreambooth(.py|_lora.py) from .ref/
+    python benchmarks/bench.py --reference .ref --reference-gpu 1   # 2 GPUs: the reference beside, in half the time
 
 Builds the SD-1.5 UNet (859.5M), text encoder (123.1M) and VAE (83.7M) from their configs with random
 weights (nothing is downloaded), 20 generated 512 px photos, and measures each configuration in a fresh
@@ -13,9 +14,11 @@ Prints a table; `--json FILE` keeps the raw figures.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -189,6 +192,8 @@ def run_dreamnb(name: str, workdir: Path, tiny: bool, unet_steps: int, te_steps:
     result = train(session, config, base, callback=on_event, progress=False, resume=resume)
     if result.status != "finished":
         raise RuntimeError(result.message)
+    if resume:  # the attempt went on with the settings it started with
+        config = TrainConfig.from_dict(json.loads((session.attempt_dir(result.attempt) / "config.json").read_text()))
     out = {"name": name, "messages": messages, "wall_s": time.time() - started, "steps_done": result.steps_done, "rank": processes.process_index, "processes": processes.num_processes,
            "images_per_step": config.train_batch_size * (2 if config.with_prior_preservation else 1) * processes.num_processes}
     for phase in ("text_encoder", "unet"):
@@ -296,16 +301,18 @@ def _attempt_switch_seconds(workdir: Path, base) -> float | None:
 # --- the reference scripts --------------------------------------------------------------------------------
 
 class GpuMemoryPoller:
-    """Peak GPU memory of another process, from nvidia-smi every 200 ms (what the reference figures used)."""
+    """Peak GPU memory of another process, from nvidia-smi every 200 ms (what the reference figures used);
+    of one GPU (`gpu`, nvidia-smi's index) or the largest of all."""
 
-    def __init__(self):
+    def __init__(self, gpu: int | None = None):
         self.peak_mb, self._stop = 0, threading.Event()
+        self._which = ["-i", str(gpu)] if gpu is not None else []
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def _poll(self):
         while not self._stop.is_set():
             try:
-                used = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                used = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", *self._which],
                                       capture_output=True, text=True, timeout=5).stdout.split()
                 self.peak_mb = max([self.peak_mb] + [int(u) for u in used if u.isdigit()])
             except (OSError, subprocess.TimeoutExpired):
@@ -321,7 +328,8 @@ class GpuMemoryPoller:
         self._thread.join()
 
 
-def run_reference(name: str, workdir: Path, reference_dir: Path, steps: int) -> dict:
+def run_reference(name: str, workdir: Path, reference_dir: Path, steps: int, gpu: int | None = None) -> dict:
+    """diffusers' script for configuration `name`, on GPU `gpu` when given (else wherever CUDA puts it)."""
     script, extra = CONFIGS[name][2]
     out_dir = workdir / f"reference-{name}"
     args = [sys.executable, str(reference_dir / script), "--pretrained_model_name_or_path", str(workdir / "model"),
@@ -330,9 +338,10 @@ def run_reference(name: str, workdir: Path, reference_dir: Path, steps: int) -> 
             "--max_train_steps", str(steps), "--checkpointing_steps", "1000000", "--seed", "0", *extra]
     if "--with_prior_preservation" in extra:
         args += ["--class_data_dir", str(workdir / "class")]
+    env = {**os.environ, **gpu_env(gpu)}
     started = time.time()
-    with GpuMemoryPoller() as poller:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    with GpuMemoryPoller(gpu) as poller:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"reference {name} failed: {done.stderr[-2000:]}")
     # tqdm's last rate on the "Steps" bar: a moving average over the recent steps, i.e. steady state
@@ -341,6 +350,11 @@ def run_reference(name: str, workdir: Path, reference_dir: Path, steps: int) -> 
     s_per_step = 1 / float(value) if unit == "it/s" else float(value)
     return {"name": name, "s_per_step": s_per_step, "peak_gpu_gb_nvidia_smi": poller.peak_mb / 1024 * 1.048576,
             "wall_s": time.time() - started}
+
+
+def gpu_env(gpu: int | None) -> dict:
+    """Environment that puts a process on one GPU, numbered as nvidia-smi numbers them (PCI bus order)."""
+    return {} if gpu is None else {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": str(gpu)}
 
 
 def generate_class_images(workdir: Path, count: int, tiny: bool) -> None:
@@ -405,19 +419,29 @@ def table(results: dict, gpu: str) -> str:
 # --- measurements in fresh processes; data parallel: 1 GPU against N ---------------------------------------
 
 def run_child(name: str, workdir: Path, args, *, processes: int = 1, session: str | None = None, extra: dict | None = None,
-              resume: bool = False, unet_steps: int | None = None, te_steps: int | None = None) -> list[dict]:
-    """One measurement in fresh processes (`accelerate launch` when several): each process's figures."""
+              resume: bool = False, unet_steps: int | None = None, te_steps: int | None = None, timeout: float | None = None) -> list[dict]:
+    """One measurement in fresh processes (`accelerate launch` when several): each process's figures.
+    After `timeout` seconds the whole process group is stopped (a hung collective must not hold the GPUs)."""
     cmd = [__file__, "--workdir", str(workdir), "--child", name, "--unet-steps", str(unet_steps or args.unet_steps),
            "--te-steps", str(te_steps or args.te_steps)] + (["--tiny"] if args.tiny else [])
     cmd += (["--session", session] if session else []) + (["--extra", json.dumps(extra)] if extra else []) + (["--resume"] if resume else [])
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0"}  # NVLink multicast stays off (see the device notes)
+    if getattr(args, "reference_gpu", None):  # the reference runs on that GPU meanwhile; dreamnb keeps GPU 0
+        env.update(gpu_env(0))
     launcher = [sys.executable]
     if processes > 1:
         launcher += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
                      "--mixed_precision", "no", "--dynamo_backend", "no"]
         if args.tiny:  # the CPU check: gloo, one thread per process
             env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    done = subprocess.run(launcher + cmd, capture_output=True, text=True, env=env)
+    child = subprocess.Popen(launcher + cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        stdout, stderr = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
+        return [{"name": name, "error": f"no result after {timeout:.0f} s (stopped)"}]
+    done = subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
     found = [json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if len(found) < processes:
         print(done.stderr[-3000:], file=sys.stderr)
@@ -427,8 +451,9 @@ def run_child(name: str, workdir: Path, args, *, processes: int = 1, session: st
 
 
 def run_data_parallel(names: list[str], workdir: Path, args) -> dict:
-    """Each configuration on 1 GPU (CUDA graphs off, as data parallel runs; and on, dreamnb's best single-GPU
-    path) and on N GPUs with a checkpoint near the end, which is then resumed in a single process."""
+    """Each configuration on 1 GPU and on N, with CUDA graphs off (DDP, accelerate's data parallel) and on (the
+    all-reduce captured in the graph: `cuda_graphs="on"`); the N-GPU DDP run writes a checkpoint near the end,
+    which is then resumed in a single process."""
     results: dict = {}
     extra = {"train_batch_size": args.batch}
     for name in names:
@@ -438,6 +463,9 @@ def run_data_parallel(names: list[str], workdir: Path, args) -> dict:
             results[f"{name}@1-graphs"] = run_child(name, workdir, args, session=f"session-{name}-1g", extra=extra)
         results[f"{name}@{args.gpus}"] = run_child(name, workdir, args, processes=args.gpus, session=f"session-{name}-{args.gpus}",
                                                    extra={**extra, "checkpoint_every": total - 10})
+        if not args.tiny:
+            results[f"{name}@{args.gpus}-graphs"] = run_child(name, workdir, args, processes=args.gpus, session=f"session-{name}-{args.gpus}g",
+                                                              extra={**extra, "cuda_graphs": "on"}, timeout=240)
         results[f"{name}@{args.gpus}-resumed"] = run_child(name, workdir, args, session=f"session-{name}-{args.gpus}", resume=True)
         for key in (k for k in results if k.startswith(f"{name}@")):
             print(f"{key}: {json.dumps(results[key])}", flush=True)
@@ -454,8 +482,9 @@ def scaling_table(results: dict, names: list[str], gpus: int, batch: int, gpu: s
         return run["images_per_step"] / run["unet_s_per_step"] if "unet_s_per_step" in run else None
 
     for name in names:
-        single_images = images_per_s(results[f"{name}@1"][0])
-        for key, graphs in ((f"{name}@1", "off"), (f"{name}@1-graphs", "auto"), (f"{name}@{gpus}", "off (data parallel)")):
+        rows = ((f"{name}@1", "off", None), (f"{name}@1-graphs", "on", None),
+                (f"{name}@{gpus}", "off (DDP)", f"{name}@1"), (f"{name}@{gpus}-graphs", "on (all-reduce in the graph)", f"{name}@1-graphs"))
+        for key, graphs, single in rows:
             runs = results.get(key)
             if not runs:
                 continue
@@ -464,14 +493,14 @@ def scaling_table(results: dict, names: list[str], gpus: int, batch: int, gpu: s
                 lines.append(f"| {name} | {key.split('@')[1]} | {graphs} | failed: {first.get('error', 'too few steps')[:120]} ||||")
                 continue
             unet, te, images = first["unet_s_per_step"], first.get("text_encoder_s_per_step"), images_per_s(first)
-            scaling = ""
-            if key == f"{name}@{gpus}" and single_images:
-                scaling = f"{images / single_images:.2f}× (efficiency {images / (gpus * single_images):.0%})"
+            single_images = images_per_s(results[single][0]) if single and results.get(single) else None
+            scaling = f"{images / single_images:.2f}× (efficiency {images / (gpus * single_images):.0%})" if single_images else ""
             memory = ", ".join(f"{r['peak_allocated_gb']:.1f} / {r['peak_reserved_gb']:.1f}" if "peak_allocated_gb" in r else "–" for r in runs)
             lines.append(f"| {name} (batch {batch} per process) | {first['processes']} | {graphs} | {unet:.4f}"
                          + (f" / {te:.4f}" if te else "") + f" | {images:.1f} | {memory} | {scaling} |")
-        parallel = results.get(f"{name}@{gpus}", [{}])[0]
-        notes += [f"{name}: {m.split('s ', 1)[1]}" for m in parallel.get("messages", []) if "weights" in m and "processes" in m]
+        for key in (f"{name}@{gpus}", f"{name}@{gpus}-graphs"):
+            parallel = results.get(key, [{}])[0]
+            notes += [f"{key}: {m.split('s ', 1)[1]}" for m in parallel.get("messages", []) if "weights" in m and "processes" in m]
         resumed = results.get(f"{name}@{gpus}-resumed", [{}])[0]
         if "error" in resumed:
             notes.append(f"{name}: resuming the {gpus}-process checkpoint in 1 process failed: {resumed['error']}")
@@ -492,6 +521,7 @@ def main() -> None:
     parser.add_argument("--full-run", action="store_true", help="train (a) for the whole default run (1500 + 350)")
     parser.add_argument("--reference", type=Path, help="folder with diffusers' train_dreambooth.py and train_dreambooth_lora.py")
     parser.add_argument("--reference-steps", type=int, default=60)
+    parser.add_argument("--reference-gpu", type=int, help="run the reference on this GPU (1 or more) while dreamnb runs on GPU 0")
     parser.add_argument("--json", type=Path, help="write the raw figures here")
     parser.add_argument("--gpus", type=int, default=1, help="data parallel: run each configuration on 1 and on this many GPUs")
     parser.add_argument("--batch", type=int, default=2, help="photos per GPU per step in the data-parallel comparison")
@@ -501,6 +531,8 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     workdir = Path(args.workdir)
+    if args.reference_gpu is not None and args.reference_gpu < 1:
+        parser.error("--reference-gpu must be 1 or more: dreamnb's configurations run on GPU 0.")
 
     if args.child:  # one measurement in a fresh process, printed as a JSON line
         if args.child == "f":
@@ -525,20 +557,31 @@ def main() -> None:
         print(scaling_table(results, names, args.gpus, args.batch, gpu_name()))
         return
     results: dict = {}
+
+    def reference(name: str) -> None:
+        try:
+            results[f"ref-{name}"] = run_reference(name, workdir, args.reference, args.reference_steps, args.reference_gpu)
+        except Exception as err:  # a failed reference run is reported, not fatal
+            results[f"ref-{name}"] = {"error": str(err)[-500:]}
+        print(f"ref-{name}: {json.dumps(results[f'ref-{name}'])}", flush=True)
+
+    # with --reference-gpu the reference scripts run one after another on their own GPU, beside dreamnb's
+    beside = concurrent.futures.ThreadPoolExecutor(max_workers=1) if args.reference_gpu else None
     for name in names:
+        if args.reference and name in CONFIGS and CONFIGS[name][2] and beside:
+            beside.submit(reference, name)
         unet_steps, te_steps = (DEFAULT_RUN[1], DEFAULT_RUN[0]) if (name == "a" and args.full_run) else (args.unet_steps, args.te_steps)
         results[name] = run_child(name, workdir, args, unet_steps=unet_steps, te_steps=te_steps)[0]
         print(f"{name}: {json.dumps(results[name])}", flush=True)
-        if args.reference and name in CONFIGS and CONFIGS[name][2]:
-            try:
-                results[f"ref-{name}"] = run_reference(name, workdir, args.reference, args.reference_steps)
-            except Exception as err:  # a failed reference run is reported, not fatal
-                results[f"ref-{name}"] = {"error": str(err)[-500:]}
-            print(f"ref-{name}: {json.dumps(results[f'ref-{name}'])}", flush=True)
+        if args.reference and name in CONFIGS and CONFIGS[name][2] and not beside:
+            reference(name)
+    if beside:
+        beside.shutdown(wait=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     print()
-    print(table(results, gpu_name()))
+    where = f"; the reference on GPU {args.reference_gpu} at the same time" if beside and args.reference else ""
+    print(table(results, gpu_name() + where))
 
 
 def gpu_name() -> str:

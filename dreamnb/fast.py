@@ -206,9 +206,11 @@ class GraphedStep:
             torch.cuda.current_stream().wait_stream(self.side_stream)
             return loss.detach()
         if self.graph is None:
+            torch.cuda.synchronize()  # nothing in flight (a data-parallel all-reduce) while capturing
             torch.cuda.empty_cache()  # hand the warm-up's cached blocks back before the graph takes its own pool
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            # thread_local: other threads' CUDA calls (NCCL's watchdog, a notebook's) may go on during the capture
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 with self._autocast():
                     self.static_loss = self.body().detach()
             log.info("captured the training step in a CUDA graph after %d eager steps", self.warmup)

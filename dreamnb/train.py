@@ -257,6 +257,8 @@ def train(
                 continue
             trainable = text_encoder if phase == "text_encoder" else unet
             params = set_trainable(trainable, config)
+            if use_graphs and accelerator.num_processes > 1:
+                broadcast_weights(params)
             lr = config.text_encoder_lr if phase == "text_encoder" else config.unet_lr
             optimizer = make_optimizer(params, lr, optimizer_name, device, generator)
             lr_scheduler = make_lr_scheduler(optimizer, config, phase_steps)
@@ -289,6 +291,8 @@ def train(
                     optimizer.zero_grad(set_to_none=True)
                     loss = loss_for_batch()
                     loss.backward()
+                    if accelerator.num_processes > 1:
+                        average_gradients(optimizer, params, accelerator.num_processes)
                     torch.nn.utils.clip_grad_norm_(params, 1.0)
                     optimizer.step()
                     return loss
@@ -503,13 +507,41 @@ def _have_bitsandbytes() -> bool:
 
 
 def resolve_cuda_graphs(config: TrainConfig, accelerator, optimizer_name: str) -> bool:
-    """Graphs need one GPU, one micro-batch per step, no fp16 loss scaling and a capturable optimizer."""
-    possible = (accelerator.device.type == "cuda" and accelerator.num_processes == 1
-                and config.gradient_accumulation_steps == 1 and accelerator.mixed_precision != "fp16"
-                and optimizer_name != "adamw8bit")
+    """Graphs need a GPU, one micro-batch per step, no fp16 loss scaling and a capturable optimizer.
+    With several GPUs (data parallel) only when asked for ('on'): the gradient all-reduce is then
+    captured too, in place of DDP's."""
+    possible = (accelerator.device.type == "cuda" and config.gradient_accumulation_steps == 1
+                and accelerator.mixed_precision != "fp16" and optimizer_name != "adamw8bit")
     if config.cuda_graphs == "on" and not possible:
-        raise ConfigError("cuda_graphs='on' needs one GPU, gradient_accumulation_steps=1, bf16 or fp32 and an optimizer other than adamw8bit; use 'auto'.")
+        raise ConfigError("cuda_graphs='on' needs a GPU, gradient_accumulation_steps=1, bf16 or fp32 and an optimizer other than adamw8bit; use 'auto'.")
+    if accelerator.num_processes > 1:
+        return possible and config.cuda_graphs == "on"
     return possible and config.cuda_graphs != "off"
+
+
+def broadcast_weights(params) -> None:
+    """Every process starts from the first one's weights (LoRA adapters start random), as DDP does when it wraps a model."""
+    import torch.distributed as dist
+
+    for param in params:
+        dist.broadcast(param.data, src=0)
+
+
+def average_gradients(optimizer, params, world: int) -> None:
+    """Data parallel without DDP (the CUDA-graph path): one all-reduce over every gradient, then ÷ processes,
+    so that the whole step, communication included, is replayed from the graph."""
+    import torch.distributed as dist
+
+    if isinstance(optimizer, AdamWBF16):  # its gradients are views of one flat buffer already
+        flat = optimizer.flat_grad
+        dist.all_reduce(flat)
+        flat.div_(world)
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat.div_(world)
+    torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))
 
 
 def make_optimizer(params, lr: float, name: str, device: torch.device, generator=None) -> torch.optim.Optimizer:

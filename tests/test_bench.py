@@ -33,5 +33,5 @@ def test_data_parallel_comparison_runs_two_processes_and_resumes_their_checkpoin
     assert [row[2].strip() for row in rows] == ["1", "2"]
     assert all(0 < float(row[4]) < 10 for row in rows)  # s/step measured in both
     assert "efficiency" in rows[1][7]
-    assert "b: All 2 processes ended with the same weights." in done.stdout
+    assert "b@2: All 2 processes ended with the same weights." in done.stdout
     assert "b: the 2-process run's checkpoint resumed in 1 process (Resuming attempt-1 from step 20.) and finished 30 steps." in done.stdout

@@ -69,3 +69,47 @@ def test_flat_views_keep_channels_last_layout_and_state_round_trips():
     assert torch.equal(other.exp_avg, optimizer.exp_avg) and other.step_count.item() == 1
     optimizer.unflatten()
     assert conv.weight.grad is None and conv.weight.data_ptr() != 0
+
+
+def _data_parallel_worker(rank: int, world: int, init_file: str, results):
+    """One of two gloo processes: rank-dependent weights and gradients, then the graph path's collectives."""
+    import torch.distributed as dist
+
+    from dreamnb.train import average_gradients, broadcast_weights
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(rank)  # like LoRA's random start: every process draws its own
+        flat_params = [torch.nn.Parameter(torch.randn(3, 4)) for _ in range(2)]
+        plain_params = [torch.nn.Parameter(torch.randn(5)) for _ in range(2)]
+        broadcast_weights(flat_params + plain_params)
+        flat_optimizer = AdamWBF16(flat_params, lr=1e-3)
+        plain_optimizer = torch.optim.AdamW(plain_params, lr=1e-3)
+        for params in (flat_params, plain_params):
+            for index, param in enumerate(params):
+                grad = torch.full(param.shape, float(rank + 1) * (index + 1))
+                if param.grad is None:
+                    param.grad = grad
+                else:
+                    param.grad.copy_(grad)  # AdamWBF16's gradients are views of its flat buffer
+        average_gradients(flat_optimizer, flat_params, world)
+        average_gradients(plain_optimizer, plain_params, world)
+        results[rank] = ([p.detach().float().clone() for p in flat_params + plain_params],
+                         [p.grad.float().clone() for p in flat_params + plain_params])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_graph_path_data_parallel_starts_from_the_first_process_weights_and_averages_gradients(tmp_path):
+    """The CUDA-graph data-parallel path replaces DDP with these two collectives; checked here with gloo."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_data_parallel_worker, args=(2, str(tmp_path / "rendezvous"), results), nprocs=2)
+    (weights0, grads0), (weights1, grads1) = results[0], results[1]
+    assert all(torch.equal(a, b) for a, b in zip(weights0, weights1))  # rank 1 took rank 0's random start
+    torch.manual_seed(0)
+    assert torch.equal(weights0[0], torch.randn(3, 4).bfloat16().float())  # ... and not the reverse
+    for index, (grad0, grad1) in enumerate(zip(grads0, grads1)):
+        expected = (1 + 2) / 2 * (index % 2 + 1)  # mean of rank 0's (1×) and rank 1's (2×) gradient
+        assert torch.equal(grad0, grad1) and torch.allclose(grad0, torch.full_like(grad0, expected))

@@ -373,3 +373,19 @@ def test_processes_that_ended_with_different_weights_are_reported(base_sd1):
     unet = base_sd1.unet
     assert "same weights" in train_module.ranks_agree_message(TwoProcesses(0.0), unet)
     assert "different weights" in train_module.ranks_agree_message(TwoProcesses(1e-9), unet)
+
+
+def test_cuda_graphs_under_data_parallel_only_when_asked_for():
+    """'auto' keeps DDP with several GPUs (the captured all-reduce has run on one kind of machine only); 'on' asks for it."""
+    from types import SimpleNamespace
+
+    from dreamnb.train import resolve_cuda_graphs
+
+    def graphs(processes: int, setting: str, precision: str = "bf16") -> bool:
+        accelerator = SimpleNamespace(device=torch.device("cuda"), num_processes=processes, mixed_precision=precision)
+        return resolve_cuda_graphs(TrainConfig(cuda_graphs=setting), accelerator, "adamw-bf16")
+
+    assert graphs(1, "auto") and graphs(1, "on") and not graphs(1, "off")
+    assert not graphs(2, "auto") and graphs(2, "on") and not graphs(2, "off")
+    with pytest.raises(ConfigError, match="bf16 or fp32"):
+        graphs(2, "on", precision="fp16")
