@@ -426,7 +426,7 @@ def run_child(name: str, workdir: Path, args, *, processes: int = 1, session: st
            "--te-steps", str(te_steps or args.te_steps)] + (["--tiny"] if args.tiny else [])
     cmd += (["--session", session] if session else []) + (["--extra", json.dumps(extra)] if extra else []) + (["--resume"] if resume else [])
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0"}  # NVLink multicast stays off (see the device notes)
-    if getattr(args, "reference_gpu", None):  # the reference runs on that GPU meanwhile; dreamnb keeps GPU 0
+    if args.reference_gpu:  # the reference runs on that GPU meanwhile; dreamnb keeps GPU 0
         env.update(gpu_env(0))
     launcher = [sys.executable]
     if processes > 1:
