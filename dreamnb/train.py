@@ -102,13 +102,17 @@ class NoiseSchedule:
         )
 
 
-def diffusion_loss(unet, latents, embeds, generator, schedule: NoiseSchedule, config: TrainConfig, n_instance: int) -> torch.Tensor:
-    """DreamBooth loss for one batch: rows [:n_instance] are the subject, the rest class images (prior)."""
-    batch = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+def diffusion_loss(unet, latents, embeds, generator, schedule: NoiseSchedule, config: TrainConfig, n_instance: int,
+                   world: int = 1, rank: int = 0) -> torch.Tensor:
+    """DreamBooth loss for one batch: rows [:n_instance] are the subject, the rest class images (prior).
+    Data parallel: noise and timesteps are drawn for every process's rows (one seeded generator, the same on
+    each) and each process keeps its own, so processes do not repeat each other's noise."""
+    batch, device = latents.shape[0], latents.device
+    mine = slice(rank * batch, (rank + 1) * batch)
+    noise = torch.randn((world * batch, *latents.shape[1:]), generator=generator, device=device)[mine]
     if config.offset_noise:
-        noise = noise + config.offset_noise * torch.randn((batch, latents.shape[1], 1, 1), generator=generator, device=latents.device)
-    timesteps = torch.randint(0, schedule.num_train_timesteps, (batch,), generator=generator, device=latents.device)
+        noise = noise + config.offset_noise * torch.randn((world * batch, latents.shape[1], 1, 1), generator=generator, device=device)[mine]
+    timesteps = torch.randint(0, schedule.num_train_timesteps, (world * batch,), generator=generator, device=device)[mine]
     a = schedule.sqrt_alpha[timesteps].view(-1, 1, 1, 1)
     s = schedule.sqrt_one_minus_alpha[timesteps].view(-1, 1, 1, 1)
     noisy = a * latents + s * noise
@@ -284,7 +288,8 @@ def train(
                     if class_rows is not None:
                         ids = torch.cat([ids, class_ids.expand(len(class_rows), -1)])
                     embeds = model(ids)[0]
-                return diffusion_loss(unet if phase == "text_encoder" else model, latents, embeds, generator, schedule, config, len(rows))
+                return diffusion_loss(unet if phase == "text_encoder" else model, latents, embeds, generator, schedule, config, len(rows),
+                                      accelerator.num_processes, accelerator.process_index)
 
             if use_graphs:
                 def graph_body() -> torch.Tensor:

@@ -98,9 +98,9 @@ def test_prior_preservation_trains_each_step_on_class_images_under_the_class_pro
 
     batches = []
 
-    def recording_loss(unet, latents, embeds, generator, schedule, config, n_instance):
+    def recording_loss(unet, latents, embeds, generator, schedule, config, n_instance, *processes):
         batches.append((latents.detach().clone(), embeds.detach().clone(), n_instance))
-        return real_loss(unet, latents, embeds, generator, schedule, config, n_instance)
+        return real_loss(unet, latents, embeds, generator, schedule, config, n_instance, *processes)
 
     real_loss = train_module.diffusion_loss
     monkeypatch.setattr(train_module, "diffusion_loss", recording_loss)
@@ -135,6 +135,30 @@ def test_prior_preservation_trains_each_step_on_class_images_under_the_class_pro
     class_rows_loss = loss(1.0) - loss(0.0)
     assert class_rows_loss > 0
     assert loss(3.0) == pytest.approx(loss(0.0) + 3 * class_rows_loss, rel=1e-5)
+
+
+def test_data_parallel_processes_draw_their_own_noise_and_timesteps(base_sd1):
+    """Each process takes its rows of one draw for all processes: together they equal one process with
+    every row, and no two processes repeat each other's noise."""
+    schedule = train_module.NoiseSchedule.from_scheduler(base_sd1.pipeline.scheduler, torch.device("cpu"))
+    config = quick_config(offset_noise=0.1)
+    latents = torch.randn(2, 4, 8, 8)
+    embeds = torch.zeros(2, 77, 32)
+
+    def unet_inputs(rows, world, rank):
+        seen = []
+
+        def unet(noisy, timesteps, embeds):
+            seen.append((noisy, timesteps))
+            return dataclasses.make_dataclass("Out", ["sample"])(torch.zeros_like(noisy))
+
+        train_module.diffusion_loss(unet, rows, embeds[: len(rows)], torch.Generator().manual_seed(3), schedule, config, len(rows), world, rank)
+        return seen[0]
+
+    rank0, rank1 = unet_inputs(latents, 2, 0), unet_inputs(latents, 2, 1)
+    assert not torch.equal(rank0[0], rank1[0])  # same photos, same generator state: different noise
+    alone = unet_inputs(torch.cat([latents, latents]), 1, 0)
+    assert torch.equal(torch.cat([rank0[0], rank1[0]]), alone[0]) and torch.equal(torch.cat([rank0[1], rank1[1]]), alone[1])
 
 
 def _weights(session, name):
