@@ -441,12 +441,11 @@ def run_child(name: str, workdir: Path, args, *, processes: int = 1, session: st
         os.killpg(child.pid, signal.SIGKILL)
         child.communicate()
         return [{"name": name, "error": f"no result after {timeout:.0f} s (stopped)"}]
-    done = subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
-    found = [json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    found = [json.loads(line[7:]) for line in stdout.splitlines() if line.startswith("RESULT ")]
     if len(found) < processes:
-        print(done.stderr[-3000:], file=sys.stderr)
-        errors = [line for line in done.stderr.splitlines() if re.search(r"\w(Error|Exception)\b", line)]
-        return [{"name": name, "error": (errors or done.stderr.strip().splitlines() or ["no result"])[-1]}]
+        print(stderr[-3000:], file=sys.stderr)
+        errors = [line for line in stderr.splitlines() if re.search(r"\w(Error|Exception)\b", line)]
+        return [{"name": name, "error": (errors or stderr.strip().splitlines() or ["no result"])[-1]}]
     return sorted(found, key=lambda result: result.get("rank", 0))
 
 
@@ -568,12 +567,13 @@ def main() -> None:
     # with --reference-gpu the reference scripts run one after another on their own GPU, beside dreamnb's
     beside = concurrent.futures.ThreadPoolExecutor(max_workers=1) if args.reference_gpu else None
     for name in names:
-        if args.reference and name in CONFIGS and CONFIGS[name][2] and beside:
+        has_reference = bool(args.reference and name in CONFIGS and CONFIGS[name][2])
+        if has_reference and beside:
             beside.submit(reference, name)
         unet_steps, te_steps = (DEFAULT_RUN[1], DEFAULT_RUN[0]) if (name == "a" and args.full_run) else (args.unet_steps, args.te_steps)
         results[name] = run_child(name, workdir, args, unet_steps=unet_steps, te_steps=te_steps)[0]
         print(f"{name}: {json.dumps(results[name])}", flush=True)
-        if args.reference and name in CONFIGS and CONFIGS[name][2] and not beside:
+        if has_reference and not beside:
             reference(name)
     if beside:
         beside.shutdown(wait=True)

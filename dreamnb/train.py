@@ -297,7 +297,7 @@ def train(
                     loss = loss_for_batch()
                     loss.backward()
                     if accelerator.num_processes > 1:
-                        average_gradients(optimizer, params, accelerator.num_processes)
+                        average_gradients(optimizer, params)
                     torch.nn.utils.clip_grad_norm_(params, 1.0)
                     optimizer.step()
                     return loss
@@ -532,21 +532,18 @@ def broadcast_weights(params) -> None:
         dist.broadcast(param.data, src=0)
 
 
-def average_gradients(optimizer, params, world: int) -> None:
+def average_gradients(optimizer, params) -> None:
     """Data parallel without DDP (the CUDA-graph path): one all-reduce over every gradient, then ÷ processes,
     so that the whole step, communication included, is replayed from the graph."""
     import torch.distributed as dist
 
-    if isinstance(optimizer, AdamWBF16):  # its gradients are views of one flat buffer already
-        flat = optimizer.flat_grad
-        dist.all_reduce(flat)
-        flat.div_(world)
-        return
+    flat_already = isinstance(optimizer, AdamWBF16)  # its gradients are views of one flat buffer
     grads = [p.grad for p in params if p.grad is not None]
-    flat = torch._utils._flatten_dense_tensors(grads)
+    flat = optimizer.flat_grad if flat_already else torch._utils._flatten_dense_tensors(grads)
     dist.all_reduce(flat)
-    flat.div_(world)
-    torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))
+    flat.div_(dist.get_world_size())
+    if not flat_already:
+        torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))
 
 
 def make_optimizer(params, lr: float, name: str, device: torch.device, generator=None) -> torch.optim.Optimizer:

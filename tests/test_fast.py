@@ -92,8 +92,8 @@ def _data_parallel_worker(rank: int, world: int, init_file: str, results):
                     param.grad = grad
                 else:
                     param.grad.copy_(grad)  # AdamWBF16's gradients are views of its flat buffer
-        average_gradients(flat_optimizer, flat_params, world)
-        average_gradients(plain_optimizer, plain_params, world)
+        average_gradients(flat_optimizer, flat_params)
+        average_gradients(plain_optimizer, plain_params)
         results[rank] = ([p.detach().float().clone() for p in flat_params + plain_params],
                          [p.grad.float().clone() for p in flat_params + plain_params])
     finally:
