@@ -7,6 +7,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+import dreamnb  # noqa: E402,F401  first: it makes MKL reproducible before torch runs anything (see dreamnb/__init__.py)
+
 import numpy as np
 import pytest
 from PIL import Image

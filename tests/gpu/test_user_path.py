@@ -1,0 +1,147 @@
+"""The user's own path on the GPU, entered where users enter: the README's shell commands as written (the console
+script's `main` in a fresh process), with the presets as shipped (prior preservation on, class images made on the GPU),
+on the tiny model and on the full SD-1.5 architecture with random weights (`-m full`). Figures go to the report."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from .gpu_util import dreamnb, record
+
+TOKEN = "squidarth"
+
+
+def readme_flow(model, photos, work, *train_args, export_format="safetensors"):
+    """check-token → prepare → train → compare base attempt-1 → export, as the README writes them."""
+    session = work / "sessions" / "me"
+    dreamnb("check-token", TOKEN, cwd=work)
+    dreamnb("prepare", photos, "--session", session, cwd=work)
+    trained, train_s = dreamnb("train", "--session", session, "--model", model, "--token", TOKEN, "--class-word", "person",
+                               *train_args, cwd=work)
+    _, compare_s = dreamnb("compare", "--session", session, "--attempts", "base", "attempt-1", "--out", work / "grid.png", cwd=work)
+    out = work / ("me.safetensors" if export_format == "safetensors" else "me-lora.safetensors")
+    _, export_s = dreamnb("export", "--session", session, "--format", export_format, "--out", out, cwd=work)
+    state = json.loads((session / "session.json").read_text())
+    assert [(a["name"], a["status"]) for a in state["attempts"]] == [("attempt-1", "finished")]
+    with Image.open(work / "grid.png") as grid:
+        assert grid.width > 4 * 64 and grid.height > 5 * 64  # 5 probe prompts × (base, attempt-1) × 2 seeds
+    return session, out, trained.stderr, dict(train_s=round(train_s, 1), compare_s=round(compare_s, 1), export_s=round(export_s, 1))
+
+
+def sample_with_diffusers(model_folder, exported, kind):
+    """What a user does with the export: diffusers loads it (single file, or the LoRA onto the base) and samples."""
+    from diffusers import StableDiffusionPipeline
+
+    if kind == "safetensors":
+        pipe = StableDiffusionPipeline.from_single_file(str(exported), config=str(model_folder), local_files_only=True,
+                                                        torch_dtype=torch.float16, safety_checker=None)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(model_folder, torch_dtype=torch.float16, safety_checker=None)
+        pipe.load_lora_weights(str(exported))
+    pipe.to("cuda")
+    image = pipe(f"photo of {TOKEN} person", num_inference_steps=5, generator=torch.Generator("cuda").manual_seed(0),
+                 output_type="np").images[0]
+    assert image.shape[-1] == 3 and image.std() > 0 and not (image != image).any()  # an image, no NaN
+
+
+@pytest.mark.parametrize("preset, lora", [("face", False), ("face", True), ("style", False)])
+def test_the_readme_flow_on_the_tiny_model(tiny_sd1, photos_512, tmp_path, preset, lora):
+    train_args = ["--preset", preset] + (["--lora"] if lora else [])
+    fmt = "lora" if lora else "safetensors"
+    session, exported, log, seconds = readme_flow(tiny_sd1.folder, photos_512, tmp_path, *train_args, export_format=fmt)
+    if preset == "face":  # prior preservation on: class images made by the base model on the GPU
+        assert "class images" in log and "on cuda" in log, log
+        (folder,) = (session / "class").iterdir()
+        assert len(list(folder.glob("*.png"))) == 100
+    assert "Optimizer" in log and ("bf16 mixed precision" in log), log
+    sample_with_diffusers(tiny_sd1.folder, exported, fmt)
+    record(f"readme flow, tiny model, --preset {preset}{' --lora' if lora else ''}", **seconds)
+
+
+def test_after_a_bf16_run_the_base_model_samples_the_same_images(photo_session, gpu_base):
+    from dreamnb.sample import SampleSettings, generate
+    from dreamnb.train import train
+    from test_train import quick_config
+
+    settings = [SampleSettings(prompt="photo of a thing", seed=s, num_inference_steps=5) for s in (1, 2)]
+    before = [s.image for s in generate(gpu_base.pipeline, settings, progress=False)]
+    dtypes = {part: getattr(gpu_base, part).dtype for part in ("unet", "vae", "text_encoder")}
+    result = train(photo_session, quick_config(text_encoder_steps=4, unet_steps=8, with_prior_preservation=True, num_class_images=2),
+                   gpu_base, progress=False)
+    assert result.status == "finished"
+    assert {part: getattr(gpu_base, part).dtype for part in dtypes} == dtypes == {p: torch.float16 for p in dtypes}
+    after = [s.image for s in generate(gpu_base.pipeline, settings, progress=False)]
+    assert all(list(a.getdata()) == list(b.getdata()) for a, b in zip(before, after))
+
+
+@pytest.fixture(scope="module")
+def face_run_full(full_model, photos_512, tmp_path_factory):
+    """The headline: the face preset's default run (100 class images, 350 + 1500 steps) through the CLI, on the full
+    architecture, and what it leaves (the session, the export, the trainer's messages, timings)."""
+    work = tmp_path_factory.mktemp("face-full")
+    return readme_flow(full_model, photos_512, work, "--preset", "face")
+
+
+@pytest.mark.full
+def test_the_face_preset_as_shipped_on_the_full_architecture(full_model, face_run_full):
+    session, exported, log, seconds = face_run_full
+    assert "on cuda" in log and "adamw-bf16" in log and "CUDA graphs on" in log, log
+    sample_with_diffusers(full_model, exported, "safetensors")
+    steps = (session / "attempts" / "attempt-1" / "log.csv").read_text().splitlines()[-1].split(",")
+    assert steps[0] == "1850"
+    record("face preset as shipped, full SD-1.5 architecture, CLI", **seconds, final_loss=float(steps[2]),
+           gpu=torch.cuda.get_device_name())
+
+
+T4_PRELUDE = """
+import atexit, json, torch
+torch.cuda.set_per_process_memory_fraction(15 * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+atexit.register(lambda: print("PEAK " + json.dumps([torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30])))
+"""
+
+
+@pytest.mark.full
+def test_the_t4_stand_in_fits_the_face_preset(full_model, face_run_full, tmp_path):
+    """Colab's T4 stood in for: fp16 math, a 15 GB cap, no bitsandbytes; the face preset's defaults except the step
+    counts (memory does not grow with steps; the time per step is what the report projects from). A second attempt
+    in the face run's session, as a user trying again would make: its class images are reused."""
+    try:
+        import bitsandbytes  # noqa: F401
+        pytest.skip("bitsandbytes is installed here; the T4 plan is the one without it")
+    except ImportError:
+        pass
+    session = face_run_full[0]
+    done, seconds = dreamnb("train", "--session", session, "--model", full_model, "--token", TOKEN, "--class-word", "person",
+                            "--preset", "face", "--attempt", "t4", "--te-steps", "40", "--unet-steps", "120",
+                            "--set", "mixed_precision=fp16", "--set", "log_every=20", cwd=tmp_path, prelude=T4_PRELUDE)
+    assert "fp16 mixed precision" in done.stderr and "adamw-bf16" in done.stderr, done.stderr
+    allocated, reserved = json.loads(done.stdout.split("PEAK ")[-1])
+    rows = [r.split(",") for r in (session / "attempts" / "t4" / "log.csv").read_text().splitlines()[1:]]
+    unet_rows = [r for r in rows if r[1] == "unet"]
+    s_per_step = (float(unet_rows[-1][4]) - float(unet_rows[0][4])) / (int(unet_rows[-1][0]) - int(unet_rows[0][0]))
+    assert rows[-1][0] == "160"
+    record("T4 stand-in (fp16, 15 GB cap, no bitsandbytes), face preset, full architecture", train_s=round(seconds, 1),
+           peak_allocated_gb=round(allocated, 2), peak_reserved_gb=round(reserved, 2), unet_s_per_step_h200=round(s_per_step, 4))
+
+
+@pytest.mark.full
+def test_sampling_through_the_users_functions_is_on_the_gpu(full_model):
+    """load_base_model places the model; generate samples where it is (the benchmark's (f) now uses the same calls)."""
+    from dreamnb.models import load_base_model
+    from dreamnb.sample import SampleSettings, generate
+
+    base = load_base_model(full_model)
+    assert base.placement.device.type == "cuda" and base.placement.dtype == torch.float16
+    settings = [SampleSettings(prompt="a photo of a person", seed=1)]
+    for _ in range(2):  # warm: graphs recorded
+        generate(base.pipeline, settings, progress=False)
+    torch.cuda.synchronize()
+    started = time.time()
+    for _ in range(3):
+        generate(base.pipeline, settings, progress=False)
+    torch.cuda.synchronize()
+    record("sampling 1 image, 25 steps, 512 px, through load_base_model + generate", seconds=round((time.time() - started) / 3, 3))
