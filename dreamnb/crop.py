@@ -3,7 +3,8 @@
 Stable Diffusion trains on squares, and a plain centre crop of a portrait-format phone photo often
 cuts off the top of the head or keeps mostly wall. Faces are found with OpenCV's Haar cascade (fast,
 no download, ships in `opencv-python-headless<5`); the face is placed in the upper-middle of the
-square so there is headroom above it, as a photographer would frame it.
+square so there is headroom above it, as a photographer would frame it. Where OpenCV has no face
+detector (OpenCV 5 ships no Haar cascades), faces are not looked for and crops follow the detail.
 
 Boxes are PIL-style `(left, top, right, bottom)` in pixels of the (orientation-corrected) photo.
 """
@@ -45,19 +46,38 @@ class CropInfo:
         return self.scale > 1.0 + 1e-6
 
 
+FACE_DETECTOR_MISSING = (
+    "Face-aware cropping is off: this OpenCV has no face detector (OpenCV 5 ships none), so photos were cropped around "
+    "their most detailed region and faces were not checked; to turn it on, run pip install 'opencv-python-headless<5' "
+    "and prepare the photos again.")
+
+
 @functools.cache
 def _face_cascade():
-    import cv2
+    """OpenCV's frontal-face detector, or None where this OpenCV has none."""
+    try:
+        import cv2
 
-    path = cv2.data.haarcascades + "haarcascade_frontalface_default.xml"
-    cascade = cv2.CascadeClassifier(path)
+        path = cv2.data.haarcascades + "haarcascade_frontalface_default.xml"
+        cascade = cv2.CascadeClassifier(path)
+    except (ImportError, AttributeError) as err:
+        log.warning("no face detector (%s): %s", type(err).__name__, err)
+        return None
     if cascade.empty():
-        raise RuntimeError(f"OpenCV could not load its face detector from {path}; install opencv-python-headless<5.")
+        log.warning("OpenCV could not load its face detector from %s", path)
+        return None
     return cascade
 
 
-def find_faces(image: Image.Image) -> list[Box]:
-    """Frontal faces in `image`, largest first, as boxes in the image's own pixels."""
+def face_detection_available() -> bool:
+    return _face_cascade() is not None
+
+
+def find_faces(image: Image.Image) -> list[Box] | None:
+    """Frontal faces in `image`, largest first, as boxes in the image's own pixels; None when there is no detector."""
+    cascade = _face_cascade()
+    if cascade is None:
+        return None
     import cv2
 
     gray = image.convert("L")
@@ -68,7 +88,7 @@ def find_faces(image: Image.Image) -> list[Box]:
     # A face smaller than ~1/12 of the short side is too small to teach anything; ignoring them also
     # keeps the detector fast and cuts false positives in busy backgrounds.
     min_side = max(20, min(gray.size) // 12)
-    found, votes = _face_cascade().detectMultiScale2(pixels, scaleFactor=1.1, minNeighbors=5, minSize=(min_side, min_side))
+    found, votes = cascade.detectMultiScale2(pixels, scaleFactor=1.1, minNeighbors=5, minSize=(min_side, min_side))
     if len(found) == 0:
         return []
     # A real face gathers many overlapping detections (votes); a face-like pattern in a shirt or a

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import fileio
-from .crop import CROP_MODES, Box, crop_square, find_faces
+from .crop import CROP_MODES, FACE_DETECTOR_MISSING, Box, crop_square, face_detection_available, find_faces
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -520,7 +520,10 @@ def prepare_photos(
     added = {r.output for r in results if r.accepted}
     earlier = [_describe_prepared(instance_dir / p.name, preset) for p in existing if p.name not in added]
     photo_set = earlier + [r for r in results if r.accepted]
-    return PrepareReport(results=results, advice=advise(photo_set, preset), instance_dir=str(instance_dir),
+    advice = advise(photo_set, preset)
+    if (crop == "smart" or preset == "face") and not face_detection_available():
+        advice.insert(0, FACE_DETECTOR_MISSING)
+    return PrepareReport(results=results, advice=advice, instance_dir=str(instance_dir),
                          photos_in_set=len(prepared_files(instance_dir)))
 
 
@@ -653,8 +656,9 @@ def _describe_prepared(path: Path, preset: str | None) -> PhotoResult:
             log.warning("cannot read %s in the instance folder: %s", path, exc)
             return result
         faces = find_faces(image)
-        result.face_found = bool(faces)
-        result.face_box = _relative_box(faces[0], (0, 0, image.width, image.height)) if faces else None
+        if faces is not None:
+            result.face_found = bool(faces)
+            result.face_box = _relative_box(faces[0], (0, 0, image.width, image.height)) if faces else None
     return result
 
 

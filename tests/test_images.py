@@ -443,3 +443,27 @@ def test_caption_warnings_and_instance_prompt(tmp_path):
     assert instance_prompt("squidarth", "", preset="style") == "squidarth style"
     with pytest.raises(UserError):
         instance_prompt("  ", "person")
+
+
+def test_without_a_face_detector_photos_are_prepared_with_detail_crops_and_one_message(tmp_path, monkeypatch, request):
+    """OpenCV 5 ships no Haar cascades (no cv2.CascadeClassifier, no cv2.data): every photo is still prepared, cropped
+    around its detail, with no per-photo 'no face' warning, and the report says once that face cropping is off."""
+    import sys
+    import types
+
+    from dreamnb import crop
+
+    monkeypatch.setitem(sys.modules, "cv2", types.ModuleType("cv2"))  # a cv2 with none of the cascade API
+    crop._face_cascade.cache_clear()
+    request.addfinalizer(crop._face_cascade.cache_clear)  # later tests find the real detector again
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        texture(i, 120, 80).save(photos / f"wide-{i}.png")
+    expected_crops = {"smart": {"detail", "centre"}, "center": {"centre"}}
+    for mode, preset in (("smart", "face"), ("center", "face"), ("smart", "object")):
+        report = prepare_photos([photos], tmp_path / f"instance-{mode}-{preset}", size=64, crop=mode, preset=preset)
+        assert len(report.accepted) == 3 and not report.rejected
+        assert {r.crop for r in report.results} <= expected_crops[mode]
+        assert all(r.face_found is None and not any("face" in w for w in r.warnings) for r in report.results)
+        assert [a for a in report.advice if "Face-aware cropping is off" in a] == [crop.FACE_DETECTOR_MISSING]
