@@ -223,10 +223,9 @@ def run_sampling(workdir: Path, tiny: bool) -> dict:
     from dreamnb.sample import SampleSettings, generate
 
     cuda = torch.cuda.is_available()
-    dtype = torch.float16 if cuda else torch.float32
     t = time.time()
-    base = load_base_model(workdir / "model", torch_dtype=dtype)
-    pipe = base.pipeline.to("cuda" if cuda else "cpu")
+    base = load_base_model(workdir / "model")  # placed as a user's is: the GPU in fp16 when there is one
+    pipe = base.pipeline
     load_s = time.time() - t
     size = 64 if tiny else 512
     out = {"name": "f", "load_s": load_s}
@@ -359,18 +358,14 @@ def gpu_env(gpu: int | None) -> dict:
 
 def generate_class_images(workdir: Path, count: int, tiny: bool) -> None:
     """20 class images made once with the base model; both trainers read the same files."""
-    import torch
-
     from dreamnb.data import ensure_class_images
     from dreamnb.models import load_base_model
 
     folder = workdir / "class"
     if len(list(folder.glob("*.png"))) >= count:
         return
-    cuda = torch.cuda.is_available()
-    base = load_base_model(workdir / "model", torch_dtype=torch.float16 if cuda else torch.float32)
-    pipe = base.pipeline.to("cuda" if cuda else "cpu")
-    ensure_class_images(pipe, folder, "photo of a person", count, 64 if tiny else 512, batch_size=10)
+    base = load_base_model(workdir / "model")
+    ensure_class_images(base.pipeline, folder, "photo of a person", count, 64 if tiny else 512, batch_size=10)
 
 
 # --- the table -------------------------------------------------------------------------------------------

@@ -205,13 +205,14 @@ def _print_train_event(event) -> None:
             print(text, file=sys.stderr)
 
 
-def _session_base(args, session):
+def _session_base(args, session, placement=None):
+    """The session's base model (or --model), where `load_base_model` places it unless `placement` is given."""
     from .models import load_base_model
 
     source = args.model or session.base_model
     if not source:
         raise UsageError("The session has no base model recorded; give --model.")
-    return load_base_model(source, config=args.model_config or session.extra.get("model_config"))
+    return load_base_model(source, config=args.model_config or session.extra.get("model_config"), placement=placement)
 
 
 def _grid(session, base, names: list[str], args):
@@ -249,14 +250,20 @@ def cmd_compare(args) -> Any:
 
 
 def cmd_export(args) -> Any:
+    import torch
+
     from . import export
+    from .models import Placement
     from .session import open_session
 
     session = open_session(args.session)
     write_locally = args.out or not args.push
     if write_locally:  # a wrong attempt, format or existing file is reported before the base model loads
         export.check_export(session, args.attempt, args.format, args.out, force=args.force)
-    base = _session_base(args, session)
+    # fp16 files are written from the base where it lives; fp32 and diffusers folders (which keep the trained
+    # precision) from an fp32 copy on the CPU, so no weight passes through fp16 on its way out
+    keeps_precision = args.fp32 or args.format == "diffusers"
+    base = _session_base(args, session, Placement(torch.device("cpu"), torch.float32) if keeps_precision else None)
     if write_locally:
         print(export.export_attempt(session, base, args.attempt, args.format, args.out, force=args.force, fp16=not args.fp32))
     if args.push:

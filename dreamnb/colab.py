@@ -80,7 +80,7 @@ class GpuSummary:
         if self.memory_gb < 10:
             return f"{self.memory_gb:.0f} GB of GPU memory is tight for a full fine-tune; choose the 'lora' method."
         if not self.bf16:
-            return "This GPU has no bfloat16, so training uses fp16 and, when bitsandbytes is installed, 8-bit AdamW to fit in memory."
+            return "This GPU has no bfloat16 math, so training computes in fp16 and keeps the weights in bf16 (half the memory) to fit."
         return ""
 
 
@@ -96,5 +96,28 @@ def gpu_summary() -> GpuSummary:
         memory_gb=total / 2**30,
         free_gb=free / 2**30,
         count=torch.cuda.device_count(),
-        bf16=torch.cuda.is_bf16_supported(),
+        bf16=gpu_has_bf16(),
     )
+
+
+def gpu_has_bf16() -> bool:
+    """Whether the GPU computes in bfloat16 (Ampere and newer). torch's own check also says yes where bf16 is only
+    emulated (a T4), which would make training there many times slower."""
+    import torch
+
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch before 2.3
+        return torch.cuda.is_bf16_supported()
+
+
+def gpu_memory_budget(device) -> int:
+    """Bytes of GPU memory this process may still use: what is free, within any per-process cap
+    (`torch.cuda.set_per_process_memory_fraction`, as the T4 stand-in sets)."""
+    import torch
+
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    free, total = torch.cuda.mem_get_info(index)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 1.0)(index)
+    return int(min(free, fraction * total - torch.cuda.memory_reserved(index)))

@@ -62,7 +62,7 @@ class TrainConfig:
     lora_alpha: int = _f(16, "LoRA strength scale; usually equal to the rank.", min=1, max=512)
     mixed_precision: str = _f("auto", "Number format: 'auto' picks bf16 on new GPUs, fp16 on a T4, fp32 on a CPU.", choices=("auto", "no", "fp16", "bf16"))
     gradient_checkpointing: str = _f("auto", "Saves GPU memory by recomputing, a little slower; 'auto' turns it on when memory is tight.", choices=("auto", "on", "off"))
-    optimizer: str = _f("auto", "'auto': bf16 weights with stochastic rounding on new GPUs (half the memory), 8-bit AdamW on a T4 when bitsandbytes is installed, else AdamW.", choices=("auto", "adamw", "adamw8bit", "adamw-bf16"))
+    optimizer: str = _f("auto", "'auto': on a GPU, bf16 weights with stochastic rounding (half the memory; a T4 computes in fp16 beside them), or 8-bit AdamW on a T4 that has bitsandbytes; AdamW on a CPU and for LoRA.", choices=("auto", "adamw", "adamw8bit", "adamw-bf16"))
     cuda_graphs: str = _f("auto", "Records a whole training step once and replays it: several times faster on a GPU ('auto': one GPU; 'on' also with several).", choices=("auto", "on", "off"))
 
     # --- never lose a run ------------------------------------------------------------------------

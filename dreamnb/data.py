@@ -10,7 +10,6 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -124,26 +123,28 @@ def ensure_class_images(
     *,
     batch_size: int = 4,
     num_inference_steps: int = 25,
-    progress: Callable[[int, int], None] | None = None,
+    progress: bool = False,
 ) -> list[Path]:
-    """Generate the missing class images (seeded by index, so a resumed generation matches) and list them."""
+    """Generate the missing class images with `pipe` where it lives (seeded by index, so a resumed generation
+    matches) and list them. `progress` shows a progress bar."""
+    from tqdm.auto import tqdm
+
     folder.mkdir(parents=True, exist_ok=True)
     wanted = [folder / f"class-{i:04d}.png" for i in range(count)]
     missing = [i for i, p in enumerate(wanted) if not p.exists()]
     pipe.set_progress_bar_config(disable=True)
-    for start in range(0, len(missing), batch_size):
-        indices = missing[start : start + batch_size]
-        generators = [torch.Generator(device="cpu").manual_seed(10_000 + i) for i in indices]
-        images = pipe(
-            [class_prompt] * len(indices),
-            num_inference_steps=num_inference_steps,
-            height=resolution,
-            width=resolution,
-            generator=generators,
-        ).images
-        for i, image in zip(indices, images):
-            fileio.save_with(wanted[i], lambda tmp, image=image: image.save(tmp, format="PNG"))
-        if progress:
-            progress(min(start + batch_size, len(missing)), len(missing))
+    with tqdm(total=len(missing), disable=not (progress and missing), desc="class images", unit="image") as bar:
+        for start in range(0, len(missing), batch_size):
+            indices = missing[start : start + batch_size]
+            generators = [torch.Generator(device="cpu").manual_seed(10_000 + i) for i in indices]
+            images = pipe(
+                [class_prompt] * len(indices),
+                num_inference_steps=num_inference_steps,
+                height=resolution,
+                width=resolution,
+                generator=generators,
+            ).images
+            for i, image in zip(indices, images):
+                fileio.save_with(wanted[i], lambda tmp, image=image: image.save(tmp, format="PNG"))
+            bar.update(len(indices))
     return wanted
-

@@ -119,6 +119,35 @@ class AdamWBF16(torch.optim.Optimizer):
         self.flat_param = self.flat_grad = self.exp_avg = self.exp_avg_sq = None
 
 
+class LossScaler:
+    """Dynamic loss scaling for fp16 math over bf16-stored weights (a T4 training with AdamWBF16), whose bf16 gradients
+    torch's GradScaler cannot unscale. Its policy: start at 2**16; on an inf/NaN gradient skip the update and halve the
+    scale; after `growth_interval` clean updates double it."""
+
+    def __init__(self, scale: float = 2.0 ** 16, growth_interval: int = 2000):
+        self.value = scale
+        self.growth_interval = growth_interval
+        self.clean_steps = 0
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.value
+
+    @torch.no_grad()
+    def unscale_(self, params) -> bool:
+        """Divide the gradients by the scale (exact: a power of two); False when one is not finite (skip the update)."""
+        grads = [p.grad for p in params if p.grad is not None]
+        finite = bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+        if not finite:
+            self.value /= 2
+            self.clean_steps = 0
+            return False
+        torch._foreach_mul_(grads, 1.0 / self.value)
+        self.clean_steps += 1
+        if self.clean_steps % self.growth_interval == 0:
+            self.value *= 2
+        return True
+
+
 _BLOCK = 4096
 _KERNEL: list = []
 

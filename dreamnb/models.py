@@ -49,10 +49,33 @@ class ModelInfo:
         return f"{family}, {self.prediction_type}, {self.resolution} px ({self.source_kind}: {self.source})"
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a base model lives and in which number format. Decided once, by `default_placement`, when the model
+    is loaded; everything that uses the base model (class images, previews, sampling, compare, export) runs
+    where it is, and training makes its own copies in its own formats from it."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+
+def default_placement() -> Placement:
+    """The GPU when there is one, in fp16 (what sampling uses; a full fine-tune's weights are copied from it, and fp16
+    keeps every bit that bf16 training weights can hold); else the CPU in fp32. Under `accelerate launch` each
+    process takes its own GPU (LOCAL_RANK)."""
+    if torch.cuda.is_available():
+        return Placement(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))), torch.float16)
+    return Placement(torch.device("cpu"), torch.float32)
+
+
 @dataclass
 class BaseModel:
     info: ModelInfo
-    pipeline: Any  # diffusers.StableDiffusionPipeline
+    pipeline: Any  # diffusers.StableDiffusionPipeline, on `placement`
+
+    @property
+    def placement(self) -> Placement:
+        return Placement(self.pipeline.unet.device, self.pipeline.unet.dtype)
 
     @property
     def unet(self):
@@ -183,11 +206,12 @@ def load_base_model(
     source: str | os.PathLike = DEFAULT_MODEL,
     *,
     config: str | os.PathLike | None = None,
-    torch_dtype: torch.dtype = torch.float32,
+    placement: Placement | None = None,
     prediction_type: str | None = None,
     local_files_only: bool | None = None,
 ) -> BaseModel:
-    """Load a base model as a StableDiffusionPipeline plus what it is (family, prediction, size).
+    """Load a base model as a StableDiffusionPipeline plus what it is (family, prediction, size), on `placement`
+    (default: `default_placement()`, the GPU in fp16 when there is one).
 
     `config` is only for single files: a diffusers folder or Hub id whose configs describe the file
     (diffusers guesses one from the weights when it is None). `prediction_type` overrides what was
@@ -198,7 +222,8 @@ def load_base_model(
     source = str(source)
     kind = source_kind(source)
     token = resolve_hf_token()
-    common = dict(dtype=torch_dtype, safety_checker=None, requires_safety_checker=False)
+    placement = placement or default_placement()
+    common = dict(dtype=placement.dtype, safety_checker=None, requires_safety_checker=False)
     if kind == "folder":
         check_folder(Path(source))
         pipe = _load(lambda: StableDiffusionPipeline.from_pretrained(source, **common), source)
@@ -226,7 +251,8 @@ def load_base_model(
     if prediction_type is not None and pipe.scheduler.config.get("prediction_type") != prediction_type:
         pipe.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config, prediction_type=prediction_type)
     info = describe_pipeline(pipe, source, kind)
-    log.info("loaded %s", info.describe())
+    pipe.to(placement.device)
+    log.info("loaded %s on %s in %s", info.describe(), placement.device, placement.dtype)
     return BaseModel(info=info, pipeline=pipe)
 
 

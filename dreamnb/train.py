@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from . import data, fileio
 from .config import ConfigError, TrainConfig, validate
-from .fast import AdamWBF16, GraphedStep
+from .colab import gpu_has_bf16, gpu_memory_budget
+from .fast import AdamWBF16, GraphedStep, LossScaler
 from .models import BaseModel, load_base_model
 from .session import Session, add_attempt, open_session, save_session, update_attempt
 
@@ -130,6 +131,89 @@ def diffusion_loss(unet, latents, embeds, generator, schedule: NoiseSchedule, co
 
 
 # ---------------------------------------------------------------------------------------------------
+# The stages of one run, in the order `train` calls them.
+
+@dataclass
+class TrainingData:
+    """What every step draws from, on the training device: latent distributions of the photos (and class
+    images) and their prompts as token ids."""
+
+    instance_mean: torch.Tensor
+    instance_std: torch.Tensor
+    instance_ids: torch.Tensor
+    class_mean: torch.Tensor | None = None
+    class_std: torch.Tensor | None = None
+    class_ids: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Number formats and optimizer, decided once per run from the config and the GPU (see `plan_precision`)."""
+
+    compute: str     # what the math runs in: "bf16" or "fp16" (autocast) on a GPU, "no" (fp32) on a CPU
+    optimizer: str   # "adamw", "adamw-bf16" or "adamw8bit"
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.compute, torch.float32)
+
+    @property
+    def scales_loss_itself(self) -> bool:
+        """fp16 math over bf16 weights (a T4 with AdamWBF16): torch's loss scaler cannot unscale bf16 gradients
+        ("not implemented for 'BFloat16'"), so the trainer scales the loss (fast.LossScaler) and accelerate is told "no"."""
+        return self.compute == "fp16" and self.optimizer == "adamw-bf16"
+
+    @property
+    def accelerate(self) -> str:
+        return "no" if self.scales_loss_itself else self.compute
+
+
+def plan_precision(config: TrainConfig) -> Precision:
+    compute = resolve_mixed_precision(config)
+    return Precision(compute, resolve_optimizer(config, torch.cuda.is_available(), compute))
+
+
+@dataclass
+class TrainingModels:
+    """The trainer's own copies of the parts it trains, and the formats and fast paths chosen for them (decided here
+    once, from the config and the GPU). The caller's base model is never changed: its VAE and pipeline are only read."""
+
+    unet: Any
+    text_encoder: Any
+    device: torch.device
+    weights_dtype: torch.dtype   # the copies' weights
+    precision: Precision
+    use_graphs: bool
+
+    def autocast(self):
+        """The compute format for the forward passes (off on a CPU)."""
+        dtype = self.precision.compute_dtype
+        # no cache of cast weights, as in the CUDA graph: it would hold a second copy of the UNet (1.7 GB on a T4)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=False)
+
+
+@dataclass
+class Run:
+    """What the phases of one run share: settings, models, data, the random generator and the progress so far."""
+
+    config: TrainConfig
+    accelerator: Any
+    attempt_dir: Path
+    base_model: BaseModel
+    models: TrainingModels
+    data: TrainingData
+    schedule: NoiseSchedule
+    generator: torch.Generator
+    checkpoint: Path | None
+    emit: Callable[[TrainEvent], None]
+    stop: threading.Event | None
+    bar: Any
+    state: dict
+    started: float
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    optimizer: Any = None
+    lr_scheduler: Any = None
+
 
 def train(
     session: Session,
@@ -146,253 +230,300 @@ def train(
     """Train one attempt. `base_model` is a loaded BaseModel (left untouched: trainable parts are
     copied) or a source string. With `resume`, continue the named (or latest) attempt from its
     newest checkpoint. `stop` (e.g. the notebook's Stop button) ends the run with a checkpoint."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import broadcast_object_list
-
     emit = callback or (lambda event: None)
     if resume:  # an attempt always continues with the settings it started with
-        name = session.attempt(attempt).name
-        config = TrainConfig.from_dict(json.loads((session.attempt_dir(name) / "config.json").read_text()))
+        attempt = session.attempt(attempt).name
+        config = TrainConfig.from_dict(json.loads((session.attempt_dir(attempt) / "config.json").read_text()))
     validate(config)
     examples = data.list_examples(session.instance_dir)
     check_training_data(config, examples)
 
-    # A notebook trains attempt after attempt in one kernel, and accelerate keeps the first one's precision
-    # ("restart your runtime") unless its state is cleared; the process group of `accelerate launch` stays.
-    AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config), gradient_accumulation_steps=config.gradient_accumulation_steps)
-
-    # --- the attempt folder: new, or the one to resume ------------------------------------------
-    if not resume:  # one process names the attempt (the others may have read session.json at another moment)
-        name = broadcast_object_list([add_attempt(session, attempt).name if accelerator.is_main_process else None])[0]
-        if not accelerator.is_main_process:
-            session = open_session(session.path)
+    precision = plan_precision(config)
+    accelerator = make_accelerator(config, precision)
+    session, name = (session, attempt) if resume else new_attempt(session, attempt, accelerator)
     attempt_dir = session.attempt_dir(name)
     if accelerator.is_main_process:
         fileio.write_json(attempt_dir / "config.json", config.to_dict())
     checkpoint = latest_checkpoint(attempt_dir) if resume else None
 
-    # --- devices and precision ------------------------------------------------------------------
-    device = accelerator.device
-    frozen_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     if isinstance(base_model, (str, Path)):
         base_model = load_base_model(base_model, config=config_source)
-    info = base_model.info
-    model_key = f"{info.source}|{info.family}|{info.prediction_type}"
     if session.base_model is None:
-        session.base_model = info.source
+        session.base_model = base_model.info.source
         save_session(session)
-    if info.resolution != config.resolution:
-        emit(TrainEvent("info", message=f"Training at {config.resolution} px; this base model was made for {info.resolution} px."))
+    if base_model.info.resolution != config.resolution:
+        emit(TrainEvent("info", message=f"Training at {config.resolution} px; this base model was made for {base_model.info.resolution} px."))
 
-    vae = base_model.vae.requires_grad_(False)
-    if vae.device != device or vae.dtype != frozen_dtype:
-        cast(vae, device, frozen_dtype)
-    tokenizer = base_model.tokenizer
-    optimizer_name = resolve_optimizer(config, accelerator)
-    use_graphs = resolve_cuda_graphs(config, accelerator, optimizer_name)
-    # Weights that are not updated by fp32 AdamW can live in the compute precision: half the memory.
-    weights_dtype = torch.bfloat16 if optimizer_name == "adamw-bf16" or (config.method == "lora" and frozen_dtype == torch.bfloat16) else torch.float32
-    text_encoder = copy.deepcopy(base_model.text_encoder).to(device, weights_dtype).requires_grad_(False)
+    training_data = prepare_data(session, config, examples, base_model, accelerator, emit, progress)
+    models = place_models(base_model, config, accelerator, precision)
+    emit(TrainEvent("info", message=f"Optimizer {precision.optimizer}, {precision.compute} mixed precision, "
+                                    f"CUDA graphs {'on' if models.use_graphs else 'off'}, weights in {str(models.weights_dtype)[6:]}."))
+    # CUDA graphs replay random ops only from the device's default generator, so that one is used there.
+    device = models.device
+    generator = torch.cuda.default_generators[device.index or 0] if models.use_graphs else torch.Generator(device=device)
+    generator.manual_seed(config.seed)
+    state = {"phase": PHASES[0], "phase_step": 0, "global_step": 0}
+    if checkpoint is not None:
+        state = load_checkpoint_weights(checkpoint, models.unet, models.text_encoder, generator, config)
+        truncate_log(attempt_dir, state["global_step"])
+        emit(TrainEvent("info", message=f"Resuming {name} from step {state['global_step']}."))
+    update_attempt(session, name, status="training", message="")
+
+    run = Run(config=config, accelerator=accelerator, attempt_dir=attempt_dir, base_model=base_model, models=models,
+              data=training_data, schedule=NoiseSchedule.from_scheduler(base_model.pipeline.scheduler, device),
+              generator=generator, checkpoint=checkpoint, emit=emit, stop=stop, state=state, started=time.time(),
+              bar=_progress_bar(progress and accelerator.is_main_process, config.total_steps, state["global_step"]))
+    first_step = state["global_step"]
+    emit(TrainEvent("start", step=first_step, total_steps=config.total_steps, message=f"Training {name} on {device}"))
+    status, final_dir, out_of_memory = "finished", None, False
+    try:
+        for phase in PHASES:
+            run_phase(run, phase, first_step)
+        if accelerator.num_processes > 1:
+            emit(TrainEvent("info", message=ranks_agree_message(accelerator, models.unet, models.text_encoder)))
+        final_dir = save_final(accelerator, attempt_dir, models.unet, models.text_encoder, config)
+        message = f"Finished {config.total_steps} steps; the trained model is in {final_dir}."
+    except KeyboardInterrupt:
+        status = "interrupted"
+        path = save_checkpoint(accelerator, attempt_dir, run.state, models.unet, models.text_encoder, run.optimizer, run.lr_scheduler, generator, config)
+        message = f"Stopped at step {run.state['global_step']} of {config.total_steps}; saved {path.name}. Resume with --resume (or the Resume button)."
+    except torch.cuda.OutOfMemoryError:
+        status, message, out_of_memory = "failed", oom_message(config), True
+    except TrainingError as err:
+        status, message = "failed", str(err)
+    finally:
+        run.bar.close()
+    steps_done, losses, elapsed = run.state["global_step"], run.losses, time.time() - run.started
+    if out_of_memory:  # outside the except: its traceback no longer holds the step's tensors
+        run = models = None
+        accelerator.free_memory()
+    update_attempt(session, name, status=status, steps_done=steps_done, message=message)
+    emit(TrainEvent("done" if status == "finished" else ("stopped" if status == "interrupted" else "error"),
+                    step=steps_done, total_steps=config.total_steps, message=message,
+                    path=str(final_dir) if final_dir else None, elapsed_s=elapsed))
+    return TrainResult(attempt=name, status=status, steps_done=steps_done, total_steps=config.total_steps,
+                       final_dir=final_dir, message=message, losses=losses)
+
+
+def make_accelerator(config: TrainConfig, precision: Precision):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # A notebook trains attempt after attempt in one kernel, and accelerate keeps the first one's precision
+    # ("restart your runtime") unless its state is cleared; the process group of `accelerate launch` stays.
+    AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=precision.accelerate, gradient_accumulation_steps=config.gradient_accumulation_steps)
+
+
+def new_attempt(session: Session, attempt: str | None, accelerator) -> tuple[Session, str]:
+    """One process names the attempt; the others read the session again (they may have read it at another moment)."""
+    from accelerate.utils import broadcast_object_list
+
+    name = broadcast_object_list([add_attempt(session, attempt).name if accelerator.is_main_process else None])[0]
+    return (session if accelerator.is_main_process else open_session(session.path)), name
+
+
+def prepare_data(session: Session, config: TrainConfig, examples: list[data.Example], base_model: BaseModel,
+                 accelerator, emit, progress: bool) -> TrainingData:
+    """Latents of the photos and class images, cached on disk; class images are made by the base model where it lives
+    (the GPU when there is one), before the trainer's copies take their memory."""
+    info, device = base_model.info, accelerator.device
+    model_key = f"{info.source}|{info.family}|{info.prediction_type}"
+    vae = base_model.vae
+    scaling = vae.config.scaling_factor
+    mean, std = data.cached_latents(vae, [e.path for e in examples], config.resolution, session.cache_dir, model_key, flip=config.random_flip)
+    captions = [e.caption or config.resolved_instance_prompt() for e in examples]
+    if config.random_flip:
+        captions = captions + captions
+    result = TrainingData((mean * scaling).to(device), (std * scaling).to(device), data.tokenize(base_model.tokenizer, captions).to(device))
+    if config.with_prior_preservation:
+        class_prompt = config.resolved_class_prompt()
+        folder = data.class_images_dir(session.class_dir, model_key, class_prompt, config.resolution)
+        emit(TrainEvent("info", message=f"Preparing {config.num_class_images} class images for {class_prompt!r} on "
+                                        f"{base_model.placement.device} (made once, reused)."))
+        with accelerator.main_process_first():
+            paths = data.ensure_class_images(base_model.pipeline, folder, class_prompt, config.num_class_images, config.resolution,
+                                             progress=progress and accelerator.is_main_process)
+        class_mean, class_std = data.cached_latents(vae, paths, config.resolution, session.cache_dir, model_key)
+        result.class_mean, result.class_std = (class_mean * scaling).to(device), (class_std * scaling).to(device)
+        result.class_ids = data.tokenize(base_model.tokenizer, [class_prompt]).to(device)
+    return result
+
+
+def place_models(base_model: BaseModel, config: TrainConfig, accelerator, precision: Precision) -> TrainingModels:
+    """Copies of the UNet and text encoder on the training device, in the formats the optimizer needs, with LoRA
+    adapters (seeded) when asked; every weight frozen until its phase makes it trainable."""
+    device = accelerator.device
+    use_graphs = resolve_cuda_graphs(config, accelerator, precision)
+    # AdamWBF16 keeps bf16 weights (also on a T4, whose math then runs in fp16); LoRA's frozen base needs only the
+    # compute format; fp32 AdamW needs fp32 weights.
+    if precision.optimizer == "adamw-bf16":
+        weights_dtype = torch.bfloat16
+    elif config.method == "lora":
+        weights_dtype = precision.compute_dtype
+    else:
+        weights_dtype = torch.float32
+    text_encoder = cast(copy.deepcopy(base_model.text_encoder), device, weights_dtype).requires_grad_(False)
     unet = cast(copy.deepcopy(base_model.unet), device, weights_dtype).requires_grad_(False)
     if device.type == "cuda":
         unet.to(memory_format=torch.channels_last)  # faster convolutions; before the optimizer sees the weights
     if config.method == "lora":
         add_lora_adapters(unet, text_encoder, config)
+        unet.requires_grad_(False)  # each phase unfreezes only its own adapters
+        text_encoder.requires_grad_(False)
     if resolve_gradient_checkpointing(config, device):
         unet.enable_gradient_checkpointing()
         text_encoder.gradient_checkpointing_enable()
-    schedule = NoiseSchedule.from_scheduler(base_model.pipeline.scheduler, device)
-    emit(TrainEvent("info", message=f"Optimizer {optimizer_name}, {accelerator.mixed_precision} mixed precision, "
-                                    f"CUDA graphs {'on' if use_graphs else 'off'}, weights in {str(weights_dtype)[6:]}."))
-
-    # --- caches: latents of photos and class images ---------------------------------------------
-    instance_mean, instance_std = data.cached_latents(
-        vae, [e.path for e in examples], config.resolution, session.cache_dir, model_key, flip=config.random_flip
-    )
-    captions = [e.caption or config.resolved_instance_prompt() for e in examples]
-    if config.random_flip:
-        captions = captions + captions
-    instance_ids = data.tokenize(tokenizer, captions).to(device)
-    class_mean = class_std = class_ids = None
-    if config.with_prior_preservation:
-        class_prompt = config.resolved_class_prompt()
-        folder = data.class_images_dir(session.class_dir, model_key, class_prompt, config.resolution)
-        emit(TrainEvent("info", message=f"Preparing {config.num_class_images} class images for {class_prompt!r} (made once, reused)."))
-        with accelerator.main_process_first():
-            paths = data.ensure_class_images(base_model.pipeline, folder, class_prompt, config.num_class_images, config.resolution)
-        class_mean, class_std = data.cached_latents(vae, paths, config.resolution, session.cache_dir, model_key)
-        class_ids = data.tokenize(tokenizer, [class_prompt]).to(device)
-    scaling = vae.config.scaling_factor
-    instance_mean, instance_std = (instance_mean * scaling).to(device), (instance_std * scaling).to(device)
-    if class_mean is not None:
-        class_mean, class_std = (class_mean * scaling).to(device), (class_std * scaling).to(device)
-    if device.type == "cuda":
-        vae.to("cpu")  # latents are cached: the VAE is not needed on the GPU while training
+    return TrainingModels(unet, text_encoder, device, weights_dtype, precision, use_graphs)
 
 
-    # --- state that a checkpoint restores -------------------------------------------------------
-    # CUDA graphs replay random ops only from the device's default generator, so that one is used there.
-    generator = torch.cuda.default_generators[device.index or 0] if use_graphs else torch.Generator(device=device)
-    generator.manual_seed(config.seed)
-    state = {"phase": PHASES[0], "phase_step": 0, "global_step": 0}
-    if checkpoint is not None:
-        state = load_checkpoint_weights(checkpoint, unet, text_encoder, generator, config)
-        truncate_log(attempt_dir, state["global_step"])
-        emit(TrainEvent("info", message=f"Resuming {name} from step {state['global_step']}."))
-    update_attempt(session, name, status="training", message="")
+def run_phase(run: Run, phase: str, first_step: int) -> None:
+    """One phase (text encoder, then UNet), from where the run stands, with checkpoints, previews and Stop."""
+    config, accelerator, models = run.config, run.accelerator, run.models
+    phase_steps = config.text_encoder_steps if phase == "text_encoder" else config.unet_steps
+    if PHASES.index(phase) < PHASES.index(run.state["phase"]) or phase_steps == 0:
+        return
+    start_step = run.state["phase_step"] if phase == run.state["phase"] else 0
+    if start_step >= phase_steps:
+        return
+    trainable = models.text_encoder if phase == "text_encoder" else models.unet
+    params = set_trainable(trainable, config)
+    if models.use_graphs and accelerator.num_processes > 1:
+        broadcast_weights(params)
+    lr = config.text_encoder_lr if phase == "text_encoder" else config.unet_lr
+    run.optimizer = make_optimizer(params, lr, models.precision.optimizer, models.device, run.generator)
+    run.lr_scheduler = make_lr_scheduler(run.optimizer, config, phase_steps)
+    if start_step:
+        load_checkpoint_optimizer(run.checkpoint, run.optimizer, run.lr_scheduler)
+    step_fn = make_step(run, phase, trainable, params)
+    run.emit(TrainEvent("phase", step=run.state["global_step"], total_steps=config.total_steps, phase=phase,
+                        message=f"{phase.replace('_', ' ')} phase: {phase_steps} steps at lr {lr:g}"))
+    running_loss, steps_since_log = torch.zeros((), device=models.device), 0
+    for phase_step in range(start_step, phase_steps):
+        running_loss += step_fn()
+        run.lr_scheduler.step()
+        run.state = {"phase": phase, "phase_step": phase_step + 1, "global_step": run.state["global_step"] + 1}
+        step = run.state["global_step"]
+        steps_since_log += 1
+        run.bar.update(1)
+        checkpoint_due = config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.total_steps
+        # Reading the loss syncs with the GPU, so it happens only when logging or before a checkpoint
+        # (which must never hold weights from after a NaN). Averaged over processes: every one of them
+        # shows the same loss and stops on the same NaN (one stopping alone would leave the others waiting).
+        if step % config.log_every == 0 or phase_step + 1 == phase_steps or checkpoint_due:
+            log_loss(run, phase, (accelerator.reduce(running_loss, "mean") / steps_since_log).item(), first_step)
+            running_loss.zero_()
+            steps_since_log = 0
+        if checkpoint_due:
+            path = save_checkpoint(accelerator, run.attempt_dir, run.state, models.unet, models.text_encoder, run.optimizer,
+                                   run.lr_scheduler, run.generator, config)
+            run.emit(TrainEvent("checkpoint", step=step, total_steps=config.total_steps, path=str(path)))
+        if config.sample_every and step % config.sample_every == 0:
+            if accelerator.is_main_process:
+                with models.autocast():
+                    images, path = make_previews(config, step, models.unet, models.text_encoder, run.base_model, run.attempt_dir, models.device)
+                run.emit(TrainEvent("sample", step=step, total_steps=config.total_steps, phase=phase, images=images, path=str(path)))
+            accelerator.wait_for_everyone()
+        if run.stop is not None and run.stop.is_set():
+            raise KeyboardInterrupt
+    run.state = {"phase": phase, "phase_step": phase_steps, "global_step": run.state["global_step"]}
+    optimizer = getattr(run.optimizer, "optimizer", run.optimizer)  # accelerate's wrapper holds it on the eager path
+    if isinstance(optimizer, AdamWBF16):
+        optimizer.unflatten()  # weights in their own memory again; its buffers and the gradients freed
+    trainable.requires_grad_(False)  # frozen from here on, LoRA adapters included
+    # this phase's optimizer state would hold GPU memory through the next phase (accelerate keeps what it prepared)
+    run.optimizer = run.lr_scheduler = None
+    accelerator.free_memory()
 
-    total_steps = config.total_steps
-    first_step = state["global_step"]
-    started = time.time()
-    losses: list[tuple[int, float]] = []
-    bar = _progress_bar(progress and accelerator.is_main_process, total_steps, state["global_step"])
-    emit(TrainEvent("start", step=state["global_step"], total_steps=total_steps, message=f"Training {name} on {device}"))
-    status, message = "finished", ""
-    optimizer = lr_scheduler = None
-    try:
-        for phase in PHASES:
-            phase_steps = config.text_encoder_steps if phase == "text_encoder" else config.unet_steps
-            if PHASES.index(phase) < PHASES.index(state["phase"]) or phase_steps == 0:
-                continue
-            start_step = state["phase_step"] if phase == state["phase"] else 0
-            if start_step >= phase_steps:
-                continue
-            trainable = text_encoder if phase == "text_encoder" else unet
-            params = set_trainable(trainable, config)
-            if use_graphs and accelerator.num_processes > 1:
-                broadcast_weights(params)
-            lr = config.text_encoder_lr if phase == "text_encoder" else config.unet_lr
-            optimizer = make_optimizer(params, lr, optimizer_name, device, generator)
-            lr_scheduler = make_lr_scheduler(optimizer, config, phase_steps)
-            if start_step:
-                load_checkpoint_optimizer(checkpoint, optimizer, lr_scheduler)
-            if phase == "unet":  # the text encoder is frozen from here on: embed every prompt once
-                with torch.no_grad(), accelerator.autocast():
-                    instance_embeds = data.encode_prompts(text_encoder, instance_ids).to(weights_dtype)
-                    class_embeds = data.encode_prompts(text_encoder, class_ids).to(weights_dtype) if class_ids is not None else None
-                text_encoder.to("cpu")  # frees GPU memory for the UNet phase
-            model = trainable
-            if not use_graphs:
-                model, optimizer = accelerator.prepare(trainable, optimizer)
 
-            def loss_for_batch() -> torch.Tensor:
-                latents, rows, class_rows = draw_batch(generator, instance_mean, instance_std, class_mean, class_std, config, accelerator)
-                if phase == "unet":
-                    embeds = instance_embeds[rows]
-                    if class_rows is not None:
-                        embeds = torch.cat([embeds, class_embeds.expand(len(class_rows), -1, -1)])
-                else:
-                    ids = instance_ids[rows]
-                    if class_rows is not None:
-                        ids = torch.cat([ids, class_ids.expand(len(class_rows), -1)])
-                    embeds = model(ids)[0]
-                return diffusion_loss(unet if phase == "text_encoder" else model, latents, embeds, generator, schedule, config, len(rows),
-                                      accelerator.num_processes, accelerator.process_index)
+def make_step(run: Run, phase: str, trainable, params) -> Callable[[], torch.Tensor]:
+    """One optimizer step as a function returning its loss: replayed from a CUDA graph, or eager through accelerate
+    (loss scaling, gradient accumulation, DDP). In the UNet phase the text encoder is frozen, so every prompt is
+    embedded once and the text encoder leaves the GPU."""
+    config, accelerator, models, batches = run.config, run.accelerator, run.models, run.data
+    if phase == "unet":
+        with torch.no_grad(), models.autocast():
+            instance_embeds = data.encode_prompts(models.text_encoder, batches.instance_ids).to(models.weights_dtype)
+            class_embeds = None if batches.class_ids is None else data.encode_prompts(models.text_encoder, batches.class_ids).to(models.weights_dtype)
+        models.text_encoder.to("cpu")  # frees GPU memory for the UNet phase
+    model, optimizer = trainable, run.optimizer
+    if not models.use_graphs:  # both are on the device already: no placement (it would copy the optimizer's state there and back)
+        model, optimizer = accelerator.prepare(trainable, run.optimizer, device_placement=[False, False])
+        run.optimizer = optimizer
 
-            if use_graphs:
-                def graph_body() -> torch.Tensor:
-                    optimizer.zero_grad(set_to_none=True)
-                    loss = loss_for_batch()
-                    loss.backward()
-                    if accelerator.num_processes > 1:
-                        average_gradients(optimizer, params)
-                    torch.nn.utils.clip_grad_norm_(params, 1.0)
-                    optimizer.step()
-                    return loss
+    def loss_for_batch() -> torch.Tensor:
+        latents, rows, class_rows = draw_batch(run.generator, batches.instance_mean, batches.instance_std, batches.class_mean,
+                                               batches.class_std, config, accelerator)
+        if phase == "unet":
+            embeds = instance_embeds[rows]
+            if class_rows is not None:
+                embeds = torch.cat([embeds, class_embeds.expand(len(class_rows), -1, -1)])
+        else:
+            ids = batches.instance_ids[rows]
+            if class_rows is not None:
+                ids = torch.cat([ids, batches.class_ids.expand(len(class_rows), -1)])
+            embeds = model(ids)[0]
+        return diffusion_loss(models.unet if phase == "text_encoder" else model, latents, embeds, run.generator, run.schedule, config,
+                              len(rows), accelerator.num_processes, accelerator.process_index)
 
-                run_step = GraphedStep(graph_body, optimizer, autocast_dtype=frozen_dtype if frozen_dtype != torch.float32 else None)
-            else:
-                def run_step() -> torch.Tensor:
-                    total = torch.zeros((), device=device)
-                    for _ in range(config.gradient_accumulation_steps):
-                        with accelerator.accumulate(model), accelerator.autocast():
-                            loss = loss_for_batch()
-                            accelerator.backward(loss)
-                            if accelerator.sync_gradients:
-                                accelerator.clip_grad_norm_(params, 1.0)
-                            optimizer.step()
-                            optimizer.zero_grad(set_to_none=True)
-                        total += loss.detach() / config.gradient_accumulation_steps
-                    return total
+    if models.use_graphs:
+        def graph_body() -> torch.Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_for_batch()
+            loss.backward()
+            if accelerator.num_processes > 1:
+                average_gradients(optimizer, params)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            return loss
 
-            emit(TrainEvent("phase", step=state["global_step"], total_steps=total_steps, phase=phase, message=f"{phase.replace('_', ' ')} phase: {phase_steps} steps at lr {lr:g}"))
-            running_loss, steps_since_log = torch.zeros((), device=device), 0
-            for phase_step in range(start_step, phase_steps):
-                running_loss += run_step()
-                lr_scheduler.step()
-                state = {"phase": phase, "phase_step": phase_step + 1, "global_step": state["global_step"] + 1}
-                step = state["global_step"]
-                steps_since_log += 1
-                bar.update(1)
-                checkpoint_due = config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps
-                # Reading the loss syncs with the GPU, so it happens only when logging or before a checkpoint
-                # (which must never hold weights from after a NaN). Averaged over processes: every one of them
-                # shows the same loss and stops on the same NaN (one stopping alone would leave the others waiting).
-                if step % config.log_every == 0 or phase_step + 1 == phase_steps or checkpoint_due:
-                    mean_loss = (accelerator.reduce(running_loss, "mean") / steps_since_log).item()
-                    running_loss.zero_()
-                    steps_since_log = 0
-                    if not math.isfinite(mean_loss):
-                        raise TrainingError(nan_message(config, accelerator.mixed_precision))
-                    losses.append((step, mean_loss))
-                    elapsed = time.time() - started
-                    current_lr = float(lr_scheduler.get_last_lr()[0])
-                    if accelerator.is_main_process:
-                        append_log(attempt_dir, step, phase, mean_loss, current_lr, elapsed)
-                    eta = elapsed / max(step - first_step, 1) * (total_steps - step)
-                    bar.set_postfix(loss=f"{mean_loss:.4f}")
-                    emit(TrainEvent("step", step=step, total_steps=total_steps, phase=phase, loss=mean_loss, lr=current_lr, elapsed_s=elapsed, eta_s=eta))
-                if checkpoint_due:
-                    path = save_checkpoint(accelerator, attempt_dir, state, unet, text_encoder, optimizer, lr_scheduler, generator, config)
-                    emit(TrainEvent("checkpoint", step=step, total_steps=total_steps, path=str(path)))
-                if config.sample_every and step % config.sample_every == 0:
-                    if accelerator.is_main_process:
-                        with accelerator.autocast():
-                            images, path = make_previews(config, step, unet, text_encoder, base_model, vae, attempt_dir, device)
-                        emit(TrainEvent("sample", step=step, total_steps=total_steps, phase=phase, images=images, path=str(path)))
-                    accelerator.wait_for_everyone()
-                if stop is not None and stop.is_set():
-                    raise KeyboardInterrupt
-            state = {"phase": phase, "phase_step": phase_steps, "global_step": state["global_step"]}
-            if isinstance(optimizer, AdamWBF16):
-                optimizer.unflatten()
-        if accelerator.num_processes > 1:
-            emit(TrainEvent("info", message=ranks_agree_message(accelerator, unet, text_encoder)))
-        final_dir = save_final(accelerator, attempt_dir, unet, text_encoder, config)
-        message = f"Finished {total_steps} steps; the trained model is in {final_dir}."
-    except KeyboardInterrupt:
-        status = "interrupted"
-        path = save_checkpoint(accelerator, attempt_dir, state, unet, text_encoder, optimizer, lr_scheduler, generator, config)
-        message = f"Stopped at step {state['global_step']} of {total_steps}; saved {path.name}. Resume with --resume (or the Resume button)."
-        final_dir = None
-    except torch.cuda.OutOfMemoryError:
-        status, final_dir = "failed", None
-        optimizer = lr_scheduler = None
-        unet = text_encoder = None
-        _free_gpu_memory()
-        message = oom_message(config)
-    except TrainingError as err:
-        status, final_dir, message = "failed", None, str(err)
-    finally:
-        bar.close()
-    update_attempt(session, name, status=status, steps_done=state["global_step"], message=message)
-    emit(TrainEvent("done" if status == "finished" else ("stopped" if status == "interrupted" else "error"),
-                    step=state["global_step"], total_steps=total_steps, message=message,
-                    path=str(final_dir) if final_dir else None, elapsed_s=time.time() - started))
-    return TrainResult(attempt=name, status=status, steps_done=state["global_step"], total_steps=total_steps,
-                       final_dir=final_dir, message=message, losses=losses)
+        compute = models.precision.compute_dtype
+        return GraphedStep(graph_body, optimizer, autocast_dtype=compute if compute != torch.float32 else None)
+
+    scaler = LossScaler() if models.precision.scales_loss_itself else None
+
+    def eager_step() -> torch.Tensor:
+        total = torch.zeros((), device=models.device)
+        for _ in range(config.gradient_accumulation_steps):
+            with accelerator.accumulate(model), models.autocast():
+                loss = loss_for_batch()
+                accelerator.backward(loss if scaler is None else scaler.scale(loss))
+                if accelerator.sync_gradients:
+                    # an overflow in fp16 skips the update (and lowers the scale), as torch's GradScaler does
+                    if scaler is None or scaler.unscale_(params):
+                        accelerator.clip_grad_norm_(params, 1.0)
+                        optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            total += loss.detach() / config.gradient_accumulation_steps
+        return total
+
+    return eager_step
+
+
+def log_loss(run: Run, phase: str, mean_loss: float, first_step: int) -> None:
+    """Stop on a NaN; else record the loss in log.csv, the progress bar and a step event."""
+    if not math.isfinite(mean_loss):
+        raise TrainingError(nan_message(run.config, run.models.precision.compute))
+    step, total = run.state["global_step"], run.config.total_steps
+    run.losses.append((step, mean_loss))
+    elapsed = time.time() - run.started
+    current_lr = float(run.lr_scheduler.get_last_lr()[0])
+    if run.accelerator.is_main_process:
+        append_log(run.attempt_dir, step, phase, mean_loss, current_lr, elapsed)
+    eta = elapsed / max(step - first_step, 1) * (total - step)
+    run.bar.set_postfix(loss=f"{mean_loss:.4f}")
+    run.emit(TrainEvent("step", step=step, total_steps=total, phase=phase, loss=mean_loss, lr=current_lr, elapsed_s=elapsed, eta_s=eta))
 
 
 # ---------------------------------------------------------------------------------------------------
 # Pieces of the loop
 
 @torch.no_grad()
-def make_previews(config: TrainConfig, step: int, unet, text_encoder, base_model: BaseModel, vae, attempt_dir: Path, device) -> tuple[list[Any], Path]:
+def make_previews(config: TrainConfig, step: int, unet, text_encoder, base_model: BaseModel, attempt_dir: Path, device) -> tuple[list[Any], Path]:
     """Preview images of the model as it is at `step`, saved as samples/step-N.png. The prompts and seed are
     the same every time, so previews side by side show what training changed. Uses no training randomness
-    (resume stays exact), and the text encoder where it currently is (the CPU during the UNet phase)."""
+    (resume stays exact), the text encoder where it currently is (the CPU during the UNet phase) and the base
+    model's VAE where it lives, in its own format."""
     from diffusers import StableDiffusionPipeline
 
     from .grid import make_grid
@@ -400,8 +531,7 @@ def make_previews(config: TrainConfig, step: int, unet, text_encoder, base_model
 
     prompts = config.resolved_sample_prompts()
     embeds = data.encode_prompts(text_encoder, data.tokenize(base_model.tokenizer, prompts + [""])).to(device, unet.dtype)
-    vae_device = vae.device
-    vae.to(device)  # on a GPU the VAE waits on the CPU while training; decoding needs it back briefly
+    vae = base_model.vae
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=base_model.tokenizer, unet=unet, scheduler=base_model.pipeline.scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     set_scheduler(pipe, "dpm++")
@@ -409,14 +539,16 @@ def make_previews(config: TrainConfig, step: int, unet, text_encoder, base_model
     was_training = unet.training
     unet.eval()
     try:
-        images = [
+        latents = torch.cat([
             pipe(prompt_embeds=embeds[i:i + 1], negative_prompt_embeds=embeds[-1:], num_inference_steps=25, guidance_scale=7.5,
-                 height=config.resolution, width=config.resolution, generator=torch.Generator().manual_seed(config.seed)).images[0]
+                 height=config.resolution, width=config.resolution, generator=torch.Generator().manual_seed(config.seed),
+                 output_type="latent").images
             for i in range(len(prompts))
-        ]
+        ])
     finally:
         unet.train(was_training)
-        vae.to(vae_device)
+    decoded = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
+    images = pipe.image_processor.postprocess(decoded.float(), output_type="pil")
     grid = make_grid([[image] for image in images], prompts, [f"step {step}"])
     path = attempt_dir / "samples" / f"step-{step:06d}.png"
     path.parent.mkdir(exist_ok=True)
@@ -445,24 +577,29 @@ def resolve_mixed_precision(config: TrainConfig) -> str:
         return config.mixed_precision
     if not torch.cuda.is_available():
         return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if gpu_has_bf16() else "fp16"
 
 
 def resolve_gradient_checkpointing(config: TrainConfig, device: torch.device) -> bool:
-    """'auto': on when free GPU memory is below what a full fine-tune needs without it (≈18 GB at 512 px)."""
+    """'auto': on when the GPU memory this process may use is below what a full fine-tune needs without it
+    (≈18 GB at 512 px)."""
     if config.gradient_checkpointing != "auto":
         return config.gradient_checkpointing == "on"
     if device.type != "cuda":
         return False
-    free, _ = torch.cuda.mem_get_info(device)
     needed_gb = (18 if config.method == "full" else 8) * (config.resolution / 512) ** 2 * config.train_batch_size
-    return free / 2**30 < needed_gb * 1.2
+    return gpu_memory_budget(device) / 2**30 < needed_gb * 1.2
 
 
 def add_lora_adapters(unet, text_encoder, config: TrainConfig) -> None:
-    add_lora(unet, config.lora_rank, config.lora_alpha, UNET_LORA_TARGETS)
-    if config.text_encoder_steps:
-        add_lora(text_encoder, config.lora_rank, config.lora_alpha, TEXT_LORA_TARGETS)
+    """Adapters drawn from the run's seed (peft draws them from the global generator): the same seed, the same LoRA.
+    The global generators are left as they were."""
+    devices = [unet.device] if unet.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(config.seed)
+        add_lora(unet, config.lora_rank, config.lora_alpha, UNET_LORA_TARGETS)
+        if config.text_encoder_steps:
+            add_lora(text_encoder, config.lora_rank, config.lora_alpha, TEXT_LORA_TARGETS)
 
 
 def add_lora(model, rank: int, alpha: int, targets: list[str]) -> None:
@@ -485,21 +622,22 @@ def set_trainable(model, config: TrainConfig) -> list[torch.nn.Parameter]:
     return params
 
 
-def resolve_optimizer(config: TrainConfig, accelerator) -> str:
-    """'auto': bf16 weights with AdamWBF16 on GPUs with bf16 (half the memory, capturable in a CUDA graph);
-    else 8-bit AdamW when bitsandbytes is installed; else AdamW. LoRA trains few weights: plain AdamW."""
-    cuda = accelerator.device.type == "cuda"
+def resolve_optimizer(config: TrainConfig, cuda: bool, compute: str) -> str:
+    """'auto' for a full fine-tune on a GPU: bf16 weights with AdamWBF16 (half the memory, capturable in a CUDA graph),
+    also on GPUs without bf16 math such as Colab's T4, where training computes in fp16 but the weights are stored in
+    bf16 (its fp16 + fp32 AdamW plan does not fit in 15 GB), unless bitsandbytes is installed there: then 8-bit AdamW
+    over fp32 weights. On a CPU, and for LoRA (few weights): plain AdamW."""
     choice = config.optimizer
     if choice == "auto":
         if not cuda or config.method == "lora":
             return "adamw"
-        if accelerator.mixed_precision == "bf16":
-            return "adamw-bf16"
-        return "adamw8bit" if _have_bitsandbytes() else "adamw"
+        if compute == "fp16" and _have_bitsandbytes():
+            return "adamw8bit"
+        return "adamw-bf16"
     if choice == "adamw8bit" and not (cuda and _have_bitsandbytes()):
         raise ConfigError("optimizer='adamw8bit' needs a GPU and bitsandbytes (pip install bitsandbytes); use 'auto' or 'adamw'.")
-    if choice == "adamw-bf16" and (config.method == "lora" or accelerator.mixed_precision != "bf16"):
-        raise ConfigError("optimizer='adamw-bf16' is for full fine-tuning on a GPU with bf16 (mixed_precision 'auto' or 'bf16'); use 'auto' or 'adamw'.")
+    if choice == "adamw-bf16" and config.method == "lora":
+        raise ConfigError("optimizer='adamw-bf16' is for full fine-tuning (LoRA trains its few weights in fp32); use 'auto' or 'adamw'.")
     return choice
 
 
@@ -511,12 +649,12 @@ def _have_bitsandbytes() -> bool:
     return True
 
 
-def resolve_cuda_graphs(config: TrainConfig, accelerator, optimizer_name: str) -> bool:
+def resolve_cuda_graphs(config: TrainConfig, accelerator, precision: Precision) -> bool:
     """Graphs need a GPU, one micro-batch per step, no fp16 loss scaling and a capturable optimizer.
     With several GPUs (data parallel) only when asked for ('on'): the gradient all-reduce is then
     captured too, in place of DDP's."""
     possible = (accelerator.device.type == "cuda" and config.gradient_accumulation_steps == 1
-                and accelerator.mixed_precision != "fp16" and optimizer_name != "adamw8bit")
+                and precision.compute != "fp16" and precision.optimizer != "adamw8bit")
     if config.cuda_graphs == "on" and not possible:
         raise ConfigError("cuda_graphs='on' needs a GPU, gradient_accumulation_steps=1, bf16 or fp32 and an optimizer other than adamw8bit; use 'auto'.")
     if accelerator.num_processes > 1:
@@ -617,14 +755,6 @@ def oom_message(config: TrainConfig) -> str:
     if config.train_batch_size > 1:
         tips.append("train_batch_size=1")
     return "The GPU ran out of memory. Try " + ", ".join(tips or ["a smaller resolution"]) + "; the session is unchanged and you can start again."
-
-
-def _free_gpu_memory() -> None:
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _progress_bar(enabled: bool, total: int, initial: int):
@@ -728,8 +858,16 @@ def load_checkpoint_weights(checkpoint: Path, unet, text_encoder, generator, con
 
 
 def load_checkpoint_optimizer(checkpoint: Path, optimizer, lr_scheduler) -> None:
+    """The optimizer's and schedule's state. A learning rate that is a tensor on the GPU (fused AdamW's and AdamWBF16's,
+    read by a replayed CUDA graph) stays that same tensor, given the saved value: loading would otherwise put a CPU
+    tensor in its place, which the graph never reads, and the schedule would change nothing."""
     saved = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
+    lr_tensors = [group["lr"] if isinstance(group["lr"], torch.Tensor) else None for group in optimizer.param_groups]
     optimizer.load_state_dict(saved["optimizer"])
+    for group, tensor in zip(optimizer.param_groups, lr_tensors):
+        if tensor is not None and group["lr"] is not tensor:
+            tensor.copy_(torch.as_tensor(group["lr"]))
+            group["lr"] = tensor
     lr_scheduler.load_state_dict(saved["lr_scheduler"])
 
 

@@ -406,10 +406,156 @@ def test_cuda_graphs_under_data_parallel_only_when_asked_for():
     from dreamnb.train import resolve_cuda_graphs
 
     def graphs(processes: int, setting: str, precision: str = "bf16") -> bool:
-        accelerator = SimpleNamespace(device=torch.device("cuda"), num_processes=processes, mixed_precision=precision)
-        return resolve_cuda_graphs(TrainConfig(cuda_graphs=setting), accelerator, "adamw-bf16")
+        accelerator = SimpleNamespace(device=torch.device("cuda"), num_processes=processes)
+        return resolve_cuda_graphs(TrainConfig(cuda_graphs=setting), accelerator, train_module.Precision(precision, "adamw-bf16"))
 
     assert graphs(1, "auto") and graphs(1, "on") and not graphs(1, "off")
     assert not graphs(2, "auto") and graphs(2, "on") and not graphs(2, "off")
     with pytest.raises(ConfigError, match="bf16 or fp32"):
         graphs(2, "on", precision="fp16")
+
+
+def _model_snapshot(base):
+    return {f"{part}.{k}": (v.clone(), v.dtype, v.device)
+            for part in ("unet", "vae", "text_encoder") for k, v in getattr(base, part).state_dict().items()}
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])  # bf16: what a GPU run gets, which once cast the caller's VAE
+def test_the_callers_model_is_unchanged_by_a_run_with_class_images_and_previews(photo_session, base_sd1, monkeypatch, precision):
+    """Training works on its own copies: the base model's parameters, formats and devices are as before."""
+    monkeypatch.setattr(train_module, "resolve_mixed_precision", lambda config: precision)
+    before = _model_snapshot(base_sd1)
+    config = quick_config(with_prior_preservation=True, num_class_images=2, text_encoder_steps=2, unet_steps=2, sample_every=2,
+                          optimizer="adamw-bf16" if precision == "bf16" else "auto")
+    assert train(photo_session, config, base_sd1, progress=False).status == "finished"
+    after = _model_snapshot(base_sd1)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(before[k][0], after[k][0]) and before[k][1:] == after[k][1:] for k in before)
+
+
+def _lora_config(**changes):
+    return quick_config(method="lora", lora_rank=4, lora_alpha=4, unet_lr=1e-3, text_encoder_steps=2, unet_steps=2, **changes)
+
+
+def test_lora_adapters_start_from_the_runs_seed_and_leave_the_global_generator_alone(photo_session, base_sd1):
+    from dreamnb.train import LORA_FILE
+
+    torch.manual_seed(1)
+    first = train(photo_session, _lora_config(), base_sd1, progress=False, attempt="first")
+    state = torch.random.get_rng_state()
+    torch.manual_seed(2)  # another global state: the same seed must still give the same file
+    second = train(photo_session, _lora_config(), base_sd1, progress=False, attempt="second")
+    third = train(photo_session, _lora_config(seed=1), base_sd1, progress=False, attempt="other-seed")
+    a, b, c = (load_file(str(r.final_dir / LORA_FILE)) for r in (first, second, third))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    torch.manual_seed(1)
+    train(photo_session, _lora_config(), base_sd1, progress=False, attempt="fourth")
+    assert torch.equal(torch.random.get_rng_state(), state)  # the run drew nothing from the global generator
+
+
+def test_lora_adapters_of_the_part_not_being_trained_stay_frozen(photo_session, base_sd1, monkeypatch):
+    """The UNet's adapters gather no gradients in the text-encoder phase (which the first UNet step would apply)."""
+    placed = []
+    real_place = train_module.place_models
+    monkeypatch.setattr(train_module, "place_models", lambda *a, **k: placed.append(real_place(*a, **k)) or placed[-1])
+    seen = {}
+
+    def on_event(event):
+        if event.kind == "phase":
+            unet_lora = [p for n, p in placed[0].unet.named_parameters() if "lora_" in n]
+            seen[event.phase] = (any(p.requires_grad for p in unet_lora), [p.grad for p in unet_lora])
+
+    assert train(photo_session, _lora_config(), base_sd1, progress=False, callback=on_event).status == "finished"
+    trainable_in_te_phase, _ = seen["text_encoder"]
+    trainable_in_unet_phase, grads_at_unet_start = seen["unet"]
+    assert not trainable_in_te_phase and trainable_in_unet_phase
+    assert all(g is None for g in grads_at_unet_start)
+
+
+def test_a_learning_rate_tensor_stays_the_same_tensor_through_a_resume(tmp_path):
+    """Fused AdamW in a CUDA graph reads its learning rate from one tensor; loading a checkpoint must fill that
+    tensor, not replace it (the graph would keep the old rate while the schedule moved another one)."""
+    from dreamnb.train import load_checkpoint_optimizer, make_lr_scheduler
+
+    config = quick_config(lr_scheduler="linear", lr_warmup_steps=0)
+
+    def optimizer_and_schedule():
+        param = torch.nn.Parameter(torch.ones(3))
+        optimizer = torch.optim.AdamW([param], lr=torch.tensor(1e-2))
+        return param, optimizer, make_lr_scheduler(optimizer, config, 10)
+
+    param, optimizer, schedule = optimizer_and_schedule()
+    for _ in range(4):
+        param.grad = torch.ones(3)
+        optimizer.step()
+        schedule.step()
+    torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": schedule.state_dict()}, tmp_path / "optimizer.pt")
+    _, resumed, resumed_schedule = optimizer_and_schedule()
+    lr = resumed.param_groups[0]["lr"]
+    load_checkpoint_optimizer(tmp_path, resumed, resumed_schedule)
+    assert resumed.param_groups[0]["lr"] is lr and torch.allclose(lr, torch.tensor(1e-2 * 6 / 10))
+    resumed_schedule.step()
+    assert torch.allclose(lr, torch.tensor(1e-2 * 5 / 10))
+
+
+@pytest.mark.parametrize("precision, bitsandbytes, method, expected", [
+    ("bf16", False, "full", "adamw-bf16"),
+    ("fp16", False, "full", "adamw-bf16"),  # a T4 without bitsandbytes: bf16 weights, fp16 math, fits in 15 GB
+    ("fp16", True, "full", "adamw8bit"),
+    ("bf16", True, "lora", "adamw"),
+    ("no", False, "full", "adamw"),  # a CPU
+])
+def test_the_automatic_optimizer_fits_the_gpu(monkeypatch, precision, bitsandbytes, method, expected):
+    monkeypatch.setattr(train_module, "_have_bitsandbytes", lambda: bitsandbytes)
+    assert train_module.resolve_optimizer(quick_config(method=method), precision != "no", precision) == expected
+
+
+def test_gradient_checkpointing_turns_on_under_a_per_process_memory_cap(monkeypatch):
+    """The T4 stand-in caps an H200 at 15 GB: free memory alone (130 GB) would leave checkpointing off and run out."""
+    GB = 2**30
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index: (130 * GB, 140 * GB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda index: 2 * GB)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 1.0)
+    cuda = torch.device("cuda")
+    assert not train_module.resolve_gradient_checkpointing(quick_config(resolution=512), cuda)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 15 / 140)
+    assert train_module.gpu_memory_budget(cuda) == 13 * GB
+    assert train_module.resolve_gradient_checkpointing(quick_config(resolution=512), cuda)
+
+
+def test_fp16_math_over_bf16_weights_trains_with_the_trainers_own_loss_scaling(photo_session, base_sd1, monkeypatch):
+    """A T4's plan (no bf16 math, no bitsandbytes): AdamWBF16's bf16 weights, fp16 autocast, and loss scaling by the
+    trainer, since torch's GradScaler has no kernel for bf16 gradients. On the CPU the math runs in bf16 (CPU autocast
+    does not mix fp16 math with bf16 weights as CUDA's does; the GPU suite's T4 stand-in runs the real thing)."""
+    monkeypatch.setattr(train_module, "resolve_mixed_precision", lambda config: "fp16")
+    monkeypatch.setattr(train_module.TrainingModels, "autocast", lambda self: torch.autocast("cpu", dtype=torch.bfloat16))
+    scalers = []
+    real_scaler = train_module.LossScaler
+    monkeypatch.setattr(train_module, "LossScaler", lambda: scalers.append(real_scaler()) or scalers[-1])
+    messages = []
+    config = quick_config(optimizer="adamw-bf16", text_encoder_steps=2, unet_steps=6, unet_lr=1e-2)
+    result = train(photo_session, config, base_sd1, progress=False, callback=lambda e: messages.append(e.message))
+    assert result.status == "finished", result.message
+    assert any("fp16 mixed precision" in m and "adamw-bf16" in m and "weights in bfloat16" in m for m in messages), messages
+    assert len(scalers) == 2 and all(s.clean_steps > 0 for s in scalers)  # one per phase, and it let the updates through
+    trained = _weights(photo_session, result.attempt)[0]
+    base = base_sd1.unet.state_dict()
+    assert sum(not torch.equal(v.float(), base[k].float()) for k, v in trained.items()) > len(trained) // 2
+
+
+def test_the_loss_scaler_skips_an_overflowing_update_and_unscales_exactly():
+    from dreamnb.fast import LossScaler
+
+    scaler = LossScaler(scale=1024.0, growth_interval=2)
+    params = [torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16)) for _ in range(2)]
+    params[0].grad = torch.tensor([1024.0, -2048.0, 512.0], dtype=torch.bfloat16)
+    params[1].grad = torch.tensor([float("inf"), 0.0, 1.0], dtype=torch.bfloat16)
+    assert not scaler.unscale_(params) and scaler.value == 512.0
+    assert params[0].grad.tolist() == [1024.0, -2048.0, 512.0]  # left as they were: the update is skipped
+    params[1].grad = torch.tensor([512.0, 0.0, 256.0], dtype=torch.bfloat16)
+    assert scaler.unscale_(params) and params[0].grad.tolist() == [2.0, -4.0, 1.0] and params[1].grad.tolist() == [1.0, 0.0, 0.5]
+    assert scaler.unscale_(params) and scaler.value == 1024.0  # two clean updates: the scale grows again
+    assert train_module.Precision("fp16", "adamw-bf16").accelerate == "no"  # accelerate's GradScaler stays out of it
+    assert train_module.Precision("fp16", "adamw8bit").accelerate == "fp16"
