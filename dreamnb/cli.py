@@ -6,6 +6,7 @@ unexpected failure. `--json` prints one JSON document on stdout.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -106,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="where sessions live (default: Drive on Colab, else ./dreamnb-sessions)")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("repair", help="rebuild a damaged session.json from its backup or from the folders on disk")
+    p.add_argument("--session", required=True)
+
     p = sub.add_parser("demo", help="the whole flow on the CPU with a tiny model and the sample photos")
     p.add_argument("--out", default="demo-output", help="folder for the demo's model, session and grid")
     p.add_argument("--steps", type=int, default=None, help="UNet steps (default: enough to show learning in ~1 minute)")
@@ -116,10 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_prepare(args) -> Any:
     from .images import prepare_photos
-    from .session import open_or_create
+    from .session import open_or_create, session_lock
 
     session = open_or_create(args.session)
-    report = prepare_photos(args.images, session.instance_dir, size=args.size, crop=args.crop, preset=args.preset, progress=not args.json)
+    with session_lock(session.path, "preparing photos"):
+        report = prepare_photos(args.images, session.instance_dir, size=args.size, crop=args.crop, preset=args.preset, progress=not args.json)
     if args.json:
         return report.to_dict()
     print(report.to_table())
@@ -285,6 +290,25 @@ def cmd_sessions(args) -> Any:
     return None
 
 
+def cmd_repair(args) -> Any:
+    from .session import SESSION_FILE, SessionError, open_session, repair_session, session_lock
+
+    path = Path(args.session)
+    if not (path / "attempts").is_dir():
+        raise UsageError(f"{path} is not a dreamnb session folder (it has no attempts/ folder); give the session's folder.")
+    if (path / SESSION_FILE).is_file():
+        try:
+            open_session(path)
+            print(f"{path / SESSION_FILE} is fine; nothing was changed.")
+            return None
+        except SessionError:
+            pass
+    with session_lock(path, "a repair"):
+        session, how = repair_session(path)
+    print(f"{path / SESSION_FILE} {how}: {', '.join(a.name for a in session.attempts) or 'no attempts'}.")
+    return None
+
+
 def cmd_demo(args) -> Any:
     from .demo import run_demo
 
@@ -294,7 +318,7 @@ def cmd_demo(args) -> Any:
 
 COMMANDS = {
     "prepare": cmd_prepare, "check-token": cmd_check_token, "train": cmd_train, "sample": cmd_sample,
-    "compare": cmd_compare, "export": cmd_export, "sessions": cmd_sessions, "demo": cmd_demo,
+    "compare": cmd_compare, "export": cmd_export, "sessions": cmd_sessions, "repair": cmd_repair, "demo": cmd_demo,
 }
 
 
@@ -309,6 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("Stopped.", file=sys.stderr)
         return 130
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        where = f" where {Path(err.filename).parent} lives" if err.filename else ""
+        print(f"dreamnb {args.command}: The disk is full{where}; free some space and run it again (what was written before "
+              "is intact: every file is written whole or not at all).", file=sys.stderr)
+        return 2
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
     return 0

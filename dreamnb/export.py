@@ -28,7 +28,7 @@ from .attempts import attempt_config, attempt_pipeline, attempt_weights_dir
 from .config import TrainConfig
 from .errors import UserError
 from .models import BaseModel, ModelError, resolve_hf_token, source_kind
-from .session import Session
+from .session import Session, session_lock
 from .train import LORA_FILE
 
 log = logging.getLogger(__name__)
@@ -70,36 +70,37 @@ def export_attempt(
     session and attempt), or None for the session's exports/ folder. `fp16` applies to the
     "safetensors" single file; the diffusers folder and the LoRA keep the trained precision.
     """
-    out = check_export(session, attempt, format, out, force=force)
-    name = session.attempt(attempt).name
-    weights_dir = attempt_weights_dir(session, name)
-    config = attempt_config(session, name)
-    is_lora = (weights_dir / LORA_FILE).is_file()
+    with session_lock(session.path, "an export"):
+        out = check_export(session, attempt, format, out, force=force)
+        name = session.attempt(attempt).name
+        weights_dir = attempt_weights_dir(session, name)
+        config = attempt_config(session, name)
+        is_lora = (weights_dir / LORA_FILE).is_file()
 
-    origin = describe(session, name, config, base.info.source)
-    if format == "lora":
-        state, metadata = kohya_lora(weights_dir / LORA_FILE, config, base, name, origin)
-        from safetensors.torch import save_file
+        origin = describe(session, name, config, base.info.source)
+        if format == "lora":
+            state, metadata = kohya_lora(weights_dir / LORA_FILE, config, base, name, origin)
+            from safetensors.torch import save_file
 
-        fileio.save_with(out, lambda tmp: save_file(state, str(tmp), metadata=metadata))
-        log.info("wrote the LoRA of %s (%d tensors, kohya layout) to %s", name, len(state), out)
-        return out
+            fileio.save_with(out, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+            log.info("wrote the LoRA of %s (%d tensors, kohya layout) to %s", name, len(state), out)
+            return out
 
-    pipe = attempt_pipeline(base, session, name)
-    if is_lora:
-        # attempt_pipeline fused the LoRA into copies; drop the now empty adapter layers so only
-        # plain weights are saved (the fused values stay in the layers they wrapped).
-        pipe.unload_lora_weights()
-    if format == "diffusers":
-        with fileio.atomic_dir(out) as tmp:
-            pipe.save_pretrained(tmp, safe_serialization=True)
-        log.info("wrote %s as a diffusers folder to %s", name, out)
-        return out
+        pipe = attempt_pipeline(base, session, name)
+        if is_lora:
+            # attempt_pipeline fused the LoRA into copies; drop the now empty adapter layers so only
+            # plain weights are saved (the fused values stay in the layers they wrapped).
+            pipe.unload_lora_weights()
+        if format == "diffusers":
+            with fileio.atomic_dir(out) as tmp:
+                pipe.save_pretrained(tmp, safe_serialization=True)
+            log.info("wrote %s as a diffusers folder to %s", name, out)
+            return out
 
-    from .convert import save_single_file
+        from .convert import save_single_file
 
-    return save_single_file(pipe.unet, pipe.vae, pipe.text_encoder, out,
-                            dtype=torch.float16 if fp16 else torch.float32, metadata={"format": "pt", **origin})
+        return save_single_file(pipe.unet, pipe.vae, pipe.text_encoder, out,
+                                dtype=torch.float16 if fp16 else torch.float32, metadata={"format": "pt", **origin})
 
 
 def check_export(session: Session, attempt: str | None, format: str, out: str | Path | None, *, force: bool = False) -> Path:

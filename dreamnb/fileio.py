@@ -26,6 +26,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp_path
         _fsync(tmp_path)
         os.replace(tmp_path, path)
+        _fsync(path.parent)  # the rename itself survives a power cut only once its folder is on disk
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -61,6 +62,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        for file in tmp.rglob("*"):  # everything on disk before the folder takes the final name
+            _fsync(file)
+        _fsync(tmp)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old")
@@ -68,6 +72,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
                 shutil.rmtree(old)
             os.replace(path, old)
         os.replace(tmp, path)
+        _fsync(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
@@ -75,7 +80,31 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def recover_leftovers(root: str | Path, *, recursive: bool = True) -> list[str]:
+    """Finish what interrupted atomic writes in `root` left (a kill or a full disk mid-write): temporary
+    `.NAME.*.tmp` files and folders are removed (never complete), and a `.NAME.old` folder is put back where
+    its replacement never arrived (else removed). Only for a writer holding the session's lock. Returns what it did."""
+    done = []
+    find = Path(root).rglob if recursive else Path(root).glob
+    for tmp in sorted(find(".*.tmp"), reverse=True):
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        done.append(f"removed {tmp}")
+    for old in sorted(find(".*.old")):
+        target = old.with_name(old.name[1:-len(".old")])
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            done.append(f"removed {old}")
+        else:
+            os.replace(old, target)
+            done.append(f"restored {target}")
+    return done
+
+
 def _fsync(path: Path) -> None:
+    """Flush a file or a folder (its entries) to the disk; where a filesystem cannot (some FUSE mounts), nothing."""
     with contextlib.suppress(OSError):
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -8,11 +8,17 @@
       attempts/<name>/ config.json, log.csv, checkpoints/, final/, samples/
       exports/
 
-`session.json` is rewritten atomically. Sessions written by older versions (no `format` key, or
-fewer keys) open fine: missing keys get defaults and unknown keys are kept as they are.
+`session.json` is rewritten atomically, and its last good version is kept beside it (`session.json.bak`).
+Sessions written by older versions (no `format` key, or fewer keys) open fine: missing keys get defaults
+and unknown keys are kept as they are; a damaged file is refused with one sentence that offers the backup.
+
+Whatever writes to a session (preparing photos, training, exporting, deleting) holds its lock, `.lock`: host,
+process and a heartbeat. A second writer (a Colab runtime still training after the browser lost it, and a new
+one resuming) is refused; a lock whose heartbeat stopped (a dead runtime) is taken over. Readers need no lock.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -20,6 +26,9 @@ import logging
 import os
 import re
 import shutil
+import socket
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +39,10 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 SESSION_FILE = "session.json"
+BACKUP_FILE = "session.json.bak"
+LOCK_FILE = ".lock"
+HEARTBEAT_S = 30      # how often a writer renews its lock
+STALE_AFTER_S = 180   # a lock not renewed for this long belongs to a runtime that is gone
 FORMAT_VERSION = 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,63}$")
 
@@ -49,6 +62,7 @@ class Attempt:
     status: str = "new"  # new | training | interrupted | failed | finished
     steps_done: int = 0
     message: str = ""
+    base_model: str | None = None  # what it was trained from, so a resume from another model is refused
 
 
 def describe_attempt(attempt: Attempt) -> str:
@@ -142,22 +156,74 @@ def open_session(path: str | Path) -> Session:
     if not file.exists():
         raise SessionError(f"{path} is not a dreamnb session (no {SESSION_FILE}); create one with `dreamnb prepare ... --session {path}`.")
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise SessionError(f"{file} cannot be read ({err}); restore it from a backup or start a new session.") from err
+        return session_from_dict(path, json.loads(file.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError, AttributeError) as err:
+        raise SessionError(f"{file} is damaged ({_first_line(err)}); {_repair_hint(path)}") from err
+
+
+def session_from_dict(path: Path, data: Any) -> Session:
+    """The session a session.json describes; ValueError naming the first thing that is not as it should be."""
+    if not isinstance(data, dict):
+        raise ValueError(f"it holds a {type(data).__name__}, not a session")
     data = dict(data)
     data.pop("format", None)
     attempt_fields = {f.name for f in dataclasses.fields(Attempt)}
-    attempts = [Attempt(**{k: v for k, v in a.items() if k in attempt_fields}) for a in data.pop("attempts", [])]
-    session = Session(
-        path=path,
-        name=data.pop("name", path.name),
-        base_model=data.pop("base_model", None),
-        created=data.pop("created", _now()),
-        attempts=attempts,
-        extra=data,
-    )
-    return session
+    attempts = []
+    for entry in data.pop("attempts", []) or []:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise ValueError(f"an attempt entry is {json.dumps(entry)[:60]}, not one with a name")
+        attempts.append(Attempt(**{k: v for k, v in entry.items() if k in attempt_fields}))
+    for key in ("name", "base_model", "created"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise ValueError(f"its {key} is {data[key]!r}, not text")
+    return Session(path=path, name=data.pop("name", None) or path.name, base_model=data.pop("base_model", None),
+                   created=data.pop("created", None) or _now(), attempts=attempts, extra=data)
+
+
+def _repair_hint(path: Path) -> str:
+    backup = path / BACKUP_FILE
+    what = f"its last good version, {BACKUP_FILE}" if backup.is_file() else "the attempts found in its folder"
+    return f"run `dreamnb repair --session {path}` to rebuild it from {what} (nothing else is changed)."
+
+
+def repair_session(path: str | Path) -> tuple[Session, str]:
+    """Rebuild a damaged session.json: from session.json.bak when that is readable, else from the folders on disk
+    (attempts/*/config.json; finished where final/ exists, interrupted at the newest checkpoint otherwise). The
+    damaged file is kept as session.json.damaged. Returns the session and what was done."""
+    path = Path(path)
+    backup = path / BACKUP_FILE
+    try:
+        session = session_from_dict(path, json.loads(backup.read_text(encoding="utf-8")))
+        how = f"restored from {BACKUP_FILE}"
+    except (OSError, ValueError, TypeError, AttributeError):
+        session = Session(path=path, name=path.name, attempts=[_attempt_on_disk(d) for d in sorted((path / "attempts").glob("*"))
+                                                               if (d / "config.json").is_file()])
+        how = f"rebuilt from the folders on disk ({len(session.attempts)} attempt(s))"
+    current = path / SESSION_FILE
+    if current.exists():
+        os.replace(current, path / "session.json.damaged")
+    save_session(session)
+    return session, how
+
+
+def _attempt_on_disk(folder: Path) -> Attempt:
+    if (folder / "final").is_dir():
+        return Attempt(name=folder.name, status="finished", steps_done=_configured_steps(folder))
+    steps = sorted(int(p.name[5:]) for p in (folder / "checkpoints").glob("step-*") if p.name[5:].isdigit())
+    return Attempt(name=folder.name, status="interrupted" if steps else "new", steps_done=steps[-1] if steps else 0)
+
+
+def _configured_steps(folder: Path) -> int:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        return int(config.get("text_encoder_steps", 0)) + int(config.get("unet_steps", 0))
+    except (OSError, ValueError, TypeError):
+        return 0
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:120] if text else type(err).__name__
 
 
 def open_or_create(path: str | Path, base_model: str | None = None) -> Session:
@@ -177,9 +243,11 @@ def is_main_process() -> bool:
 
 
 def save_session(session: Session) -> None:
+    """session.json, and the same good version as session.json.bak (what `repair_session` restores)."""
     if not is_main_process():
         return
-    fileio.write_json(session.path / SESSION_FILE, session.to_dict())
+    for name in (SESSION_FILE, BACKUP_FILE):
+        fileio.write_json(session.path / name, session.to_dict())
 
 
 def list_sessions(root: str | Path) -> list[Session]:
@@ -201,7 +269,8 @@ def delete_session(path: str | Path) -> None:
     path = Path(path)
     if not (path / SESSION_FILE).exists():
         raise SessionError(f"{path} is not a dreamnb session; nothing was deleted.")
-    shutil.rmtree(path)
+    with session_lock(path, "deleting the session"):
+        shutil.rmtree(path)
 
 
 def new_attempt_name(session: Session) -> str:
@@ -232,7 +301,121 @@ def update_attempt(session: Session, name: str, **changes: Any) -> Attempt:
 
 
 def delete_attempt(session: Session, name: str) -> None:
-    attempt = session.attempt(name)
-    session.attempts.remove(attempt)
-    save_session(session)
-    shutil.rmtree(session.attempt_dir(name), ignore_errors=True)
+    with session_lock(session.path, f"deleting {name}"):
+        attempt = session.attempt(name)
+        session.attempts.remove(attempt)
+        save_session(session)
+        shutil.rmtree(session.attempt_dir(name), ignore_errors=True)
+
+
+# --- the writers' lock ------------------------------------------------------------------------------
+
+class SessionLockedError(SessionError):
+    """Another process is writing to the session."""
+
+
+_HELD: dict[Path, int] = {}  # locks this process holds, and how deeply (a writer may call another)
+_HELD_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def session_lock(path: str | Path, what: str):
+    """Hold the session's lock while writing (`what` says what for, for whoever is refused). Another live writer:
+    SessionLockedError. A lock whose heartbeat stopped over STALE_AFTER_S ago, or whose process on this host is gone,
+    is taken over with a warning. Under `accelerate launch` only the first process takes it (the others do not write)."""
+    path = Path(path).resolve()
+    if not is_main_process():
+        yield
+        return
+    with _HELD_GUARD:
+        if _HELD.get(path):
+            _HELD[path] += 1
+            reentered = True
+        else:
+            _acquire(path, what)
+            _HELD[path] = 1
+            reentered = False
+            _recover(path)
+    stop = threading.Event()
+    beat = None if reentered else threading.Thread(target=_heartbeat, args=(path, stop), daemon=True, name="dreamnb-lock")
+    if beat:
+        beat.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        with _HELD_GUARD:
+            _HELD[path] -= 1
+            if not _HELD[path]:
+                del _HELD[path]
+                with contextlib.suppress(FileNotFoundError):
+                    (path / LOCK_FILE).unlink()
+
+
+def _recover(path: Path) -> None:
+    """What writers left half-done (no other writer is in the middle of one now; readers write only grids/)."""
+    done = fileio.recover_leftovers(path, recursive=False)
+    for sub in ("attempts", "instance", "class", "cache", "exports"):
+        if (path / sub).is_dir():
+            done += fileio.recover_leftovers(path / sub)
+    for line in done:
+        log.warning("Finishing an interrupted write: %s", line)
+
+
+def _acquire(path: Path, what: str) -> None:
+    lock = path / LOCK_FILE
+    mine = {"host": socket.gethostname(), "pid": os.getpid(), "what": what, "since": _now()}
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_lock(lock)
+            if not _stale(lock, holder):
+                holder = holder or {}
+                raise SessionLockedError(
+                    f"Session {path.name!r} is being changed by {holder.get('what', 'another writer')} on {holder.get('host', '?')} "
+                    f"(process {holder.get('pid', '?')}) since {holder.get('since', '?')}; wait until it ends or stop it "
+                    f"(a lock not renewed for {STALE_AFTER_S // 60} minutes is taken over).") from None
+            log.warning("Taking over the lock of session %r from %s: its writer stopped renewing it.", path.name,
+                        f"{holder.get('what')} on {holder.get('host')} (process {holder.get('pid')})" if holder else "a damaged lock file")
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(mine, f)
+            f.flush()
+            os.fsync(f.fileno())
+        return
+
+
+def _read_lock(lock: Path) -> dict | None:
+    try:
+        holder = json.loads(lock.read_text())
+        return holder if isinstance(holder, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _stale(lock: Path, holder: dict | None) -> bool:
+    try:
+        silent_for = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return True
+    if silent_for > STALE_AFTER_S or (holder is None and silent_for > 10):  # unreadable, and not being written now
+        return True
+    if holder is not None and holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+        if holder["pid"] == os.getpid():
+            return True  # this process's, left by a writer that did not end normally (it holds none now)
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:
+            return True  # its process on this machine is gone
+        except PermissionError:
+            return False
+    return False
+
+
+def _heartbeat(path: Path, stop: threading.Event) -> None:
+    while not stop.wait(HEARTBEAT_S):
+        with contextlib.suppress(OSError):
+            os.utime(path / LOCK_FILE)

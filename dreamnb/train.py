@@ -12,13 +12,16 @@ out of GPU memory ends the run with a plain-words message and the session left u
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
+import errno
 import io
 import json
 import logging
 import math
 import shutil
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,11 +36,12 @@ from .config import ConfigError, TrainConfig, validate
 from .colab import gpu_has_bf16, gpu_memory_budget
 from .fast import AdamWBF16, GraphedStep, LossScaler
 from .models import BaseModel, load_base_model
-from .session import Session, add_attempt, open_session, save_session, update_attempt
+from .session import Session, add_attempt, open_session, save_session, session_lock, update_attempt
 
 log = logging.getLogger(__name__)
 
 PHASES = ("text_encoder", "unet")  # in training order
+LOG_FIELDS = ["step", "phase", "loss", "lr", "elapsed_s"]  # log.csv's columns
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -206,7 +210,7 @@ class Run:
     generator: torch.Generator
     checkpoint: Path | None
     emit: Callable[[TrainEvent], None]
-    stop: threading.Event | None
+    stop: threading.Event
     bar: Any
     state: dict
     started: float
@@ -230,10 +234,39 @@ def train(
     """Train one attempt. `base_model` is a loaded BaseModel (left untouched: trainable parts are
     copied) or a source string. With `resume`, continue the named (or latest) attempt from its
     newest checkpoint. `stop` (e.g. the notebook's Stop button) ends the run with a checkpoint."""
-    emit = callback or (lambda event: None)
-    if resume:  # an attempt always continues with the settings it started with
+    emit, stop = callback or (lambda event: None), stop or threading.Event()
+    with session_lock(session.path, "training"), interrupts_as_stop(stop, emit):
+        return _train(session, config, base_model, attempt, resume, emit, stop, progress, config_source)
+
+
+@contextlib.contextmanager
+def interrupts_as_stop(stop: threading.Event, emit: Callable[[TrainEvent], None]):
+    """Ctrl-C (SIGINT: the terminal's, or a notebook's interrupt) sets `stop`, which the loop checks between steps, so the
+    checkpoint it saves always holds one whole step; a second Ctrl-C interrupts at once. Only in the main thread
+    (the only one that receives signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_interrupt(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        emit(TrainEvent("info", message="Stopping after this step and saving a checkpoint (Ctrl-C again to stop at once)."))
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _train(session: Session, config: TrainConfig, base_model: BaseModel | str | Path, attempt: str | None, resume: bool,
+           emit: Callable[[TrainEvent], None], stop: threading.Event, progress: bool, config_source: str | None) -> TrainResult:
+    if resume:  # an attempt always continues with the settings it started with, from the same base model
         attempt = session.attempt(attempt).name
-        config = TrainConfig.from_dict(json.loads((session.attempt_dir(attempt) / "config.json").read_text()))
+        config = read_attempt_config(session.attempt_dir(attempt))
+        check_resumable(session, attempt, base_model)
     validate(config)
     examples = data.list_examples(session.instance_dir)
     check_training_data(config, examples)
@@ -267,7 +300,7 @@ def train(
         state = load_checkpoint_weights(checkpoint, models.unet, models.text_encoder, generator, config)
         truncate_log(attempt_dir, state["global_step"])
         emit(TrainEvent("info", message=f"Resuming {name} from step {state['global_step']}."))
-    update_attempt(session, name, status="training", message="")
+    update_attempt(session, name, status="training", message="", base_model=base_model.info.source)
 
     run = Run(config=config, accelerator=accelerator, attempt_dir=attempt_dir, base_model=base_model, models=models,
               data=training_data, schedule=NoiseSchedule.from_scheduler(base_model.pipeline.scheduler, device),
@@ -291,6 +324,10 @@ def train(
         status, message, out_of_memory = "failed", oom_message(config), True
     except TrainingError as err:
         status, message = "failed", str(err)
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        status, message = "failed", disk_full_message(attempt_dir)
     finally:
         run.bar.close()
     steps_done, losses, elapsed = run.state["global_step"], run.losses, time.time() - run.started
@@ -303,6 +340,35 @@ def train(
                     path=str(final_dir) if final_dir else None, elapsed_s=elapsed))
     return TrainResult(attempt=name, status=status, steps_done=steps_done, total_steps=config.total_steps,
                        final_dir=final_dir, message=message, losses=losses)
+
+
+def read_attempt_config(attempt_dir: Path) -> TrainConfig:
+    path = attempt_dir / "config.json"
+    try:
+        return TrainConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as err:
+        raise ConfigError(f"{path} is damaged or missing ({str(err).splitlines()[0][:120]}); this attempt cannot be resumed, "
+                          "so start a new one (its checkpoints stay where they are).") from err
+
+
+def check_resumable(session: Session, name: str, base_model: BaseModel | str | Path) -> None:
+    """There must be a checkpoint to resume, and the base model must be the one the attempt started from."""
+    attempt = session.attempt(name)
+    if attempt.status == "finished":
+        raise ConfigError(f"Attempt {name!r} has finished ({attempt.steps_done} steps); there is nothing to resume.")
+    if latest_checkpoint(session.attempt_dir(name)) is None:
+        raise ConfigError(f"Attempt {name!r} has no checkpoint to resume from (it stopped before its first one); start a new attempt.")
+    source = base_model.info.source if isinstance(base_model, BaseModel) else str(base_model)
+    if attempt.base_model and not _same_source(attempt.base_model, source):
+        raise ConfigError(f"Attempt {name!r} was trained from {attempt.base_model}, not {source}; resume it with that model "
+                          "(--model), or start a new attempt.")
+
+
+def _same_source(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 def make_accelerator(config: TrainConfig, precision: Precision):
@@ -424,7 +490,7 @@ def run_phase(run: Run, phase: str, first_step: int) -> None:
                     images, path = make_previews(config, step, models.unet, models.text_encoder, run.base_model, run.attempt_dir, models.device)
                 run.emit(TrainEvent("sample", step=step, total_steps=config.total_steps, phase=phase, images=images, path=str(path)))
             accelerator.wait_for_everyone()
-        if run.stop is not None and run.stop.is_set():
+        if run.stop.is_set():
             raise KeyboardInterrupt
     run.state = {"phase": phase, "phase_step": phase_steps, "global_step": run.state["global_step"]}
     optimizer = getattr(run.optimizer, "optimizer", run.optimizer)  # accelerate's wrapper holds it on the eager path
@@ -742,6 +808,13 @@ def nan_message(config: TrainConfig, precision: str) -> str:
             "the last checkpoint before it is kept.")
 
 
+def disk_full_message(attempt_dir: Path) -> str:
+    checkpoint = latest_checkpoint(attempt_dir)
+    kept = f"the last checkpoint ({checkpoint.name}) is intact, so resume once there is room" if checkpoint else "no checkpoint was written yet"
+    return (f"The disk is full (where {attempt_dir.parent.parent} lives): free some space, e.g. delete attempts or checkpoints you "
+            f"no longer need; {kept}.")
+
+
 def oom_message(config: TrainConfig) -> str:
     tips = []
     if config.gradient_checkpointing != "on":
@@ -770,27 +843,35 @@ def append_log(attempt_dir: Path, step: int, phase: str, loss: float, lr: float,
     with open(path, "a", newline="") as f:
         writer = csv.writer(f)
         if new:
-            writer.writerow(["step", "phase", "loss", "lr", "elapsed_s"])
+            writer.writerow(LOG_FIELDS)
         writer.writerow([step, phase, f"{loss:.6f}", f"{lr:.3g}", f"{elapsed:.1f}"])
 
 
 def truncate_log(attempt_dir: Path, step: int) -> None:
-    """Drop rows logged after `step` (work lost to an interruption), so a resumed log reads straight."""
-    rows = read_log(attempt_dir)
-    if rows:
+    """Drop rows logged after `step` (work lost to an interruption), and rows a crash cut short, so a resumed log reads straight."""
+    if (attempt_dir / "log.csv").exists():
         out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+        writer = csv.DictWriter(out, fieldnames=LOG_FIELDS, lineterminator="\n", extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(r for r in rows if int(r["step"]) <= step)
+        writer.writerows(r for r in read_log(attempt_dir) if int(r["step"]) <= step)
         fileio.write_text(attempt_dir / "log.csv", out.getvalue())
 
 
 def read_log(attempt_dir: Path) -> list[dict[str, str]]:
+    """The rows of log.csv that are whole (a line cut short by a crash, or edited by hand, is left out)."""
     path = Path(attempt_dir) / "log.csv"
     if not path.exists():
         return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        return [row for row in csv.DictReader(f) if _whole_row(row)]
+
+
+def _whole_row(row: dict) -> bool:
+    try:
+        int(row["step"]), float(row["loss"]), float(row["lr"]), float(row["elapsed_s"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from dreamnb import train as train_module
 from dreamnb.attempts import attempt_pipeline, denoising_error
 from dreamnb.config import ConfigError, TrainConfig
 from dreamnb.data import cached_latents
-from dreamnb.session import open_session
+from dreamnb.session import add_attempt, open_session
 from dreamnb.train import latest_checkpoint, train
 
 
@@ -559,3 +559,94 @@ def test_the_loss_scaler_skips_an_overflowing_update_and_unscales_exactly():
     assert scaler.unscale_(params) and scaler.value == 1024.0  # two clean updates: the scale grows again
     assert train_module.Precision("fp16", "adamw-bf16").accelerate == "no"  # accelerate's GradScaler stays out of it
     assert train_module.Precision("fp16", "adamw8bit").accelerate == "fp16"
+
+
+def test_resume_says_when_there_is_nothing_to_resume_and_refuses_another_base_model(photo_session, base_sd1, tiny_sd2):
+    stopped = threading.Event()
+    stopped.set()  # Stop at the first step: a checkpoint at step 1
+    assert train(photo_session, quick_config(unet_steps=4), base_sd1, progress=False, attempt="stopped", stop=stopped).status == "interrupted"
+    with pytest.raises(ConfigError, match=r"was trained from .*, not .*; resume it with that model"):
+        train(photo_session, None, str(tiny_sd2.folder), attempt="stopped", resume=True, progress=False)
+    assert train(photo_session, None, base_sd1, attempt="stopped", resume=True, progress=False).status == "finished"
+    with pytest.raises(ConfigError, match="has finished .*nothing to resume"):
+        train(photo_session, None, base_sd1, attempt="stopped", resume=True, progress=False)
+
+    add_attempt(photo_session, "never-checkpointed")
+    folder = photo_session.attempt_dir("never-checkpointed")
+    (folder / "config.json").write_text(json.dumps(quick_config().to_dict()))
+    (folder / "log.csv").write_text("step,phase,loss,lr,elapsed_s\n1,unet,0.5,0.001,1.0\n")
+    with pytest.raises(ConfigError, match="no checkpoint to resume from"):
+        train(photo_session, None, base_sd1, attempt="never-checkpointed", resume=True, progress=False)
+    assert (folder / "log.csv").read_text().count("\n") == 2  # not restarted, nothing appended
+
+
+def test_ctrl_c_between_the_update_and_the_step_count_still_saves_a_consistent_checkpoint(photo_session, base_sd1, monkeypatch):
+    """SIGINT lands at any line. Here it lands in the learning-rate schedule's step, after the optimizer's update and
+    before the step is counted: it must not save step 3's weights as step 2 (they would resume to other weights)."""
+    import signal
+
+    config = quick_config(text_encoder_steps=2, unet_steps=4, log_every=1, lr_scheduler="linear")
+    train(photo_session, config, base_sd1, progress=False, attempt="straight")
+    scheduler_class = type(train_module.make_lr_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), config, 4))
+    real_step, steps = scheduler_class.step, []
+
+    def interrupted_step(self, *args, **kwargs):
+        steps.append(1)
+        if len(steps) == 6:  # the UNet phase's second step (each schedule takes a first step when it is made)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(scheduler_class, "step", interrupted_step)
+    messages = []
+    first = train(photo_session, config, base_sd1, progress=False, attempt="resumed", callback=lambda e: messages.append(e.message))
+    assert first.status == "interrupted" and first.steps_done == 4 and any("Ctrl-C again" in m for m in messages)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    monkeypatch.setattr(scheduler_class, "step", real_step)
+    assert train(photo_session, None, base_sd1, progress=False, attempt="resumed", resume=True).status == "finished"
+    for a, b in zip(_weights(photo_session, "straight"), _weights(photo_session, "resumed")):
+        assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+
+
+def test_a_full_disk_during_a_checkpoint_and_an_export_says_so_and_keeps_the_last_checkpoint(photo_session, tiny_sd1, base_sd1, monkeypatch, capsys):
+    import errno
+
+    import safetensors.torch
+
+    from dreamnb.cli import main
+
+    real_save, calls = safetensors.torch.save_file, []
+
+    def disk_fills_up(tensors, filename, *args, **kwargs):
+        calls.append(filename)
+        if len([c for c in calls if "step-" in str(c)]) > 2:  # the first checkpoint (weights, random state) fits; the next does not
+            raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+        return real_save(tensors, filename, *args, **kwargs)
+
+    def disk_full(tensors, filename, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_fills_up)
+    result = train(photo_session, quick_config(unet_steps=6, checkpoint_every=2), base_sd1, progress=False)
+    assert result.status == "failed" and "disk is full" in result.message and "step-000002) is intact" in result.message
+    folder = photo_session.attempt_dir(result.attempt)
+    assert [p.name for p in (folder / "checkpoints").iterdir()] == ["step-000002"]  # no half-written leftovers
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    assert train(photo_session, None, base_sd1, progress=False, attempt=result.attempt, resume=True).status == "finished"
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    out = photo_session.path.parent / "me.safetensors"
+    assert main(["export", "--session", str(photo_session.path), "--format", "safetensors", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the model's loading bar
+    assert err.startswith("dreamnb export: The disk is full where ") and not out.exists()
+
+
+def test_a_log_cut_short_by_a_crash_resumes_and_reads_straight(photo_session, base_sd1):
+    stop = threading.Event()
+    config = quick_config(unet_steps=4, log_every=1)
+    train(photo_session, config, base_sd1, progress=False, attempt="cut", stop=stop,
+          callback=lambda e: stop.set() if e.kind == "step" and e.step == 2 else None)
+    log = photo_session.attempt_dir("cut") / "log.csv"
+    with open(log, "a") as f:
+        f.write("3,unet,0.41\\nnot,a,row,at,all\\n\\x00\\x01")  # a row cut mid-write, and garbage
+    assert train(photo_session, None, base_sd1, progress=False, attempt="cut", resume=True).status == "finished"
+    assert [int(r["step"]) for r in train_module.read_log(photo_session.attempt_dir("cut"))] == [1, 2, 3, 4]

@@ -17,6 +17,7 @@ from ..config import PRESETS
 from ..crop import CROP_MODES
 from ..errors import UserError
 from ..images import PrepareReport, caption_warnings, prepare_photos, prepared_files, remove_photo
+from ..session import session_lock
 from .base import HELP_STYLE, View, current_text, png_bytes, resolve_session, row
 
 THUMBNAIL_PX = 128
@@ -115,8 +116,9 @@ class PhotosView(View):
                 raise UserError(f"There is no file or folder at {missing[0]}; check the path (on Colab, is Drive mounted?).")
             self.progress.layout.visibility = "visible"
             try:
-                report = self._prepare(sources, self.instance_dir, size=self.size.value, crop=self.crop.value,
-                                       preset=self.preset.value, progress=self._on_progress)
+                with session_lock(resolve_session(self._session).path, "preparing photos"):
+                    report = self._prepare(sources, self.instance_dir, size=self.size.value, crop=self.crop.value,
+                                           preset=self.preset.value, progress=self._on_progress)
             finally:
                 self.progress.layout.visibility = "hidden"
             self.report = report
