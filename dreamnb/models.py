@@ -60,9 +60,9 @@ class Placement:
 
 
 def default_placement() -> Placement:
-    """The GPU when there is one, in fp16 (what sampling uses; a full fine-tune's weights are copied from it, and fp16
-    keeps every bit that bf16 training weights can hold); else the CPU in fp32. Under `accelerate launch` each
-    process takes its own GPU (LOCAL_RANK)."""
+    """The GPU when there is one, in fp16 (what sampling uses; a full fine-tune copies its weights from it: fp16 has
+    more significant bits than bf16 training weights, though magnitudes under 6e-5 keep fewer); else the CPU in fp32.
+    Under `accelerate launch` each process takes its own GPU (LOCAL_RANK)."""
     if torch.cuda.is_available():
         return Placement(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))), torch.float16)
     return Placement(torch.device("cpu"), torch.float32)
