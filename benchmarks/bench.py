@@ -142,7 +142,7 @@ def run_dreamnb(name: str, workdir: Path, tiny: bool, unet_steps: int, te_steps:
 
     from dreamnb.config import TrainConfig
     from dreamnb.models import load_base_model
-    from dreamnb.session import create_session, open_session
+    from dreamnb.session import create_session, open_session, update_attempt
     from dreamnb.train import train
 
     started = time.time()  # after the imports: a notebook has made them in its setup cell
@@ -189,6 +189,10 @@ def run_dreamnb(name: str, workdir: Path, tiny: bool, unet_steps: int, te_steps:
         elif event.message:
             messages.append(f"{time.time() - started:6.1f}s {event.message}")
 
+    if resume and processes.is_main_process:  # as a runtime lost after that checkpoint leaves it (a finished one has nothing to resume)
+        attempt = session.attempt(None)
+        shutil.rmtree(session.attempt_dir(attempt.name) / "final", ignore_errors=True)
+        update_attempt(session, attempt.name, status="interrupted")
     result = train(session, config, base, callback=on_event, progress=False, resume=resume)
     if result.status != "finished":
         raise RuntimeError(result.message)
