@@ -87,7 +87,10 @@ def recover_leftovers(root: str | Path, *, recursive: bool = True) -> list[str]:
     done = []
     find = Path(root).rglob if recursive else Path(root).glob
     for tmp in sorted(find(".*.tmp"), reverse=True):
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         done.append(f"removed {tmp}")
     for old in sorted(find(".*.old")):
         target = old.with_name(old.name[1:-len(".old")])
