@@ -39,7 +39,7 @@ class ModelError(UserError):
 @dataclass
 class ModelInfo:
     source: str            # what the user gave
-    source_kind: str       # "hub" | "folder" | "single_file"
+    source_kind: str       # "hub" | "folder" | "single_file" | "url"
     family: str            # "sd1" | "sd2"
     prediction_type: str   # "epsilon" | "v_prediction"
     resolution: int        # native image size: 512 or 768 for real models
@@ -111,8 +111,10 @@ def resolve_hf_token() -> str | None:
 
 
 def source_kind(source: str | os.PathLike) -> str:
-    """'folder', 'single_file' or 'hub' — or a ModelError when it is none of them."""
+    """'folder', 'single_file', 'url' (an http(s) link, see dreamnb.download) or 'hub' — or a ModelError when it is none of them."""
     text = str(source)
+    if text.strip().lower().startswith(("http://", "https://")):
+        return "url"
     path = Path(text).expanduser()
     if path.is_dir():
         return "folder"
@@ -224,11 +226,15 @@ def load_base_model(
     token = resolve_hf_token()
     placement = placement or default_placement()
     common = dict(dtype=placement.dtype, safety_checker=None, requires_safety_checker=False)
+    path = Path(source).expanduser()
+    if kind == "url":  # downloaded once into a cache, then loaded as the single file it is
+        from .download import download_model, shown_url
+
+        path, source = download_model(source), shown_url(source)  # what is shown and saved holds no token
     if kind == "folder":
         check_folder(Path(source))
         pipe = _load(lambda: StableDiffusionPipeline.from_pretrained(source, **common), source)
-    elif kind == "single_file":
-        path = Path(source).expanduser()
+    elif kind in ("single_file", "url"):
         keys, shapes = read_checkpoint_keys(path)
         classify_checkpoint(keys, shapes, path.name)
         extra: dict[str, Any] = {}

@@ -22,6 +22,7 @@ KIND_WORDS = {
     "hub": "a model on the Hugging Face Hub (downloaded once, then cached)",
     "folder": "a diffusers model folder on this machine",
     "single_file": "a single checkpoint file (.safetensors / .ckpt), as A1111 and civitai use",
+    "url": "a link to a checkpoint file (civitai, Google Drive, Hugging Face, any https): downloaded once into a cache, then loaded as a single file",
 }
 
 
@@ -50,7 +51,7 @@ class ModelView(View):
         self._show_kind()
         self._show_token_state()
         self.widget = W.VBox([
-            row(self.source_text, "A Hub id like stable-diffusion-v1-5/stable-diffusion-v1-5, a folder, or a .safetensors file.", "Base model"),
+            row(self.source_text, "A Hub id like stable-diffusion-v1-5/stable-diffusion-v1-5, a folder, a .safetensors file, or a link to one (civitai download link, Google Drive share, https; a civitai key is read from the CIVITAI_TOKEN secret).", "Base model"),
             row(self.kind, "", " "),
             row(self.config_text, "For a single file: a diffusers folder or Hub id whose configs describe it (SD 2.x files need one).", "Config (optional)"),
             row(W.HBox([self.token_box, self.token_button]), "For gated or private models, and for pushing to the Hub (write access); kept in this runtime only, never saved.", "Hugging Face token"),
