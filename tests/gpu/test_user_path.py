@@ -145,3 +145,40 @@ def test_sampling_through_the_users_functions_is_on_the_gpu(full_model):
         generate(base.pipeline, settings, progress=False)
     torch.cuda.synchronize()
     record("sampling 1 image, 25 steps, 512 px, through load_base_model + generate", seconds=round((time.time() - started) / 3, 3))
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("preset, lora", [("face", True), ("style", False)])
+def test_the_readme_flow_on_the_full_architecture(full_model, photos_512, tmp_path, preset, lora):
+    """`--lora` and `--preset style` as shipped (the face preset's full run is the headline above)."""
+    train_args = ["--preset", preset] + (["--lora"] if lora else [])
+    fmt = "lora" if lora else "safetensors"
+    session, exported, log, seconds = readme_flow(full_model, photos_512, tmp_path, *train_args, export_format=fmt)
+    assert "CUDA graphs on" in log and ("on cuda" in log) == (preset == "face"), log  # class images: face only
+    sample_with_diffusers(full_model, exported, fmt)
+    record(f"readme flow, full SD-1.5 architecture, --preset {preset}{' --lora' if lora else ''}", **seconds)
+
+
+@pytest.mark.full
+def test_the_notebook_headless_on_the_full_architecture(full_model, photos_512, tmp_path):
+    """Every section of the notebook with `auto_run`, on the GPU, the face preset (prior preservation, class images
+    on the GPU) with fewer steps; the export it writes loads in diffusers and samples."""
+    from nbclient import NotebookClient
+    from test_notebook import code_cells, inject_parameters, read_notebook
+
+    root = tmp_path / "sessions"
+    nb = read_notebook()
+    inject_parameters(nb, dict(base_model=str(full_model), session_root=str(root), session_name="nb", token=TOKEN,
+                               instance_images=str(photos_512), preset="face", unet_steps=300, text_encoder_steps=50,
+                               sample_every=100, auto_run=True))
+    started = time.time()
+    NotebookClient(nb, timeout=580, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    seconds = time.time() - started
+    errors = [o for cell in code_cells(nb) for o in cell.outputs if o.output_type == "error"]
+    assert not errors, errors
+    state = json.loads((root / "nb" / "session.json").read_text())
+    assert [(a["name"], a["status"], a["steps_done"]) for a in state["attempts"]] == [("attempt-1", "finished", 350)]
+    assert len(list((root / "nb" / "class").glob("*/*.png"))) == 100
+    (exported,) = (root / "nb" / "exports").glob("*.safetensors")
+    sample_with_diffusers(full_model, exported, "safetensors")
+    record("notebook headless (auto_run), full SD-1.5 architecture, face preset 50 + 300 steps", notebook_s=round(seconds, 1))
