@@ -15,47 +15,43 @@ from typing import Any
 
 import torch
 
+from .config import TrainConfig
 from .models import BaseModel
-from .session import Session, SessionError
-from .train import CHECKPOINTS, FINAL, LORA_FILE, TEXT_LORA_TARGETS, UNET_LORA_TARGETS, add_lora
+from .session import FINAL, LORA_FILE, Session, attempt_weights_dir, checkpoint_steps, reading  # noqa: F401 (the UI's)
+from .train import TEXT_LORA_TARGETS, UNET_LORA_TARGETS, add_lora
 
 log = logging.getLogger(__name__)
 
 
-def attempt_weights_dir(session: Session, name: str | None = None, checkpoint: int | None = None) -> Path:
-    """final/ of the attempt, or checkpoints/step-N when `checkpoint` is given."""
-    attempt = session.attempt(name)
-    folder = session.attempt_dir(attempt.name)
-    if checkpoint is not None:
-        path = folder / CHECKPOINTS / f"step-{checkpoint:06d}"
-        if not (path / "state.json").is_file():
-            steps = sorted(int(p.name[5:]) for p in (folder / CHECKPOINTS).glob("step-*"))
-            raise SessionError(f"Attempt {attempt.name!r} has no checkpoint at step {checkpoint}; it has: {steps or 'none'}.")
-        return path
-    path = folder / FINAL
-    if not path.is_dir():
-        raise SessionError(f"Attempt {attempt.name!r} has not finished training ({attempt.status}, {attempt.steps_done} steps); resume it, or pick a checkpoint.")
-    return path
-
-
 def attempt_config(session: Session, name: str | None = None) -> dict:
-    return json.loads((session.attempt_dir(session.attempt(name).name) / "config.json").read_text())
+    path = session.attempt_dir(session.attempt(name).name) / "config.json"
+    with reading(path, "the attempt's settings are lost, so train it again (its weights stay where they are)"):
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError(f"it holds a {type(config).__name__}, not settings")
+    return config
 
 
 def attempt_pipeline(base: BaseModel, session: Session, name: str | None = None, checkpoint: int | None = None):
-    """A StableDiffusionPipeline with the attempt's weights; parts it did not change are the base's own objects."""
+    """A StableDiffusionPipeline with the weights of attempt `name` (NAME or NAME@STEP; or `checkpoint`'s step);
+    parts it did not change are the base's own objects."""
+    weights_dir = attempt_weights_dir(session, name, checkpoint)
+    config = attempt_config(session, name)
+    with reading(weights_dir, "use another checkpoint of the attempt, or train it again"):
+        return pipeline_with_weights(base, weights_dir, config)
+
+
+def pipeline_with_weights(base: BaseModel, weights_dir: Path, config: dict):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    weights_dir = attempt_weights_dir(session, name, checkpoint)
-    config = attempt_config(session, name)
     components = dict(base.pipeline.components)
     dtype, device = base.unet.dtype, base.unet.device
-    if checkpoint is not None:
+    if weights_dir.name != FINAL:
         components.update(_from_checkpoint(base, weights_dir, config))
     elif (weights_dir / LORA_FILE).is_file():
         components["unet"] = copy.deepcopy(base.unet)
-        if config.get("text_encoder_steps"):
+        if TrainConfig.from_dict(config).changes_text_encoder:
             components["text_encoder"] = copy.deepcopy(base.text_encoder)
         pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
         pipe.load_lora_weights(str(weights_dir))
@@ -85,10 +81,23 @@ def _from_checkpoint(base: BaseModel, checkpoint_dir: Path, config: dict) -> dic
             targets = UNET_LORA_TARGETS if prefix == "unet." else TEXT_LORA_TARGETS
             add_lora(model, config["lora_rank"], config["lora_alpha"], targets)
             set_peft_model_state_dict(model, state)
+            merge_lora(model)
         else:
             model.load_state_dict({k: v.to(module.dtype) for k, v in state.items()})
         parts[prefix[:-1]] = model.to(base.unet.device)
     return parts
+
+
+def merge_lora(model) -> None:
+    """Adds each LoRA adapter into the layer it wraps and puts the plain layer back (as diffusers' fuse_lora and
+    unload_lora_weights do for the LoRA files they load): a model like any other, for sampling and export."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
 
 
 @torch.no_grad()
@@ -146,7 +155,8 @@ def comparison_grid(
     configs = {name: attempt_config(session, name) for name in attempt_names if name != "base"}
     first = next(iter(configs.values()), {})
     prompts = [expand_prompt(p, first.get("token", ""), first.get("class_word", "")) for p in (prompts or PROBE_PROMPTS)]
-    labels = differing_settings(configs) if len(configs) > 1 else {}
+    lineage = {name: f"from {c['parent']}" for name, c in configs.items() if c.get("parent")}  # what it continued
+    labels = differing_settings(configs) if len(configs) > 1 else lineage
     samples: dict[str, list[Any]] = {}
     col_labels = []
     for name in attempt_names:

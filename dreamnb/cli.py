@@ -55,8 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-config", help="for a single-file model: a diffusers folder or Hub id with its configs")
     p.add_argument("--token", help=config_module.help_for("token"))
     p.add_argument("--class-word", help=config_module.help_for("class_word"))
-    p.add_argument("--preset", choices=config_module.PRESETS, default="face", help=config_module.help_for("preset"))
+    p.add_argument("--preset", choices=config_module.PRESETS, help=config_module.help_for("preset") + " (default: face)")
     p.add_argument("--attempt", help="attempt name (default attempt-N); with --resume, the one to resume (default the latest)")
+    p.add_argument("--from", dest="parent", metavar="ATTEMPT[@STEP]",
+                   help="continue a trained attempt (or one of its checkpoints) as a new attempt: its settings unless given here; "
+                        "--unet-steps/--te-steps are steps more (the text encoder's 0 unless given)")
     p.add_argument("--unet-steps", type=int, help=config_module.help_for("unet_steps"))
     p.add_argument("--unet-lr", type=float, help=config_module.help_for("unet_lr"))
     p.add_argument("--te-steps", type=int, help=config_module.help_for("text_encoder_steps"))
@@ -76,10 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--session", required=True)
         if name == "sample":
-            p.add_argument("--attempt", help="attempt name (default the latest); 'base' for the untrained model")
+            p.add_argument("--attempt", help="attempt name, or NAME@STEP for a checkpoint (default the latest); 'base' for the untrained model")
             p.add_argument("--checkpoint", type=int, help="use checkpoint step N instead of the final weights")
         else:
-            p.add_argument("--attempts", nargs="+", required=True, help="attempt names; 'base' is the untrained model")
+            p.add_argument("--attempts", nargs="+", required=True, help="attempt names, or NAME@STEP for a checkpoint; 'base' is the untrained model")
         p.add_argument("--prompt", nargs="+", help="prompts; {token} and {class} are filled in (default: the probe prompts)")
         p.add_argument("--negative-prompt", default="")
         p.add_argument("--seed", nargs="+", type=int, default=[1, 2])
@@ -93,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="save an attempt for diffusers, A1111/ComfyUI, or as a LoRA")
     p.add_argument("--session", required=True)
-    p.add_argument("--attempt")
+    p.add_argument("--attempt", help="attempt name, or NAME@STEP for a checkpoint (default the latest)")
     p.add_argument("--format", choices=("diffusers", "safetensors", "lora"), required=True)
     p.add_argument("--out", help="file or folder to write (default: the session's exports/ folder)")
     p.add_argument("--push", metavar="REPO_ID", help="upload to this Hugging Face Hub repository with a model card (token from HF_TOKEN or a saved login)")
@@ -156,7 +159,18 @@ def cmd_check_token(args) -> Any:
     return None
 
 
-def train_config_from_args(args, saved: dict | None = None) -> TrainConfig:
+def train_config_from_args(args, session=None) -> TrainConfig:
+    """The preset's settings with what the command line gives; with --from, the parent attempt's instead of the preset's."""
+    overrides = config_overrides(args)
+    if args.parent:
+        from .train import continue_config
+
+        return continue_config(session, args.parent, **overrides, preset=args.preset, method="lora" if args.lora else None)
+    return TrainConfig.from_preset(args.preset or "face", "lora" if args.lora else "full", **overrides)
+
+
+def config_overrides(args) -> dict[str, Any]:
+    """The settings given on the command line (None: not given)."""
     overrides: dict[str, Any] = dict(
         token=args.token, class_word=args.class_word, unet_steps=args.unet_steps, unet_lr=args.unet_lr,
         text_encoder_steps=args.te_steps, text_encoder_lr=args.te_lr, resolution=args.resolution,
@@ -173,7 +187,7 @@ def train_config_from_args(args, saved: dict | None = None) -> TrainConfig:
             overrides[key] = (value.lower() in ("1", "true", "yes", "on")) if kind is bool else kind(value)
         except ValueError as err:
             raise UsageError(f"--set {key} needs a {kind.__name__}, not {value!r}.") from err
-    return TrainConfig.from_preset(args.preset, "lora" if args.lora else "full", **overrides)
+    return overrides
 
 
 def cmd_train(args) -> Any:
@@ -184,9 +198,11 @@ def cmd_train(args) -> Any:
     model = args.model or session.base_model
     if not model:
         raise UsageError("No base model: give --model (a Hub id, a diffusers folder or a .safetensors file).")
-    if not args.resume and not args.token:
+    if args.resume and args.parent:
+        raise UsageError("--resume continues an interrupted attempt and --from a trained one as a new attempt; give one of them.")
+    if not args.resume and not args.parent and not args.token:
         raise UsageError("--token is required: the rare word that will mean your subject (see `dreamnb check-token`).")
-    config = train_config_from_args(args) if not args.resume else TrainConfig()
+    config = train_config_from_args(args, session) if not args.resume else TrainConfig()
     speaks = is_main_process()  # under `accelerate launch` (several GPUs) one process reports
     result = train(session, config, model, attempt=args.attempt, resume=args.resume, config_source=args.model_config,
                    callback=_print_train_event if speaks and not args.json else None, progress=speaks and not args.json)
@@ -232,11 +248,11 @@ def _grid(session, base, names: list[str], args):
 
 def cmd_sample(args) -> Any:
     from .fileio import save_with
-    from .session import open_session
+    from .session import canonical_ref, open_session
 
     session = open_session(args.session)
+    name = canonical_ref(session, args.attempt)  # a wrong name or step is reported before the model loads
     base = _session_base(args, session)
-    name = args.attempt if args.attempt == "base" else session.attempt(args.attempt).name
     grid = _grid(session, base, [name], args)
     save_with(args.out, lambda tmp: grid.save(tmp, format="PNG"))
     print(args.out)
@@ -244,10 +260,10 @@ def cmd_sample(args) -> Any:
 
 def cmd_compare(args) -> Any:
     from .fileio import save_with
-    from .session import open_session
+    from .session import canonical_ref, open_session
 
     session = open_session(args.session)
-    names = [a if a == "base" else session.attempt(a).name for a in args.attempts]
+    names = [canonical_ref(session, a) for a in args.attempts]
     base = _session_base(args, session)
     grid = _grid(session, base, names, args)
     save_with(args.out, lambda tmp: grid.save(tmp, format="PNG"))

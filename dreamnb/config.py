@@ -62,15 +62,19 @@ class TrainConfig:
     lora_alpha: int = _f(16, "LoRA strength scale; usually equal to the rank.", min=1, max=512)
     mixed_precision: str = _f("auto", "Number format: 'auto' picks bf16 on new GPUs, fp16 on a T4, fp32 on a CPU.", choices=("auto", "no", "fp16", "bf16"))
     gradient_checkpointing: str = _f("auto", "Saves GPU memory by recomputing, a little slower; 'auto' turns it on when memory is tight.", choices=("auto", "on", "off"))
-    optimizer: str = _f("auto", "'auto': on a GPU, bf16 weights with stochastic rounding (half the memory; a T4 computes in fp16 beside them), or 8-bit AdamW on a T4 that has bitsandbytes; AdamW on a CPU and for LoRA.", choices=("auto", "adamw", "adamw8bit", "adamw-bf16"))
+    optimizer: str = _f("auto", "'auto': on a GPU, bf16 weights with stochastic rounding (half the memory; a T4 computes in fp16 beside them), or 8-bit AdamW on a T4 that has bitsandbytes; AdamW on a CPU and for LoRA. 'adamw-bf16-kahan' (compensated sums) and 'adamw-bf16-v32' (fp32 second moment) are bf16-weight variants for GPUs with bf16 math.", choices=("auto", "adamw", "adamw8bit", "adamw-bf16", "adamw-bf16-kahan", "adamw-bf16-v32"))
     cuda_graphs: str = _f("auto", "Records a whole training step once and replays it: several times faster on a GPU ('auto': one GPU; 'on' also with several).", choices=("auto", "on", "off"))
 
     # --- never lose a run ------------------------------------------------------------------------
     checkpoint_every: int = _f(500, "Save a checkpoint every this many steps (and always at the end and on Stop); 0 only at the end.", min=0)
-    keep_checkpoints: int = _f(2, "How many recent checkpoints to keep on disk.", min=1, max=100)
+    keep_checkpoints: int = _f(2, "How many recent checkpoints to keep on disk (to compare, export or continue from); only the newest keeps the optimizer state that resuming needs.", min=1, max=100)
     sample_every: int = _f(0, "Make preview images every this many steps, to watch the subject appear (and spot overfitting early); 0 is off.", min=0)
     sample_prompts: str = _f("", "Prompts for the previews, separated by '|' ({token} and {class} are filled in); empty: the instance prompt and the subject as a painting.")
     log_every: int = _f(10, "Write the loss to log.csv every this many steps.", min=1)
+
+    # --- continuing an attempt (set by `continue_config`) -------------------------------------------
+    parent: str = _f("", "The attempt (or checkpoint, as attempt-1@500) this one continues from; empty: it starts from the base model.")
+    parent_trained_text_encoder: bool = _f(False, "Whether the attempt continued from changed the text encoder, which this one then carries on.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -112,6 +116,11 @@ class TrainConfig:
     @property
     def total_steps(self) -> int:
         return self.text_encoder_steps + self.unet_steps
+
+    @property
+    def changes_text_encoder(self) -> bool:
+        """Whether the attempt's text encoder differs from the base model's: trained here, or by the attempt it continues."""
+        return self.text_encoder_steps > 0 or self.parent_trained_text_encoder
 
 
 # A sampling knob, not a training one; here so the CLI and the widgets say the same thing.

@@ -24,12 +24,11 @@ from typing import Any
 import torch
 
 from . import __version__, fileio
-from .attempts import attempt_config, attempt_pipeline, attempt_weights_dir
+from .attempts import attempt_config, attempt_pipeline
 from .config import TrainConfig
 from .errors import UserError
 from .models import BaseModel, ModelError, resolve_hf_token, source_kind
-from .session import Session, session_lock
-from .train import LORA_FILE
+from .session import FINAL, LORA_FILE, Session, attempt_weights_dir, canonical_ref, session_lock
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +38,7 @@ SUFFIX = ".safetensors"
 CARD_SETTINGS = (
     "preset", "method", "resolution", "unet_steps", "unet_lr", "text_encoder_steps", "text_encoder_lr",
     "lr_scheduler", "with_prior_preservation", "num_class_images", "prior_loss_weight", "train_batch_size",
-    "gradient_accumulation_steps", "offset_noise", "min_snr_gamma", "lora_rank", "lora_alpha", "seed",
+    "gradient_accumulation_steps", "offset_noise", "min_snr_gamma", "lora_rank", "lora_alpha", "seed", "parent",
 )
 _LORA_KEY = re.compile(
     r"^(unet|text_encoder)\.(.+)\.(lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up|lora_A|lora_B)\.weight$"
@@ -72,14 +71,14 @@ def export_attempt(
     """
     with session_lock(session.path, "an export"):
         out = check_export(session, attempt, format, out, force=force)
-        name = session.attempt(attempt).name
+        name = canonical_ref(session, attempt)  # NAME, or NAME@STEP for a checkpoint
         weights_dir = attempt_weights_dir(session, name)
         config = attempt_config(session, name)
-        is_lora = (weights_dir / LORA_FILE).is_file()
+        is_lora = config.get("method") == "lora"
 
         origin = describe(session, name, config, base.info.source)
         if format == "lora":
-            state, metadata = kohya_lora(weights_dir / LORA_FILE, config, base, name, origin)
+            state, metadata = kohya_lora(lora_weights_file(weights_dir), config, base, name, origin)
             from safetensors.torch import save_file
 
             fileio.save_with(out, lambda tmp: save_file(state, str(tmp), metadata=metadata))
@@ -87,8 +86,8 @@ def export_attempt(
             return out
 
         pipe = attempt_pipeline(base, session, name)
-        if is_lora:
-            # attempt_pipeline fused the LoRA into copies; drop the now empty adapter layers so only
+        if is_lora and weights_dir.name == FINAL:
+            # attempt_pipeline fused the LoRA file into copies; drop the now empty adapter layers so only
             # plain weights are saved (the fused values stay in the layers they wrapped).
             pipe.unload_lora_weights()
         if format == "diffusers":
@@ -108,9 +107,8 @@ def check_export(session: Session, attempt: str | None, format: str, out: str | 
     can call it before loading the base model, so a mistake is reported in a second."""
     if format not in FORMATS:
         raise ExportError(f"Unknown export format {format!r}; choose one of {', '.join(FORMATS)}.")
-    name = session.attempt(attempt).name
-    weights_dir = attempt_weights_dir(session, name)  # a clear error when the attempt has not finished
-    if format == "lora" and not (weights_dir / LORA_FILE).is_file():
+    name = canonical_ref(session, attempt)
+    if format == "lora" and attempt_config(session, name).get("method") != "lora":
         raise ExportError(
             f"Attempt {name!r} trained every weight, so there is no LoRA to export; export it as 'diffusers' "
             "or 'safetensors', or train a new attempt with the 'lora' method."
@@ -120,9 +118,14 @@ def check_export(session: Session, attempt: str | None, format: str, out: str | 
     return path
 
 
+def lora_weights_file(weights_dir: Path) -> Path:
+    """final/'s LoRA file (diffusers' names), or a checkpoint's weights (peft's): kohya_lora reads either."""
+    return weights_dir / (LORA_FILE if weights_dir.name == FINAL else "weights.safetensors")
+
+
 def default_file_name(session: Session, attempt: str, format: str) -> str:
-    """`<session>-<attempt>` (plus `-lora` and `.safetensors` for the file formats), safe on any filesystem."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{session.name}-{attempt}").strip("-.") or "dreamnb"
+    """`<session>-<attempt>[-stepN]` (plus `-lora` and `.safetensors` for the file formats), safe on any filesystem."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{session.name}-{attempt.replace('@', '-step')}").strip("-.") or "dreamnb"
     return {"diffusers": stem, "safetensors": stem + SUFFIX, "lora": f"{stem}-lora{SUFFIX}"}[format]
 
 
@@ -378,7 +381,7 @@ def push_to_hub(
     token = token or resolve_hf_token() or get_token()
     if not token:
         raise ExportError("No Hugging Face token found; set HF_TOKEN, add HF_TOKEN to Colab's secrets, or paste a token in the notebook's base model section.")
-    name = session.attempt(attempt).name
+    name = canonical_ref(session, attempt)
     config = attempt_config(session, name)
 
     with tempfile.TemporaryDirectory(prefix="dreamnb-push-") as tmp:

@@ -32,8 +32,24 @@ def stochastic_round_to_bf16(values: torch.Tensor, generator: torch.Generator | 
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
+# The bf16-weight optimizers `TrainConfig.optimizer` can name, as AdamWBF16's options. Experiment 1 of
+# benchmarks/quality compares them with fp32 AdamW at the presets' learning rates.
+BF16_OPTIMIZERS: dict[str, dict[str, str]] = {
+    "adamw-bf16": dict(rounding="stochastic", second_moment="bf16"),
+    "adamw-bf16-kahan": dict(rounding="kahan", second_moment="bf16"),  # optimi's way: a bf16 compensation buffer
+    "adamw-bf16-v32": dict(rounding="stochastic", second_moment="fp32"),
+}
+ROUNDINGS = ("stochastic", "kahan")
+MOMENT_FORMATS = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 class AdamWBF16(torch.optim.Optimizer):
     """AdamW for bf16 weights: bf16 moments, fp32 arithmetic, stochastic rounding of the new weights.
+
+    `rounding="kahan"` instead keeps the part of each update that bf16 weights cannot hold in a bf16
+    compensation buffer and adds it back next step (compensated summation, as the optimi library does; 2 more
+    bytes per weight). `second_moment="fp32"` keeps `exp_avg_sq` in fp32 (2 more bytes per weight): in bf16
+    with round-to-nearest, β2 = 0.999's decay is below half a bf16 step, so v never decreases.
 
     The weights and their gradients are re-homed as views into one flat buffer each, so an update is
     a few dozen large kernels over the whole model instead of ~25 small ones per tensor (which, even
@@ -43,7 +59,11 @@ class AdamWBF16(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float = 1e-5, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 generator: torch.Generator | None = None, chunk_elements: int = 1 << 26):
+                 generator: torch.Generator | None = None, chunk_elements: int = 1 << 26,
+                 rounding: str = "stochastic", second_moment: str = "bf16"):
+        if rounding not in ROUNDINGS or second_moment not in MOMENT_FORMATS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS} and second_moment one of {tuple(MOMENT_FORMATS)}, "
+                             f"not {rounding!r} and {second_moment!r}")
         params = [p for p in params if p.requires_grad]
         device = params[0].device
         super().__init__(params, dict(lr=torch.tensor(float(lr), device=device), betas=betas, eps=eps, weight_decay=weight_decay))
@@ -53,7 +73,10 @@ class AdamWBF16(torch.optim.Optimizer):
         self.flat_param = torch.empty(total, dtype=torch.bfloat16, device=device)
         self.flat_grad = torch.zeros(total, dtype=torch.bfloat16, device=device)
         self.exp_avg = torch.zeros(total, dtype=torch.bfloat16, device=device)
-        self.exp_avg_sq = torch.zeros(total, dtype=torch.bfloat16, device=device)
+        self.exp_avg_sq = torch.zeros(total, dtype=MOMENT_FORMATS[second_moment], device=device)
+        self.rounding = rounding
+        # what the bf16 weights lost to rounding, added back next step (Kahan); stochastic rounding needs none
+        self.compensation = torch.zeros(total, dtype=torch.bfloat16, device=device) if rounding == "kahan" else None
         self.step_count = torch.zeros((), dtype=torch.float32, device=device)
         offset = 0
         for p in params:
@@ -82,9 +105,11 @@ class AdamWBF16(torch.optim.Optimizer):
             coefficients = torch.stack([lr / bias1, 1 / bias2_sqrt, decay]).float()
             seed = torch.randint(0, 2**31 - 1, (1,), device=self.flat_param.device, generator=self.generator)
             n = self.flat_param.numel()
+            kahan = self.compensation is not None
             kernel[(triton_cdiv(n, _BLOCK),)](
-                self.flat_param, self.flat_grad, self.exp_avg, self.exp_avg_sq, coefficients, seed, n,
-                beta1, beta2, group["eps"], BLOCK=_BLOCK,
+                self.flat_param, self.flat_grad, self.exp_avg, self.exp_avg_sq,
+                self.compensation if kahan else self.flat_param, coefficients, seed, n,
+                beta1, beta2, group["eps"], BLOCK=_BLOCK, KAHAN=kahan,
             )
             return None
         for start in range(0, self.flat_param.numel(), self.chunk_elements):
@@ -94,29 +119,40 @@ class AdamWBF16(torch.optim.Optimizer):
             v = self.exp_avg_sq[part].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             self.exp_avg[part].copy_(m)
             self.exp_avg_sq[part].copy_(v)
-            denom = v.sqrt_().div_(bias2_sqrt).add_(group["eps"])
-            weight = self.flat_param[part].float().mul_(decay)
-            weight.addcdiv_(m.mul_(lr / bias1), denom, value=-1)
-            self.flat_param[part].copy_(stochastic_round_to_bf16(weight, self.generator))
+            denom = v.sqrt().div_(bias2_sqrt).add_(group["eps"])  # not in place: an fp32 v is the state itself
+            old = self.flat_param[part].float()
+            weight = old.mul(decay).addcdiv_(m.mul_(lr / bias1), denom, value=-1)
+            if self.compensation is None:
+                self.flat_param[part].copy_(stochastic_round_to_bf16(weight, self.generator))
+                continue
+            # Kahan: the wanted change plus what earlier steps lost, rounded to nearest; the remainder is kept
+            wanted = weight.sub_(old).add_(self.compensation[part].float())
+            self.flat_param[part].copy_(old + wanted)
+            self.compensation[part].copy_(wanted.sub_(self.flat_param[part].float() - old))
         return None
 
     def state_dict(self) -> dict:
         # copied to the CPU: a checkpoint must not need another model's worth of GPU memory
-        return {"step": self.step_count.cpu(), "exp_avg": self.exp_avg.cpu(), "exp_avg_sq": self.exp_avg_sq.cpu(),
-                "lr": self.param_groups[0]["lr"].cpu()}
+        state = {"step": self.step_count.cpu(), "exp_avg": self.exp_avg.cpu(), "exp_avg_sq": self.exp_avg_sq.cpu(),
+                 "lr": self.param_groups[0]["lr"].cpu()}
+        if self.compensation is not None:
+            state["compensation"] = self.compensation.cpu()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count.copy_(state["step"])
         self.exp_avg.copy_(state["exp_avg"])
         self.exp_avg_sq.copy_(state["exp_avg_sq"])
         self.param_groups[0]["lr"].copy_(state["lr"])
+        if self.compensation is not None and "compensation" in state:
+            self.compensation.copy_(state["compensation"])
 
     def unflatten(self) -> None:
         """Give every weight its own memory again (for saving) and free the optimizer's buffers."""
         for p in self.param_groups[0]["params"]:
             p.data = p.data.clone(memory_format=torch.preserve_format)
             p.grad = None
-        self.flat_param = self.flat_grad = self.exp_avg = self.exp_avg_sq = None
+        self.flat_param = self.flat_grad = self.exp_avg = self.exp_avg_sq = self.compensation = None
 
 
 class LossScaler:
@@ -168,7 +204,8 @@ def _fused_kernel():
         return None
 
     @triton.jit
-    def adamw_bf16_sr(w_ptr, g_ptr, m_ptr, v_ptr, coef_ptr, seed_ptr, n, beta1, beta2, eps, BLOCK: tl.constexpr):
+    def adamw_bf16_sr(w_ptr, g_ptr, m_ptr, v_ptr, c_ptr, coef_ptr, seed_ptr, n, beta1, beta2, eps,
+                      BLOCK: tl.constexpr, KAHAN: tl.constexpr):
         offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < n
         step_size = tl.load(coef_ptr)       # lr / (1 - beta1**step)
@@ -181,12 +218,18 @@ def _fused_kernel():
         v = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         m = m + (1 - beta1) * (g - m)
         v = beta2 * v + (1 - beta2) * g * g
-        w = w * decay - step_size * m / (tl.sqrt(v) * inv_bias2_sqrt + eps)
-        noise = (tl.randint(seed, offsets) & 0xFFFF).to(tl.int32)
-        bits = (w.to(tl.int32, bitcast=True) + noise) & -65536
-        tl.store(w_ptr + offsets, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=mask)
+        new = w * decay - step_size * m / (tl.sqrt(v) * inv_bias2_sqrt + eps)
+        if KAHAN:  # compensated: add what earlier steps lost, round to nearest, keep the remainder
+            wanted = new - w + tl.load(c_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            rounded = (w + wanted).to(tl.bfloat16)
+            tl.store(c_ptr + offsets, (wanted - (rounded.to(tl.float32) - w)).to(tl.bfloat16), mask=mask)
+            tl.store(w_ptr + offsets, rounded, mask=mask)
+        else:
+            noise = (tl.randint(seed, offsets) & 0xFFFF).to(tl.int32)
+            bits = (new.to(tl.int32, bitcast=True) + noise) & -65536
+            tl.store(w_ptr + offsets, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=mask)
         tl.store(m_ptr + offsets, m.to(tl.bfloat16), mask=mask)
-        tl.store(v_ptr + offsets, v.to(tl.bfloat16), mask=mask)
+        tl.store(v_ptr + offsets, v.to(v_ptr.dtype.element_ty), mask=mask)
 
     _KERNEL.append(adamw_bf16_sr)
     return adamw_bf16_sr

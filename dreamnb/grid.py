@@ -112,7 +112,7 @@ def differing_settings(configs: dict[str, dict]) -> dict[str, str]:
         keys.extend(key for key in config if key not in keys and key not in _NOT_SETTINGS)
     differing = [key for key in keys if len({repr(config.get(key, _MISSING)) for config in flat.values()}) > 1]
     return {
-        name: " · ".join(_describe(key, config[key]) for key in differing if key in config)
+        name: " · ".join(_describe(key, config[key]) for key in differing if config.get(key, "") != "")
         for name, config in flat.items()
     }
 
@@ -136,10 +136,11 @@ _MISSING = object()
 
 # Keys that name or date an attempt rather than configure it: the same between two attempts
 # is meaningless and different is a given.
-_NOT_SETTINGS = {"name", "attempt", "created", "output_dir", "session", "version", "dreamnb_version"}
+_NOT_SETTINGS = {"name", "attempt", "created", "output_dir", "session", "version", "dreamnb_version", "parent_trained_text_encoder"}
 
 # Short forms of the settings people change between attempts ({} is the value).
 _SHORT_LABELS = {
+    "parent": "from {}",
     "unet_steps": "unet {} steps",
     "max_train_steps": "{} steps",
     "unet_lr": "unet lr {}",

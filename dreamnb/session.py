@@ -5,8 +5,10 @@
       instance/        prepared photos (+ .txt captions)
       class/           generated class images, reused across attempts
       cache/           latents and text embeddings
-      attempts/<name>/ config.json, log.csv, checkpoints/, final/, samples/
+      attempts/<name>/ config.json, log.csv, checkpoints/step-NNNNNN/, final/, samples/
       exports/
+
+An attempt is named by the user as `NAME` (its final weights) or `NAME@STEP` (one of its checkpoints).
 
 `session.json` is rewritten atomically, and its last good version is kept beside it (`session.json.bak`).
 Sessions written by older versions (no `format` key, or fewer keys) open fine: missing keys get defaults
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import errno
 import json
 import logging
 import os
@@ -44,6 +47,9 @@ LOCK_FILE = ".lock"
 HEARTBEAT_S = 30      # how often a writer renews its lock
 STALE_AFTER_S = 180   # a lock not renewed for this long belongs to a runtime that is gone
 FORMAT_VERSION = 1
+CHECKPOINTS, FINAL = "checkpoints", "final"         # an attempt's checkpoints/step-NNNNNN/ and final/
+LORA_FILE = "pytorch_lora_weights.safetensors"     # final/ of a LoRA attempt
+OPTIMIZER_FILE = "optimizer.pt"  # in a checkpoint: the optimizer's and LR schedule's state, only for resuming
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,63}$")
 
 
@@ -63,6 +69,7 @@ class Attempt:
     steps_done: int = 0
     message: str = ""
     base_model: str | None = None  # what it was trained from, so a resume from another model is refused
+    parent: str | None = None      # the attempt it continues, as NAME@STEP; None: it started from the base model
 
 
 def describe_attempt(attempt: Attempt) -> str:
@@ -99,7 +106,8 @@ class Session:
         return self.path / "attempts" / name
 
     def attempt(self, name: str | None = None) -> Attempt:
-        """The named attempt, or the latest one when name is None."""
+        """The named attempt (`NAME` or `NAME@STEP`), or the latest one when name is None."""
+        name = split_ref(name)[0]
         if not self.attempts:
             raise SessionError(f"Session {self.name!r} has no attempts yet; train one first.")
         if name is None:
@@ -119,6 +127,49 @@ class Session:
             "created": self.created,
             "attempts": [dataclasses.asdict(a) for a in self.attempts],
         }
+
+
+def split_ref(ref: str | None) -> tuple[str | None, int | None]:
+    """'attempt-1@500' → ('attempt-1', 500); 'attempt-1' → ('attempt-1', None)."""
+    if ref is None or "@" not in ref:
+        return ref, None
+    name, _, step = ref.rpartition("@")
+    if not step.isdigit():
+        raise SessionError(f"{ref!r} is not NAME@STEP; a step is a number, as in attempt-1@500.")
+    return name, int(step)
+
+
+def checkpoint_steps(session: Session, name: str | None = None) -> list[int]:
+    """The steps the attempt has a complete checkpoint of (checkpoints/step-N with state.json), oldest first."""
+    folder = session.attempt_dir(session.attempt(name).name) / CHECKPOINTS
+    return sorted(int(p.name[5:]) for p in folder.glob("step-*") if p.name[5:].isdigit() and (p / "state.json").is_file())
+
+
+def attempt_weights_dir(session: Session, ref: str | None = None, checkpoint: int | None = None) -> Path:
+    """Where the weights of `ref` are: final/ of the attempt (the latest when None), or checkpoints/step-N for
+    NAME@STEP or `checkpoint` (the finished attempt's last step is its final/)."""
+    name, step = split_ref(ref)
+    attempt = session.attempt(name)
+    step = checkpoint if step is None else step
+    folder = session.attempt_dir(attempt.name)
+    if step is not None and not (attempt.status == "finished" and step == attempt.steps_done):
+        path = folder / CHECKPOINTS / f"step-{step:06d}"
+        if not (path / "state.json").is_file():
+            raise SessionError(f"Attempt {attempt.name!r} has no checkpoint at step {step}; it has: {checkpoint_steps(session, attempt.name) or 'none'}.")
+        return path
+    path = folder / FINAL
+    if not path.is_dir():
+        raise SessionError(f"Attempt {attempt.name!r} has not finished training ({attempt.status}, {attempt.steps_done} steps); resume it, or pick a checkpoint.")
+    return path
+
+
+def canonical_ref(session: Session, ref: str | None) -> str:
+    """`ref` (None: the latest attempt) checked, as NAME or NAME@STEP; 'base' stays 'base'."""
+    if ref == "base":
+        return ref
+    weights = attempt_weights_dir(session, ref)
+    name = session.attempt(ref).name
+    return name if weights.name == FINAL else f"{name}@{int(weights.name[5:])}"
 
 
 def default_root() -> Path:
@@ -207,18 +258,42 @@ def repair_session(path: str | Path) -> tuple[Session, str]:
 
 
 def _attempt_on_disk(folder: Path) -> Attempt:
-    if (folder / "final").is_dir():
-        return Attempt(name=folder.name, status="finished", steps_done=_configured_steps(folder))
-    steps = sorted(int(p.name[5:]) for p in (folder / "checkpoints").glob("step-*") if p.name[5:].isdigit())
-    return Attempt(name=folder.name, status="interrupted" if steps else "new", steps_done=steps[-1] if steps else 0)
+    config = _config_on_disk(folder)
+    parent = config.get("parent") or None
+    if (folder / FINAL).is_dir():
+        try:
+            steps = int(config.get("text_encoder_steps", 0)) + int(config.get("unet_steps", 0))
+        except (TypeError, ValueError):
+            steps = 0
+        return Attempt(name=folder.name, status="finished", steps_done=steps, parent=parent)
+    steps = sorted(int(p.name[5:]) for p in (folder / CHECKPOINTS).glob("step-*") if p.name[5:].isdigit())
+    return Attempt(name=folder.name, status="interrupted" if steps else "new", steps_done=steps[-1] if steps else 0, parent=parent)
 
 
-def _configured_steps(folder: Path) -> int:
+def _config_on_disk(folder: Path) -> dict:
     try:
         config = json.loads((folder / "config.json").read_text())
-        return int(config.get("text_encoder_steps", 0)) + int(config.get("unet_steps", 0))
-    except (OSError, ValueError, TypeError):
-        return 0
+        return config if isinstance(config, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+@contextlib.contextmanager
+def reading(path: Path, advice: str):
+    """A damaged or missing file among an attempt's (a checkpoint cut short by a full Drive, a file edited by hand) is
+    one sentence naming it, with `advice`, instead of a traceback from deep inside a loader."""
+    from pickle import UnpicklingError
+
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except UserError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, EOFError, UnpicklingError, SafetensorError) as err:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC or type(err).__name__ == "OutOfMemoryError":
+            raise
+        raise SessionError(f"{path} is damaged or missing ({_first_line(err)}); {advice}") from err
 
 
 def _first_line(err: BaseException) -> str:
@@ -306,6 +381,89 @@ def delete_attempt(session: Session, name: str) -> None:
         session.attempts.remove(attempt)
         save_session(session)
         shutil.rmtree(session.attempt_dir(name), ignore_errors=True)
+
+
+# --- disk use and housekeeping (a free Google Drive has 15 GB) -------------------------------------------
+
+@dataclass
+class DiskUse:
+    """Bytes an attempt takes on disk, by what they are for."""
+
+    final: int = 0                                          # the trained weights
+    checkpoints: dict[int, int] = field(default_factory=dict)  # step → its weights (and optimizer state, if kept)
+    optimizer: int = 0                                      # of that, optimizer state: only resuming needs it
+    other: int = 0                                          # previews, samples, log
+
+    @property
+    def total(self) -> int:
+        return self.final + sum(self.checkpoints.values()) + self.other
+
+
+def disk_usage(session: Session) -> dict[str, DiskUse]:
+    """Each attempt's disk use, by name."""
+    usage = {}
+    for attempt in session.attempts:
+        folder = session.attempt_dir(attempt.name)
+        use = DiskUse(final=folder_size(folder / FINAL))
+        for checkpoint in sorted((folder / CHECKPOINTS).glob("step-*")):
+            if checkpoint.name[5:].isdigit():
+                use.checkpoints[int(checkpoint.name[5:])] = folder_size(checkpoint)
+                use.optimizer += folder_size(checkpoint / OPTIMIZER_FILE)
+        use.other = folder_size(folder) - use.final - sum(use.checkpoints.values())
+        usage[attempt.name] = use
+    return usage
+
+
+def folder_size(path: Path) -> int:
+    """Bytes in a file or folder (0 when it is not there)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def describe_size(n: int) -> str:
+    """1234567 → '1.2 MB'."""
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def drop_optimizer_state(attempt_dir: Path, keep: Path | None = None) -> int:
+    """Deletes the optimizer state (as large as the weights, or twice) of the attempt's checkpoints but `keep`'s:
+    only resuming needs it, from the newest one; the weights stay for comparing, exporting and continuing. Bytes freed."""
+    freed = 0
+    for file in (attempt_dir / CHECKPOINTS).glob(f"step-*/{OPTIMIZER_FILE}"):
+        if file.parent != keep:
+            freed += file.stat().st_size
+            file.unlink()
+    return freed
+
+
+def free_space(session: Session) -> int:
+    """Drops the optimizer state of finished attempts (they are continued as new attempts, never resumed). Bytes freed."""
+    with session_lock(session.path, "freeing space"):
+        return sum(drop_optimizer_state(session.attempt_dir(a.name)) for a in session.attempts if a.status == "finished")
+
+
+def delete_checkpoints(session: Session, name: str, steps: list[int] | None = None) -> int:
+    """Deletes the attempt's checkpoints at `steps` (None: all). An interrupted attempt's newest one is what it resumes
+    from, so it is kept unless named. Bytes freed."""
+    with session_lock(session.path, f"deleting checkpoints of {name}"):
+        attempt = session.attempt(name)
+        folder = session.attempt_dir(attempt.name) / CHECKPOINTS
+        found = sorted(p for p in folder.glob("step-*") if p.name[5:].isdigit())
+        if steps is None:
+            resumable = attempt.status in ("interrupted", "failed") and found
+            chosen = found[:-1] if resumable else found
+        else:
+            chosen = [p for p in found if int(p.name[5:]) in steps]
+        freed = 0
+        for checkpoint in chosen:
+            freed += folder_size(checkpoint)
+            shutil.rmtree(checkpoint)
+        return freed
 
 
 # --- the writers' lock ------------------------------------------------------------------------------

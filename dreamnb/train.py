@@ -34,17 +34,15 @@ import torch.nn.functional as F
 from . import data, fileio
 from .config import ConfigError, TrainConfig, validate
 from .colab import gpu_has_bf16, gpu_memory_budget
-from .fast import AdamWBF16, GraphedStep, LossScaler
+from .fast import BF16_OPTIMIZERS, AdamWBF16, GraphedStep, LossScaler
 from .models import BaseModel, load_base_model
-from .session import Session, add_attempt, open_session, save_session, session_lock, update_attempt
+from .session import (CHECKPOINTS, FINAL, LORA_FILE, OPTIMIZER_FILE, Attempt, Session, add_attempt, attempt_weights_dir,
+                      drop_optimizer_state, open_session, reading, save_session, session_lock, split_ref, update_attempt)
 
 log = logging.getLogger(__name__)
 
 PHASES = ("text_encoder", "unet")  # in training order
 LOG_FIELDS = ["step", "phase", "loss", "lr", "elapsed_s"]  # log.csv's columns
-CHECKPOINTS = "checkpoints"
-FINAL = "final"
-LORA_FILE = "pytorch_lora_weights.safetensors"
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
@@ -155,7 +153,12 @@ class Precision:
     """Number formats and optimizer, decided once per run from the config and the GPU (see `plan_precision`)."""
 
     compute: str     # what the math runs in: "bf16" or "fp16" (autocast) on a GPU, "no" (fp32) on a CPU
-    optimizer: str   # "adamw", "adamw-bf16" or "adamw8bit"
+    optimizer: str   # "adamw", "adamw8bit", or a bf16-weight one: "adamw-bf16", "adamw-bf16-kahan", "adamw-bf16-v32"
+
+    @property
+    def bf16_weights(self) -> bool:
+        """The optimizer keeps the weights it trains in bf16 (AdamWBF16 and its variants)."""
+        return self.optimizer in BF16_OPTIMIZERS
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -165,7 +168,7 @@ class Precision:
     def scales_loss_itself(self) -> bool:
         """fp16 math over bf16 weights (a T4 with AdamWBF16): torch's loss scaler cannot unscale bf16 gradients
         ("not implemented for 'BFloat16'"), so the trainer scales the loss (fast.LossScaler) and accelerate is told "no"."""
-        return self.compute == "fp16" and self.optimizer == "adamw-bf16"
+        return self.compute == "fp16" and self.bf16_weights
 
     @property
     def accelerate(self) -> str:
@@ -267,6 +270,8 @@ def _train(session: Session, config: TrainConfig, base_model: BaseModel | str | 
         attempt = session.attempt(attempt).name
         config = read_attempt_config(session.attempt_dir(attempt))
         check_resumable(session, attempt, base_model)
+    elif config.parent:  # it starts from an attempt's weights, which were trained from one base model
+        check_same_base(session.attempt(config.parent), base_model, "continue it")
     validate(config)
     examples = data.list_examples(session.instance_dir)
     check_training_data(config, examples)
@@ -296,11 +301,17 @@ def _train(session: Session, config: TrainConfig, base_model: BaseModel | str | 
     generator = torch.cuda.default_generators[device.index or 0] if models.use_graphs else torch.Generator(device=device)
     generator.manual_seed(config.seed)
     state = {"phase": PHASES[0], "phase_step": 0, "global_step": 0}
-    if checkpoint is not None:
-        state = load_checkpoint_weights(checkpoint, models.unet, models.text_encoder, generator, config)
+    if checkpoint is not None:  # a checkpoint holds every weight that differs from the base, the parent's included
+        with reading(checkpoint, RESUME_ADVICE):
+            state = load_checkpoint_weights(checkpoint, models.unet, models.text_encoder, generator, config)
         truncate_log(attempt_dir, state["global_step"])
         emit(TrainEvent("info", message=f"Resuming {name} from step {state['global_step']}."))
-    update_attempt(session, name, status="training", message="", base_model=base_model.info.source)
+    elif config.parent:
+        parent_weights = attempt_weights_dir(session, config.parent)
+        with reading(parent_weights, "continue from another checkpoint of that attempt"):
+            load_parent_weights(parent_weights, models.unet, models.text_encoder, config)
+        emit(TrainEvent("info", message=f"Continuing from {config.parent}."))
+    update_attempt(session, name, status="training", message="", base_model=base_model.info.source, parent=config.parent or None)
 
     run = Run(config=config, accelerator=accelerator, attempt_dir=attempt_dir, base_model=base_model, models=models,
               data=training_data, schedule=NoiseSchedule.from_scheduler(base_model.pipeline.scheduler, device),
@@ -315,6 +326,7 @@ def _train(session: Session, config: TrainConfig, base_model: BaseModel | str | 
         if accelerator.num_processes > 1:
             emit(TrainEvent("info", message=ranks_agree_message(accelerator, models.unet, models.text_encoder)))
         final_dir = save_final(accelerator, attempt_dir, models.unet, models.text_encoder, config)
+        drop_optimizer_state(attempt_dir)  # a finished attempt is not resumed; its checkpoints stay for comparing
         message = f"Finished {config.total_steps} steps; the trained model is in {final_dir}."
     except KeyboardInterrupt:
         status = "interrupted"
@@ -358,10 +370,33 @@ def check_resumable(session: Session, name: str, base_model: BaseModel | str | P
         raise ConfigError(f"Attempt {name!r} has finished ({attempt.steps_done} steps); there is nothing to resume.")
     if latest_checkpoint(session.attempt_dir(name)) is None:
         raise ConfigError(f"Attempt {name!r} has no checkpoint to resume from (it stopped before its first one); start a new attempt.")
+    check_same_base(attempt, base_model, "resume it")
+
+
+def check_same_base(attempt: Attempt, base_model: BaseModel | str | Path, what: str) -> None:
     source = base_model.info.source if isinstance(base_model, BaseModel) else str(base_model)
     if attempt.base_model and not _same_source(attempt.base_model, source):
-        raise ConfigError(f"Attempt {name!r} was trained from {attempt.base_model}, not {source}; resume it with that model "
-                          "(--model), or start a new attempt.")
+        raise ConfigError(f"Attempt {attempt.name!r} was trained from {attempt.base_model}, not {source}; {what} with that "
+                          "model (--model), or start a new attempt.")
+
+
+def continue_config(session: Session, parent: str, **overrides: Any) -> TrainConfig:
+    """The settings of a new attempt that continues `parent` (NAME: its final weights, or NAME@STEP: a checkpoint):
+    the parent's, with `overrides` (None: not given). Its steps are steps more; the text encoder's are 0 unless given
+    (it carries on as the parent left it). What the saved weights are shaped by (method, LoRA size) cannot change."""
+    weights = attempt_weights_dir(session, parent)  # a clear error when there is no such attempt or checkpoint
+    attempt = session.attempt(parent)
+    step = split_ref(parent)[1]
+    step = attempt.steps_done if weights.name == FINAL else step
+    parent_config = read_attempt_config(session.attempt_dir(attempt.name))
+    given = {k: v for k, v in overrides.items() if v is not None}
+    fixed = [k for k in ("method", "lora_rank", "lora_alpha") if k in given and given[k] != getattr(parent_config, k)]
+    if fixed:
+        raise ConfigError(f"A continued attempt keeps {attempt.name}'s {', '.join(fixed)} (its weights are shaped by them); "
+                          "start a new attempt from the base model to change them.")
+    values = parent_config.to_dict() | {"text_encoder_steps": 0} | given
+    values.update(parent=f"{attempt.name}@{step}", parent_trained_text_encoder=parent_config.changes_text_encoder)
+    return TrainConfig.from_dict(values)
 
 
 def _same_source(a: str, b: str) -> bool:
@@ -369,6 +404,25 @@ def _same_source(a: str, b: str) -> bool:
         return True
     pa, pb = Path(a).expanduser(), Path(b).expanduser()
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def disk_estimate(config: TrainConfig, base_model: BaseModel) -> tuple[int, int]:
+    """Bytes a run takes on disk: (at most, while training; after it finished). The weights it changes are saved in
+    final/ and in up to `keep_checkpoints` checkpoints; the newest checkpoint also holds the optimizer state, which
+    is dropped when the run finishes."""
+    precision = plan_precision(config)
+    parts = [(base_model.unet, UNET_LORA_TARGETS)] + ([(base_model.text_encoder, TEXT_LORA_TARGETS)] if config.changes_text_encoder else [])
+    if config.method == "lora":  # fp32 adapters, fp32 AdamW moments
+        count = sum(config.lora_rank * (m.in_features + m.out_features) for model, targets in parts
+                    for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name.endswith(tuple(targets)))
+        weight_bytes, optimizer_bytes = 4, 8
+    else:
+        count = sum(p.numel() for model, _ in parts for p in model.parameters())
+        weight_bytes = 2 if precision.bf16_weights else 4
+        optimizer_bytes = {"adamw8bit": 2, "adamw": 8}.get(precision.optimizer, 2 * weight_bytes)
+    checkpoints = min(config.keep_checkpoints, (config.total_steps - 1) // config.checkpoint_every) if config.checkpoint_every else 0
+    finished = count * weight_bytes * (1 + checkpoints)
+    return finished + count * optimizer_bytes + (count * weight_bytes if checkpoints == 0 else 0), finished
 
 
 def make_accelerator(config: TrainConfig, precision: Precision):
@@ -423,7 +477,7 @@ def place_models(base_model: BaseModel, config: TrainConfig, accelerator, precis
     use_graphs = resolve_cuda_graphs(config, accelerator, precision)
     # AdamWBF16 keeps bf16 weights (also on a T4, whose math then runs in fp16); LoRA's frozen base needs only the
     # compute format; fp32 AdamW needs fp32 weights.
-    if precision.optimizer == "adamw-bf16":
+    if precision.bf16_weights:
         weights_dtype = torch.bfloat16
     elif config.method == "lora":
         weights_dtype = precision.compute_dtype
@@ -460,7 +514,8 @@ def run_phase(run: Run, phase: str, first_step: int) -> None:
     run.optimizer = make_optimizer(params, lr, models.precision.optimizer, models.device, run.generator)
     run.lr_scheduler = make_lr_scheduler(run.optimizer, config, phase_steps)
     if start_step:
-        load_checkpoint_optimizer(run.checkpoint, run.optimizer, run.lr_scheduler)
+        with reading(run.checkpoint, RESUME_ADVICE):
+            load_checkpoint_optimizer(run.checkpoint, run.optimizer, run.lr_scheduler)
     step_fn = make_step(run, phase, trainable, params)
     run.emit(TrainEvent("phase", step=run.state["global_step"], total_steps=config.total_steps, phase=phase,
                         message=f"{phase.replace('_', ' ')} phase: {phase_steps} steps at lr {lr:g}"))
@@ -664,8 +719,12 @@ def add_lora_adapters(unet, text_encoder, config: TrainConfig) -> None:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)
         add_lora(unet, config.lora_rank, config.lora_alpha, UNET_LORA_TARGETS)
-        if config.text_encoder_steps:
+        if config.changes_text_encoder:
             add_lora(text_encoder, config.lora_rank, config.lora_alpha, TEXT_LORA_TARGETS)
+    for model in (unet, text_encoder):  # adapters are trained and kept in fp32, also over a bf16 base
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.float()
 
 
 def add_lora(model, rank: int, alpha: int, targets: list[str]) -> None:
@@ -676,14 +735,12 @@ def add_lora(model, rank: int, alpha: int, targets: list[str]) -> None:
 
 
 def set_trainable(model, config: TrainConfig) -> list[torch.nn.Parameter]:
-    """Full: every weight of `model`; LoRA: only its adapter weights, kept in fp32 over a bf16 base."""
+    """Full: every weight of `model`; LoRA: only its adapter weights."""
     params = []
     for name, param in model.named_parameters():
         train_it = config.method == "full" or "lora_" in name
         param.requires_grad_(train_it)
         if train_it:
-            if config.method == "lora" and param.dtype != torch.float32:
-                param.data = param.data.float()
             params.append(param)
     return params
 
@@ -702,8 +759,11 @@ def resolve_optimizer(config: TrainConfig, cuda: bool, compute: str) -> str:
         return "adamw-bf16"
     if choice == "adamw8bit" and not (cuda and _have_bitsandbytes()):
         raise ConfigError("optimizer='adamw8bit' needs a GPU and bitsandbytes (pip install bitsandbytes); use 'auto' or 'adamw'.")
-    if choice == "adamw-bf16" and config.method == "lora":
-        raise ConfigError("optimizer='adamw-bf16' is for full fine-tuning (LoRA trains its few weights in fp32); use 'auto' or 'adamw'.")
+    if choice.startswith("adamw-bf16") and config.method == "lora":
+        raise ConfigError(f"optimizer={choice!r} is for full fine-tuning (LoRA trains its few weights in fp32); use 'auto' or 'adamw'.")
+    if choice in ("adamw-bf16-kahan", "adamw-bf16-v32") and (not cuda or compute != "bf16"):
+        # the fp16 loss scaling over bf16 weights (a T4) is set up for 'adamw-bf16' only
+        raise ConfigError(f"optimizer={choice!r} needs a GPU with bf16 math (not a CPU or a T4); use 'auto', 'adamw' or 'adamw-bf16'.")
     return choice
 
 
@@ -755,8 +815,8 @@ def make_optimizer(params, lr: float, name: str, device: torch.device, generator
         import bitsandbytes as bnb  # type: ignore[import-not-found]
 
         return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=1e-2)
-    if name == "adamw-bf16":
-        return AdamWBF16(params, lr=lr, weight_decay=1e-2, generator=generator)
+    if name in BF16_OPTIMIZERS:  # re-homes the weights as bf16, whatever format they came in
+        return AdamWBF16(params, lr=lr, weight_decay=1e-2, generator=generator, **BF16_OPTIMIZERS[name])
     if device.type == "cuda":  # fused, and capturable with a tensor LR so a CUDA graph can replay it
         return torch.optim.AdamW(params, lr=torch.tensor(lr, device=device), weight_decay=1e-2, fused=True, capturable=True)
     return torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
@@ -894,18 +954,20 @@ def save_checkpoint(accelerator, attempt_dir: Path, state: dict, unet, text_enco
         return path
     unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
     with fileio.atomic_dir(path) as tmp:
-        weights: dict[str, torch.Tensor] = {}
-        if state["phase"] == "unet":
+        weights: dict[str, torch.Tensor] = {}  # every weight that differs from the base model's
+        inherited = bool(config.parent)
+        if state["phase"] == "unet" or inherited:
             weights.update({f"unet.{k}": v for k, v in trainable_state(unet, config).items()})
-        if config.text_encoder_steps and (state["phase"] == "unet" or state["phase_step"] > 0):
+        if config.changes_text_encoder and (state["phase"] == "unet" or state["phase_step"] > 0 or inherited):
             weights.update({f"text_encoder.{k}": v for k, v in trainable_state(text_encoder, config).items()})
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
         if optimizer is not None:
-            torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}, tmp / "optimizer.pt")
+            torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}, tmp / OPTIMIZER_FILE)
         save_file({"generator": generator.get_state()}, str(tmp / "rng.safetensors"))
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
         (tmp / "state.json").write_text(json.dumps(state))
     prune_checkpoints(attempt_dir / CHECKPOINTS, config.keep_checkpoints)
+    drop_optimizer_state(attempt_dir, keep=path)
     return path
 
 
@@ -920,10 +982,26 @@ def latest_checkpoint(attempt_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+RESUME_ADVICE = ("so the attempt cannot be resumed from it; continue it as a new attempt from an earlier checkpoint "
+                 "(--from NAME@STEP) or start a new one")
+
+
 def load_checkpoint_weights(checkpoint: Path, unet, text_encoder, generator, config: TrainConfig) -> dict:
+    """Weights, random generator and step of a checkpoint; its optimizer file is opened (not read) to check it is whole."""
     from safetensors.torch import load_file
 
-    weights = load_file(str(checkpoint / "weights.safetensors"))
+    load_weights(load_file(str(checkpoint / "weights.safetensors")), unet, text_encoder, config)
+    generator.set_state(load_file(str(checkpoint / "rng.safetensors"))["generator"])
+    state = json.loads((checkpoint / "state.json").read_text())
+    if state["phase"] not in PHASES or not all(isinstance(state[k], int) for k in ("phase_step", "global_step")):
+        raise ValueError(f"state.json holds {state}")
+    if state["phase_step"] > 0:
+        torch.load(checkpoint / OPTIMIZER_FILE, map_location="cpu", weights_only=True, mmap=True)
+    return state
+
+
+def load_weights(weights: dict[str, torch.Tensor], unet, text_encoder, config: TrainConfig) -> None:
+    """`unet.*` and `text_encoder.*` weights (whole models, or LoRA adapters in peft's names) into the models."""
     for prefix, model in (("unet.", unet), ("text_encoder.", text_encoder)):
         part = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
         if not part:
@@ -934,15 +1012,34 @@ def load_checkpoint_weights(checkpoint: Path, unet, text_encoder, generator, con
             set_peft_model_state_dict(model, part)
         else:
             model.load_state_dict(part)
-    generator.set_state(load_file(str(checkpoint / "rng.safetensors"))["generator"])
-    return json.loads((checkpoint / "state.json").read_text())
+
+
+def load_parent_weights(weights_dir: Path, unet, text_encoder, config: TrainConfig) -> None:
+    """The weights of the attempt being continued: a checkpoint's, or its final/ (diffusers folders, or a LoRA file in
+    diffusers' names, turned back into peft's)."""
+    from safetensors.torch import load_file
+
+    if weights_dir.name != FINAL:
+        weights = load_file(str(weights_dir / "weights.safetensors"))
+    elif config.method == "lora":
+        from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+
+        saved = load_file(str(weights_dir / LORA_FILE))
+        weights = {}
+        for prefix, to_peft in (("unet.", convert_unet_state_dict_to_peft), ("text_encoder.", convert_state_dict_to_peft)):
+            part = to_peft({k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)})
+            weights.update({prefix + k: v for k, v in part.items()})
+    else:
+        weights = {f"{part}.{k}": v for part in ("unet", "text_encoder")
+                   for file in sorted((weights_dir / part).glob("*.safetensors")) for k, v in load_file(str(file)).items()}
+    load_weights(weights, unet, text_encoder, config)
 
 
 def load_checkpoint_optimizer(checkpoint: Path, optimizer, lr_scheduler) -> None:
     """The optimizer's and schedule's state. A learning rate that is a tensor on the GPU (fused AdamW's and AdamWBF16's,
     read by a replayed CUDA graph) stays that same tensor, given the saved value: loading would otherwise put a CPU
     tensor in its place, which the graph never reads, and the schedule would change nothing."""
-    saved = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
+    saved = torch.load(checkpoint / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
     lr_tensors = [group["lr"] if isinstance(group["lr"], torch.Tensor) else None for group in optimizer.param_groups]
     optimizer.load_state_dict(saved["optimizer"])
     for group, tensor in zip(optimizer.param_groups, lr_tensors):
@@ -969,7 +1066,7 @@ def save_final(accelerator, attempt_dir: Path, unet, text_encoder, config: Train
             def metadata(targets):  # stored in the file so loaders apply alpha/rank, not alpha = rank
                 return LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=targets).to_dict()
 
-            te_layers = convert_state_dict_to_diffusers(trainable_state(text_encoder, config)) if config.text_encoder_steps else None
+            te_layers = convert_state_dict_to_diffusers(trainable_state(text_encoder, config)) if config.changes_text_encoder else None
             StableDiffusionPipeline.save_lora_weights(
                 tmp, unet_lora_layers=convert_state_dict_to_diffusers(trainable_state(unet, config)),
                 text_encoder_lora_layers=te_layers, safe_serialization=True,
@@ -978,6 +1075,6 @@ def save_final(accelerator, attempt_dir: Path, unet, text_encoder, config: Train
             )
         else:
             unet.save_pretrained(tmp / "unet", safe_serialization=True)
-            if config.text_encoder_steps:
+            if config.changes_text_encoder:
                 text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
     return path
