@@ -71,6 +71,7 @@ def export_attempt(
     """
     with session_lock(session.path, "an export"):
         out = check_export(session, attempt, format, out, force=force)
+        fileio.recover_leftovers(out.parent, recursive=False, name=out.name)  # of an export of it that was cut short
         name = canonical_ref(session, attempt)  # NAME, or NAME@STEP for a checkpoint
         weights_dir = attempt_weights_dir(session, name)
         config = attempt_config(session, name)

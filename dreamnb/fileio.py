@@ -80,19 +80,20 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def recover_leftovers(root: str | Path, *, recursive: bool = True) -> list[str]:
+def recover_leftovers(root: str | Path, *, recursive: bool = True, name: str = "*") -> list[str]:
     """Finish what interrupted atomic writes in `root` left (a kill or a full disk mid-write): temporary
     `.NAME.*.tmp` files and folders are removed (never complete), and a `.NAME.old` folder is put back where
-    its replacement never arrived (else removed). Only for a writer holding the session's lock. Returns what it did."""
+    its replacement never arrived (else removed). `name` limits it to one target's leftovers (a folder that is not
+    the session's). Only for a writer holding the session's lock. Returns what it did."""
     done = []
     find = Path(root).rglob if recursive else Path(root).glob
-    for tmp in sorted(find(".*.tmp"), reverse=True):
+    for tmp in sorted(find(f".{name}.*.tmp"), reverse=True):
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
         done.append(f"removed {tmp}")
-    for old in sorted(find(".*.old")):
+    for old in sorted(find(f".{name}.old")):
         target = old.with_name(old.name[1:-len(".old")])
         if target.exists():
             shutil.rmtree(old, ignore_errors=True)

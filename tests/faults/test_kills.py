@@ -146,3 +146,77 @@ def test_ctrl_c_at_any_line_of_a_step_leaves_a_consistent_checkpoint_that_resume
     assert resumed.status == "finished"
     for expected, got in zip(straight, _weights(session, first.attempt)):
         assert all(torch.equal(expected[k], got[k]) for k in expected), (point, when)
+
+
+EXPORT_CHILD = textwrap.dedent("""
+    import os, random, signal, sys, threading
+    from dreamnb.cli import main
+
+    session, attempt, fmt, out, seed = sys.argv[1:6]
+    rng = random.Random(int(seed))
+    die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+    if rng.random() < 0.5:  # just before the rename that would complete the export
+        real_replace = os.replace
+        def replace(src, dst, *a, **k):
+            if os.path.basename(str(dst)) == os.path.basename(out):
+                die()
+            return real_replace(src, dst, *a, **k)
+        os.replace = replace
+    else:  # at any moment: loading, converting, writing
+        threading.Timer(rng.uniform(0.5, 6.0), die).start()
+    main(["export", "--session", session, "--attempt", attempt, "--format", fmt, "--out", out, "--force"])
+""")
+EXPORTS = [("full", "safetensors", "me.safetensors"), ("full", "diffusers", "me-diffusers"), ("lora", "lora", "me-lora.safetensors")]
+
+
+def contents(path) -> dict:
+    """What an export holds, file by file: a .safetensors file as its metadata and tensors (its header's key order
+    is not fixed), anything else as bytes."""
+    from safetensors import safe_open
+
+    def content(file):
+        if file.suffix != ".safetensors":
+            return file.read_bytes()
+        with safe_open(str(file), framework="pt") as f:
+            return f.metadata(), {k: f.get_tensor(k).reshape(-1).view(torch.uint8).numpy().tobytes() for k in f.keys()}
+
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p.relative_to(path)): content(p) for p in files}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_sd1):
+    """A session with a full and a LoRA attempt, and each export as an uninterrupted run writes it."""
+    from dreamnb.cli import main
+    from dreamnb.train import train
+    from test_train import quick_config
+
+    work = tmp_path_factory.mktemp("exports")
+    session = new_session(work / "session")
+    train(session, quick_config(unet_steps=4, text_encoder_steps=2), str(tiny_sd1.folder), attempt="full", progress=False)
+    train(session, quick_config(method="lora", unet_steps=4), str(tiny_sd1.folder), attempt="lora", progress=False)
+    reference = {}
+    for attempt, fmt, name in EXPORTS:
+        assert main(["export", "--session", str(session.path), "--attempt", attempt, "--format", fmt, "--out", str(work / name)]) == 0
+        reference[fmt] = contents(work / name)
+    return session, reference
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_an_export_killed_at_any_moment_leaves_the_old_export_or_none_and_runs_again(tmp_path, exported, seed):
+    from dreamnb.cli import main
+
+    session, reference = exported
+    attempt, fmt, name = EXPORTS[seed % len(EXPORTS)]
+    out = tmp_path / name  # outside the session, where a user's --out points
+    if seed % 2:  # an earlier export is there, which a kill must never leave half replaced
+        assert main(["export", "--session", str(session.path), "--attempt", attempt, "--format", fmt, "--out", str(out)]) == 0
+    child = subprocess.run([sys.executable, "-c", EXPORT_CHILD, str(session.path), attempt, fmt, str(out), str(seed)],
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode in (-signal.SIGKILL, 0), child.stderr[-2000:]
+    assert not out.exists() or contents(out) == reference[fmt]  # nothing, or a whole export
+    assert open_session(session.path).attempt(attempt).status == "finished"
+    assert main(["export", "--session", str(session.path), "--attempt", attempt, "--format", fmt, "--out", str(out), "--force"]) == 0
+    assert contents(out) == reference[fmt]
+    leftovers = [p for p in [*tmp_path.rglob(".*"), *session.path.rglob("*")] if p.name.endswith((".tmp", ".old"))]
+    assert not leftovers, leftovers
