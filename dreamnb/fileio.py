@@ -6,6 +6,7 @@ renamed over the target (`os.replace` is atomic on one filesystem, Drive's FUSE 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -23,7 +24,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        with disk_full_as_oserror(path):
+            yield tmp_path
         _fsync(tmp_path)
         os.replace(tmp_path, path)
         _fsync(path.parent)  # the rename itself survives a power cut only once its folder is on disk
@@ -61,7 +63,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
+        with disk_full_as_oserror(path):
+            yield tmp
         for file in tmp.rglob("*"):  # everything on disk before the folder takes the final name
             _fsync(file)
         _fsync(tmp)
@@ -78,6 +81,28 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def disk_full_as_oserror(path: Path):
+    """A full disk as what it is, OSError(ENOSPC), whichever writer met it: safetensors (SafetensorError "No space left
+    on device") and torch.save ("file write failed") report it in their own words, which callers would not recognise."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as err:
+        if "No space left on device" in str(err) or "os error 28" in str(err) or _free_bytes(path.parent) < 1 << 20:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
+        raise
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        stat = os.statvfs(folder)
+        return stat.f_bavail * stat.f_frsize
+    except (OSError, AttributeError):  # no statvfs (Windows): unknown, so not full
+        return 1 << 62
 
 
 def recover_leftovers(root: str | Path, *, recursive: bool = True, name: str = "*") -> list[str]:
