@@ -182,3 +182,32 @@ def test_the_notebook_headless_on_the_full_architecture(full_model, photos_512, 
     (exported,) = (root / "nb" / "exports").glob("*.safetensors")
     sample_with_diffusers(full_model, exported, "safetensors")
     record("notebook headless (auto_run), full SD-1.5 architecture, face preset 50 + 300 steps", notebook_s=round(seconds, 1))
+
+
+def test_continuing_a_checkpoint_through_the_cli(tiny_sd1, photos_512, tmp_path):
+    """The loop users work in, on the GPU (bf16 weights, CUDA graphs): train, continue from a checkpoint as a new
+    attempt, compare the checkpoint with both, export the checkpoint. The child starts where the checkpoint is: after
+    10 more steps it is nearer to it than the parent's 30 further steps took the parent."""
+    from safetensors.torch import load_file
+
+    session = tmp_path / "sessions" / "me"
+    dreamnb("prepare", photos_512, "--session", session, cwd=tmp_path)
+    common = ["--session", session, "--model", tiny_sd1.folder]
+    dreamnb("train", *common, "--token", TOKEN, "--class-word", "person", "--te-steps", "10", "--unet-steps", "50",
+            "--checkpoint-every", "30", cwd=tmp_path)
+    done, seconds = dreamnb("train", *common, "--from", "attempt-1@30", "--unet-steps", "10", cwd=tmp_path)
+    assert "Continuing from attempt-1@30" in done.stderr and "CUDA graphs on" in done.stderr, done.stderr
+    state = json.loads((session / "session.json").read_text())
+    assert [(a["name"], a["parent"], a["steps_done"]) for a in state["attempts"]] == [("attempt-1", None, 60), ("attempt-2", "attempt-1@30", 10)]
+    dreamnb("compare", "--session", session, "--attempts", "attempt-1@30", "attempt-1", "attempt-2", "--out", tmp_path / "grid.png", cwd=tmp_path)
+    dreamnb("export", "--session", session, "--attempt", "attempt-1@30", "--format", "safetensors", cwd=tmp_path)
+    assert (session / "exports" / "me-attempt-1-step30.safetensors").is_file()
+
+    at_30 = {k[len("unet."):]: v.float() for k, v in load_file(str(session / "attempts/attempt-1/checkpoints/step-000030/weights.safetensors")).items()}
+    def unet(attempt):
+        return {k: v.float() for k, v in load_file(str(session / f"attempts/{attempt}/final/unet/diffusion_pytorch_model.safetensors")).items()}
+    def distance(a, b):
+        return float(sum(((a[k] - b[k]) ** 2).sum() for k in a).sqrt())
+    child, parent = distance(unet("attempt-2"), at_30), distance(unet("attempt-1"), at_30)
+    assert 0 < child < 0.8 * parent, (child, parent)
+    record("continue attempt-1@30 for 10 steps through the CLI, tiny model", train_s=round(seconds, 1), child_distance=child, parent_distance=parent)
