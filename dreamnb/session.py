@@ -73,8 +73,8 @@ class Attempt:
 
 
 def describe_attempt(attempt: Attempt) -> str:
-    """'attempt-1 (finished, 1850 steps)': an attempt's name with its status, for lists."""
-    return f"{attempt.name} ({attempt.status}, {attempt.steps_done} steps)"
+    """'attempt-2 (finished, 200 steps) from attempt-1@1500': an attempt's name with its status and what it continued, for lists."""
+    return f"{attempt.name} ({attempt.status}, {attempt.steps_done} steps)" + (f" from {attempt.parent}" if attempt.parent else "")
 
 
 @dataclass
@@ -375,12 +375,15 @@ def update_attempt(session: Session, name: str, **changes: Any) -> Attempt:
     return attempt
 
 
-def delete_attempt(session: Session, name: str) -> None:
+def delete_attempt(session: Session, name: str) -> int:
+    """Deletes the attempt and everything it wrote; bytes freed."""
     with session_lock(session.path, f"deleting {name}"):
         attempt = session.attempt(name)
         session.attempts.remove(attempt)
         save_session(session)
+        freed = folder_size(session.attempt_dir(name))
         shutil.rmtree(session.attempt_dir(name), ignore_errors=True)
+        return freed
 
 
 # --- disk use and housekeeping (a free Google Drive has 15 GB) -------------------------------------------

@@ -1,8 +1,11 @@
 """The notebook itself: its shape (parameters cell, badge, one library call per cell) and a headless run
-on the CPU with a tiny model and generated photos, through every section, checked by what it left on disk."""
+on the CPU with a tiny model and generated photos, through every section, checked by what it left on disk
+and by the outputs the saved notebook holds without its widgets."""
 from __future__ import annotations
 
 import ast
+import base64
+import io
 import json
 import re
 from pathlib import Path
@@ -11,6 +14,7 @@ import nbformat
 from PIL import Image
 
 from conftest import subject_photo
+from dreamnb.sample import read_png_settings
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "fast_dreambooth.ipynb"
 COLAB_LINK = "https://colab.research.google.com/github/dreamnb/dreamnb/blob/main/notebooks/fast_dreambooth.ipynb"
@@ -47,12 +51,19 @@ def test_one_library_call_per_cell_and_only_the_install_cell_has_a_magic():
     magics = [c for c in cells if re.search(r"^\s*[%!]", c.source, re.M)]
     assert len(magics) == 1 and "%pip install" in magics[0].source and 'find_spec("dreamnb") is None' in magics[0].source
     sections = [c for c in cells if c is not magics[0] and "parameters" not in c.metadata.get("tags", [])]
-    assert len(sections) == 8  # setup, model, session, photos, token, train, compare, export
+    assert len(sections) == 9  # setup, model, session, photos, token, train, compare, playground, export
     for cell in sections:
         body = ast.parse(cell.source).body
         assert len(body) == 1 and isinstance(body[0], ast.Assign), cell.source
         call = body[0].value
         assert isinstance(call, ast.Call) and ast.unparse(call.func).startswith("dreamnb.ui."), cell.source
+
+
+def image_outputs(cell) -> dict[str, Image.Image]:
+    """The cell's plain image outputs (what GitHub or a reopened Colab notebook shows without widget state),
+    by their text/plain line."""
+    return {o.data.get("text/plain", ""): Image.open(io.BytesIO(base64.b64decode(o.data["image/png"])))
+            for o in cell.outputs if "image/png" in o.get("data", {})}
 
 
 def inject_parameters(nb, values: dict) -> None:
@@ -83,8 +94,17 @@ def test_notebook_runs_headless_from_top_to_bottom(tmp_path, tiny_sd1):
     # every section showed its widgets, and none failed
     for cell in code_cells(nb):
         assert not [o for o in cell.outputs if o.output_type == "error"], cell.source
-        if cell.source.lstrip().startswith(("env", "model", "session", "photos", "trigger", "training", "grid", "exported")):
+        if cell.source.lstrip().startswith(("env", "model", "session", "photos", "trigger", "training", "grid", "playground", "exported")):
             assert any(WIDGET_VIEW in o.get("data", {}) for o in cell.outputs), cell.source
+
+    # the results are also plain image outputs of their cells: photos, loss curve, comparison grid, playground images
+    images = {cell.source.split("=")[0].strip(): image_outputs(cell) for cell in code_cells(nb)}
+    (photos_sheet,) = [image for label, image in images["photos"].items() if "3 prepared photos" in label]
+    (loss_curve,) = [image for label, image in images["training"].items() if label == "loss curve of attempt-1"]
+    (grid_image,) = [image for label, image in images["grid"].items() if "comparison grid of base, attempt-1" in label]
+    (played,) = [image for label, image in images["playground"].items() if "4 image(s) of attempt-1" in label]
+    assert photos_sheet.width == 3 * 128 and loss_curve.width > 300
+    assert grid_image.width > 2 * 64 and played.width > 4 * 64
 
     session_dir = root / "nb-test"
     state = json.loads((session_dir / "session.json").read_text())
@@ -98,6 +118,11 @@ def test_notebook_runs_headless_from_top_to_bottom(tmp_path, tiny_sd1):
     assert len(grids) == 1
     with Image.open(grids[0]) as grid:
         assert grid.width > 2 * 64 and grid.height > 2 * 64  # 2 prompts x (base, attempt-1), with labels
+
+    saved = sorted((session_dir / "attempts" / "attempt-1" / "samples").glob("playground-*.png"))
+    assert len(saved) == 4
+    settings = read_png_settings(saved[0])
+    assert (settings.prompt, settings.num_inference_steps, settings.attempt) == ("a photo of zwx thing as an astronaut", 3, "attempt-1")
 
     (export,) = (session_dir / "exports").glob("*.safetensors")  # named by the core: session and attempt
     assert "attempt-1" in export.name

@@ -7,12 +7,15 @@
     token    = dreamnb.ui.token_check(model, token)
     training = dreamnb.ui.train(session, model, token=token, class_word=class_word, preset=preset)
     grid     = dreamnb.ui.compare(session, model)
+    images   = dreamnb.ui.playground(session, model)
     exported = dreamnb.ui.export(session, model)
 
 A view is passed on to the next cells, which read what it holds (`.base_model`, `.session`, `.value`)
 only when their own button is pressed, so cells can be run top to bottom before any button is.
 With `auto=True` every call does its work at once with the values given (papermill, "Run all"),
 training in the foreground, and a failure stops the notebook at that cell with one sentence.
+What a view produces (photos, the loss curve, grids, images) is also a plain output of its cell
+(`base.Results`), so a saved, reopened or headless-run notebook still shows it.
 Widgets live only in this package; every button calls one function of the core library.
 """
 from __future__ import annotations
@@ -22,12 +25,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..models import DEFAULT_MODEL
-from .base import StepFailed, View, show
+from .base import Results, StepFailed, View, show
 from .compare_view import CompareView
 from .config_form import ConfigForm
 from .export_view import ExportView
 from .model_view import ModelView
 from .photo_view import PhotosView
+from .playground_view import DEFAULT_PROMPT, RANDOM, PlaygroundView
 from .session_view import SessionView
 from .setup_view import SetupView
 from .token_view import TokenView
@@ -50,9 +54,9 @@ def _enable_colab_widgets() -> None:
 _enable_colab_widgets()
 
 __all__ = [
-    "setup", "choose_model", "choose_session", "photos", "token_check", "train", "compare", "export",
+    "setup", "choose_model", "choose_session", "photos", "token_check", "train", "compare", "playground", "export",
     "SetupView", "ModelView", "SessionView", "PhotosView", "TokenView", "TrainView", "LiveView", "ConfigForm",
-    "CompareView", "ExportView", "View", "StepFailed",
+    "CompareView", "PlaygroundView", "ExportView", "View", "Results", "StepFailed",
 ]
 
 
@@ -100,10 +104,13 @@ def token_check(model: Any = None, default: str = "", *, delay: float = 0.4) -> 
 
 
 def train(session: Any, model: Any, *, token: Any = None, preset: str = "face", method: str = "full",
-          attempt: str | None = None, auto: bool = False, **settings: Any) -> TrainView:
+          attempt: str | None = None, start_from: str | None = None, auto: bool = False, **settings: Any) -> TrainView:
     """The settings form (from TrainConfig), Train / Stop / Resume and the live view. `settings` are
-    TrainConfig fields the form starts from (None keeps the preset's value). `auto` trains at once."""
-    view = show(TrainView(session, model, token=token, preset=preset, method=method, attempt=attempt, **settings))
+    TrainConfig fields the form starts from (None keeps the preset's value). `start_from` ('attempt-1' or a
+    checkpoint 'attempt-1@500') trains more on top of that attempt: its settings, with `settings` on top, and
+    steps that are steps more. `auto` trains at once."""
+    view = show(TrainView(session, model, token=token, preset=preset, method=method, attempt=attempt,
+                          start_from=start_from, **settings))
     if auto:
         view.start(background=False, raise_errors=True)
     return view
@@ -112,8 +119,9 @@ def train(session: Any, model: Any, *, token: Any = None, preset: str = "face", 
 def compare(session: Any, model: Any, *, attempts: Sequence[str] | None = None, prompts: Sequence[str] | None = None,
             seeds: Sequence[int] = (1, 2), num_inference_steps: int = 25, guidance_scale: float = 7.5,
             cell_size: int | None = None, auto: bool = False) -> CompareView:
-    """One grid of the same prompts and seeds through several attempts; `auto` makes it at once
-    (the base model against the newest finished attempt unless `attempts` says otherwise)."""
+    """One grid of the same prompts and seeds through several attempts, each at its final weights or a checkpoint
+    ('attempt-1@500'); `auto` makes it at once (the base model against the newest finished attempt unless
+    `attempts` says otherwise)."""
     view = show(CompareView(session, model, attempts=list(attempts) if attempts else None,
                             prompts=list(prompts) if prompts else None, seeds=seeds,
                             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, cell_size=cell_size))
@@ -122,10 +130,24 @@ def compare(session: Any, model: Any, *, attempts: Sequence[str] | None = None, 
     return view
 
 
+def playground(session: Any, model: Any, *, attempt: str | None = None, prompt: str = DEFAULT_PROMPT,
+               negative_prompt: str = "", size: int | None = None, num_inference_steps: int = 25,
+               guidance_scale: float = 7.5, scheduler: str = "dpm++", seed: int | str = RANDOM, batch_size: int = 4,
+               auto: bool = False) -> PlaygroundView:
+    """Prompt an attempt (`attempt-1`, a checkpoint `attempt-1@500`, or `base`) and see the images, saved with
+    their settings; `auto` generates at once (with the newest finished attempt unless `attempt` says otherwise)."""
+    view = show(PlaygroundView(session, model, attempt=attempt, prompt=prompt, negative_prompt=negative_prompt, size=size,
+                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                               scheduler=scheduler, seed=seed, batch_size=batch_size))
+    if auto:
+        view.generate(raise_errors=True)
+    return view
+
+
 def export(session: Any, model: Any, *, attempt: str | None = None, format: str = "diffusers", out: str | Path | None = None,
            force: bool = False, fp16: bool = True, repo_id: str = "", private: bool = True, auto: bool = False) -> ExportView:
-    """Export an attempt (diffusers folder, single .safetensors, LoRA) or push it to the Hub; `auto`
-    exports at once, and pushes too when `repo_id` is given."""
+    """Export an attempt or one of its checkpoints ('attempt-1@500') as a diffusers folder, a single .safetensors
+    or a LoRA, or push it to the Hub; `auto` exports at once, and pushes too when `repo_id` is given."""
     view = show(ExportView(session, model, attempt=attempt, format=format, out=out or None, force=force, fp16=fp16,
                            repo_id=repo_id, private=private))
     if auto:

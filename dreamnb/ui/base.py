@@ -1,4 +1,5 @@
-"""What every notebook view shares: a `.widget`, an error line beside it, an Output for what the core prints.
+"""What every notebook view shares: a `.widget`, an error line beside it, an Output for what the core prints,
+and `Results`: what the view produced (grids, photos, the loss curve), kept as plain outputs of its cell.
 
 A view is a thin window on core data (fastai's ImagesCleaner pattern): it shows, it collects what the
 user chose as plain data, and its buttons call one core function each. Handlers run inside the view's
@@ -8,11 +9,13 @@ widget, never a traceback; anything else is a bug, so its traceback goes into th
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import html
 import io
 import logging
 import traceback
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -47,11 +50,13 @@ class View:
         self.error = W.HTML()        # one sentence when something the user can fix went wrong
         self.status = W.HTML()       # what happened last, in words
         self.out = W.Output()        # prints, progress bars and tracebacks from the core
+        self.results = Results()     # views that produce pictures or lists name their slots here
 
     def _ipython_display_(self) -> None:
         from IPython.display import display
 
         display(self.widget)
+        self.results.display()
 
     # --- messages --------------------------------------------------------------------------------
     def show_error(self, message: str) -> None:
@@ -88,7 +93,8 @@ class View:
         was_disabled = [button.disabled for button in busy]
         for button in busy:
             button.disabled = True
-        with self.out if capture else contextlib.nullcontext():
+        # Results the action keeps are written out when the Output's capture has ended (see `Results`).
+        with self.results.deferred(), self.out if capture else contextlib.nullcontext():
             try:
                 return action()
             except ValueError as err:  # the project's user errors (UserError is one) are one-sentence ValueErrors
@@ -105,6 +111,79 @@ class View:
         if failure is not None and raise_errors:
             raise StepFailed(str(failure) if isinstance(failure, ValueError) else self.error_text) from failure
         return None
+
+
+class Results:
+    """A view's results as ordinary outputs of its cell, below the widget: slots named when the view is
+    built ("grid", "loss curve"), each holding one picture or one piece of Markdown.
+
+    Why: widget state is not kept with a notebook. A notebook run headless (papermill, nbclient), shown on
+    GitHub, or reopened in Colab after a disconnect shows empty boxes where widgets were; ordinary outputs
+    stay. So each slot is displayed, empty or not, with a display id when the view is displayed, and is
+    replaced in place (`update_display`) whenever its result changes: during the cell's own run (`auto=True`)
+    or after a button click long after. The Jupyter protocol applies such an update to the output holding
+    the id, whichever message it answers, and the notebook is saved with the new content (tested here with
+    nbclient, and in JupyterLab by tests/browser; Colab implements display updates too).
+
+    Shown once: a result lives only here, not also in the widget, so what a user sees after a click is the
+    form, the status line, and the result under it, exactly as a reopened or exported notebook shows it. The
+    widget keeps what is for acting or live (progress, the loss curve while training, the caption editor).
+
+    While a handler runs inside the view's Output (`View._act`), updates wait until the capture ends: a
+    capturing Output would take the update into the widget's state instead of the cell's outputs.
+    """
+
+    def __init__(self, *names: str) -> None:
+        self.outputs: dict[str, dict[str, str] | None] = {name: None for name in names}  # MIME bundles
+        self._ids = {name: f"dreamnb-{uuid.uuid4().hex}" for name in names}
+        self._displayed = False
+        self._waiting: set[str] | None = None
+
+    def show(self, name: str, value: Any, text: str = "") -> None:
+        """Put a result in its slot: a PIL image, PNG bytes or an image file as a picture, a str as Markdown;
+        None or '' empties the slot. `text` says what a picture is, for text-only viewers (and for tests)."""
+        self.outputs[name] = mime_bundle(value, text) if value is not None and value != "" else None
+        self._publish(name)
+
+    def display(self) -> None:
+        """Show every slot under the widget (called when the view is displayed)."""
+        if not _in_ipython():
+            return
+        from IPython.display import display
+
+        for name, bundle in self.outputs.items():
+            display(bundle or EMPTY_OUTPUT, raw=True, display_id=self._ids[name])
+        self._displayed = True
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """Hold updates back until the block ends, then write out the slots that changed."""
+        outer, self._waiting = self._waiting, set()
+        try:
+            yield
+        finally:
+            waiting, self._waiting = self._waiting, outer
+            for name in waiting:
+                self._publish(name)
+
+    def _publish(self, name: str) -> None:
+        if self._waiting is not None:
+            self._waiting.add(name)
+        elif self._displayed:
+            from IPython.display import update_display
+
+            update_display(self.outputs[name] or EMPTY_OUTPUT, raw=True, display_id=self._ids[name])
+
+
+EMPTY_OUTPUT = {"text/plain": ""}  # an empty slot: nothing visible until a result arrives
+
+
+def mime_bundle(value: Any, text: str = "") -> dict[str, str]:
+    """A picture (PIL image, PNG bytes, image file) as image/png, or Markdown text, each with a plain-text line."""
+    if isinstance(value, str):
+        return {"text/markdown": value, "text/plain": text or value}
+    data = value if isinstance(value, bytes) else png_bytes(value)
+    return {"image/png": base64.b64encode(data).decode("ascii"), "text/plain": text or "(a picture)"}
 
 
 def row(widget: W.Widget, help_text: str = "", label: str = "", label_width: str = "190px") -> W.HBox:
@@ -136,14 +215,19 @@ def png_bytes(image, max_side: int | None = None) -> bytes:
 
 def show(view: Any) -> Any:
     """Display the view when running under IPython (a notebook), and return it for the next cell."""
-    try:
-        from IPython import get_ipython
+    if _in_ipython():
         from IPython.display import display
-    except ImportError:
-        return view
-    if get_ipython() is not None:
+
         display(view)
     return view
+
+
+def _in_ipython() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    return get_ipython() is not None
 
 
 def as_path(value: Any) -> Path | None:

@@ -1,4 +1,5 @@
 """Sample and compare: the same prompts and seeds through several attempts (and the untrained base), one grid.
+Each column is an attempt at a step of its own, so a grid can show base, attempt-1@500 and attempt-1 side by side.
 
 The default prompts are the probe prompts, chosen to show overfitting (the subject pasted into a painting,
 two people with one face) and a weak token, so every grid answers "which attempt is best?" at a glance.
@@ -17,10 +18,10 @@ from ..attempts import Comparison, comparison_grid
 from ..config import COMPILE_UNET_HELP
 from ..errors import UserError
 from ..sample import PROBE_PROMPTS
-from ..session import Session, describe_attempt
-from .base import View, png_bytes, resolve_model, resolve_session, row
+from ..session import Session
+from .attempt_picker import BASE, AttemptPicker
+from .base import Results, View, resolve_model, resolve_session, row
 
-BASE = "base"
 MIN_CELL_PX = 192
 
 
@@ -52,7 +53,8 @@ def readable_cell_size(model: Any) -> int | None:
 
 
 class CompareView(View):
-    """Pick attempts, prompts and seeds; `.comparison` is the result, `.grid_path` where its PNG was saved."""
+    """Pick attempts (each at its final weights or a checkpoint), prompts and seeds; `.refs` are the picks as the
+    core names them ('base', 'attempt-1', 'attempt-1@500'), `.comparison` the result, `.grid_path` its PNG."""
 
     def __init__(self, session: Any, model: Any, *, attempts: list[str] | None = None, prompts: list[str] | None = None,
                  seeds=(1, 2), num_inference_steps: int = 25, guidance_scale: float = 7.5,
@@ -60,11 +62,15 @@ class CompareView(View):
                  comparer: Callable[..., Comparison] = comparison_grid) -> None:
         super().__init__()
         self._session, self._model, self._compare = session, model, comparer
-        self._chosen = list(attempts) if attempts else None  # None: the default pick
+        self._chosen = list(attempts) if attempts else None  # None: base and the newest finished attempt
+        self._made_from: list[str] = []  # the columns as they were made, until the user changes them
+        self.pickers: list[AttemptPicker] = []
         self.cell_size, self.save_dir = cell_size, save_dir
         self.comparison: Comparison | None = None
         self.grid_path: Path | None = None
-        self.attempts = W.SelectMultiple(options=[BASE], value=[BASE], rows=4, layout=W.Layout(width="420px"))
+        self.columns = W.VBox()  # one row per picker: attempt, step, remove
+        self.add_button = W.Button(description="Add", icon="plus", tooltip="Add a column: another attempt or checkpoint",
+                                   layout=W.Layout(width="80px"))
         self.refresh_button = W.Button(description="", icon="refresh", tooltip="List the attempts again",
                                        layout=W.Layout(width="40px"))
         self.prompts = W.Textarea(value="\n".join(prompts or PROBE_PROMPTS), rows=6, layout=W.Layout(width="620px"))
@@ -73,45 +79,58 @@ class CompareView(View):
         self.guidance = W.FloatText(value=guidance_scale, step=None, layout=W.Layout(width="100px"))
         self.compile_unet = W.Checkbox(value=False, indent=False, layout=W.Layout(width="100px"))
         self.compare_button = W.Button(description="Make the grid", button_style="primary", icon="th")
-        self.grid = W.Image(format="png", layout=W.Layout(max_width="100%", display="none"))
-        self._filling = False
-        self.attempts.observe(self._picked, names="value")
+        self.results = Results("grid")  # the grid is shown under the widget, as a plain output of the cell
+        self.add_button.on_click(lambda _: self._act(self.add))
         self.refresh_button.on_click(lambda _: self._act(self.refresh))
         self.compare_button.on_click(lambda _: self.compare())
         self.widget = W.VBox([
-            row(W.HBox([self.attempts, self.refresh_button]), "Ctrl/Cmd-click to pick several; 'base' is the untrained model.", "Attempts"),
+            row(W.VBox([self.columns, W.HBox([self.add_button, self.refresh_button])]),
+                "One column each: 'base' is the untrained model; 'final' is the end of training, a step an "
+                "earlier checkpoint.", "Attempts"),
             row(self.prompts, "One per line; {token} and {class} are filled in from the attempt.", "Prompts"),
             row(self.seeds, "The same seeds for every attempt, so only the training differs.", "Seeds"),
             row(self.steps, "Denoising steps per image (25 is plenty with DPM++).", "Steps"),
             row(self.guidance, "How closely images follow the prompt (7.5 is usual).", "Guidance"),
             row(self.compile_unet, COMPILE_UNET_HELP, "Compile"),
-            self.compare_button, self.status, self.error, self.grid, self.out,
+            self.compare_button, self.status, self.error, self.out,
         ])
         try:
             self.refresh()
         except UserError:  # the session is opened in an earlier cell later on; Compare refreshes then
             pass
 
+    # --- what the user chose --------------------------------------------------------------------
+    @property
+    def refs(self) -> list[str]:
+        """The columns' weights: 'base', 'attempt-1' or 'attempt-1@500'."""
+        return [picker.ref for picker in self.pickers if picker.ref]
+
     # --- actions ----------------------------------------------------------------------------------
     def refresh(self) -> None:
+        """List the attempts and their steps in every column. Until the user changes them, the columns are the
+        attempts named in the cell, or base and the newest finished attempt (which a run since may have changed)."""
         session = resolve_session(self._session)
-        options = [(BASE, BASE)] + [(describe_attempt(a), a.name) for a in session.attempts]
-        names = [value for _, value in options]
-        chosen = [n for n in (self._chosen or default_attempts(session)) if n in names] or [BASE]
-        self._filling = True
-        try:
-            self.attempts.options = options
-            self.attempts.value = tuple(chosen)
-        finally:
-            self._filling = False
+        wanted = self._chosen or default_attempts(session)
+        if self.refs == self._made_from and wanted != self._made_from:
+            self._make_columns(wanted)
+        for picker in self.pickers:
+            picker.refresh(session)
+
+    def add(self) -> None:
+        """One more column, at first the newest finished attempt."""
+        self.refresh()
+        self._add_picker(None).refresh(resolve_session(self._session))
 
     def compare(self, *, raise_errors: bool = False) -> Comparison | None:
         def compare() -> Comparison:
             self.refresh()
             session = resolve_session(self._session)
-            names = list(self.attempts.value)
+            names = self.refs
             if not names:
-                raise UserError("No attempt is picked; pick 'base' and at least one attempt.")
+                raise UserError("No attempt is picked; add 'base' and at least one attempt.")
+            twice = sorted({name for name in names if names.count(name) > 1})
+            if twice:
+                raise UserError(f"{', '.join(twice)} is picked twice; pick each attempt or checkpoint once.")
             prompts, seeds = parse_prompts(self.prompts.value), parse_seeds(self.seeds.value)
             model = resolve_model(self._model)
             self.show_status(f"Generating {len(names) * len(prompts) * len(seeds)} images…")
@@ -120,9 +139,8 @@ class CompareView(View):
                                        cell_size=self.cell_size or readable_cell_size(model),
                                        compile_unet=self.compile_unet.value)
             self.comparison = comparison
-            self.grid.value = png_bytes(comparison.grid)
-            self.grid.layout.display = ""
             self.grid_path = self._save(session, comparison, names)
+            self.results.show("grid", comparison.grid, f"comparison grid of {', '.join(names)}: {self.grid_path}")
             self.show_status(f"Saved the grid as {self.grid_path}.", ok=True)
             return comparison
 
@@ -132,9 +150,24 @@ class CompareView(View):
         return result
 
     # --- internals -------------------------------------------------------------------------------
-    def _picked(self, change) -> None:
-        if not self._filling:
-            self._chosen = list(change["new"])
+    def _make_columns(self, refs: list[str]) -> None:
+        self.pickers, self.columns.children = [], []
+        for ref in refs:
+            self._add_picker(ref)
+        self._made_from = list(refs)
+
+    def _add_picker(self, ref: str | None) -> AttemptPicker:
+        picker = AttemptPicker(ref, argument="attempts", act=self._act)
+        remove = W.Button(description="", icon="times", tooltip="Remove this column", layout=W.Layout(width="40px"))
+        line = W.HBox([picker.widget, remove])
+        remove.on_click(lambda _: self._remove(picker, line))
+        self.pickers.append(picker)
+        self.columns.children = [*self.columns.children, line]
+        return picker
+
+    def _remove(self, picker: AttemptPicker, line: W.HBox) -> None:
+        self.pickers.remove(picker)
+        self.columns.children = [child for child in self.columns.children if child is not line]
 
     def _save(self, session: Session, comparison: Comparison, names: list[str]) -> Path:
         folder = Path(self.save_dir) if self.save_dir else session.path / "grids"

@@ -24,6 +24,8 @@ MAIN_FIELDS = (
     "lora_rank", "checkpoint_every", "sample_every", "sample_prompts",
 )
 LORA_FIELDS = ("lora_rank", "lora_alpha")
+# Set by the train section's "Start from" choice (`continue_config`), not typed: kept in the form, never shown.
+NOT_SHOWN = ("parent", "parent_trained_text_encoder")
 # Fields the user owns: changing the preset never overwrites them (a typed class word survives too).
 KEPT_ON_PRESET_CHANGE = ("token", "seed")
 LABELS = {
@@ -79,7 +81,7 @@ class ConfigForm:
         self._filling = False
         self._listeners: list[Callable[[str | None], None]] = []
         main = [n for n in main_fields if n in self.rows]
-        advanced = [n for n in self.fields if n not in main]
+        advanced = [n for n in self.fields if n not in main and n not in NOT_SHOWN]
         more = W.Accordion(children=[W.VBox([self.rows[n] for n in advanced])], selected_index=None)
         more.set_title(0, "More settings")
         self.widget = W.VBox([*(self.rows[n] for n in main), more, self.message])

@@ -1,5 +1,5 @@
-"""Export: save an attempt for other tools (diffusers folder, one .safetensors for A1111/ComfyUI, a LoRA),
-or push it to the Hugging Face Hub. The view picks and names; `dreamnb.export` does the work."""
+"""Export: save an attempt, or one of its checkpoints, for other tools (diffusers folder, one .safetensors for
+A1111/ComfyUI, a LoRA), or push it to the Hugging Face Hub. The view picks and names; `dreamnb.export` does the work."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,6 +10,7 @@ import ipywidgets as W
 from .. import export as core_export
 from ..errors import UserError
 from ..session import Session
+from .attempt_picker import AttemptPicker
 from .base import View, as_path, resolve_model, resolve_session, row
 
 FORMATS = {
@@ -20,7 +21,7 @@ FORMATS = {
 
 
 class ExportView(View):
-    """Export or push one attempt; `.path` is the last export, `.url` the last push."""
+    """Export or push one attempt (its final weights or a checkpoint); `.path` is the last export, `.url` the last push."""
 
     def __init__(self, session: Any, model: Any, *, attempt: str | None = None, format: str = "diffusers",
                  out: str | Path | None = None, force: bool = False, fp16: bool = True,
@@ -31,12 +32,12 @@ class ExportView(View):
             raise UserError(f"Unknown export format {format!r}; choose one of {', '.join(FORMATS)}.")
         self._session, self._model = session, model
         self._export, self._push = exporter, pusher
-        self._wanted = attempt        # chosen on the first listing; after that the dropdown decides
-        self._listed = False
         self.path: Path | None = None
         self.url: str | None = None
-        self.attempt = W.Dropdown(options=[], layout=W.Layout(width="320px"))
-        self.refresh_button = W.Button(description="", icon="refresh", tooltip="List the attempts again",
+        # the attempt named in the cell, else the newest finished; no 'base': it has nothing trained to export
+        self.picker = AttemptPicker(attempt, with_base=False, act=self._act)
+        self.attempt, self.step = self.picker.attempt, self.picker.step
+        self.refresh_button = W.Button(description="", icon="refresh", tooltip="List the attempts and checkpoints again",
                                        layout=W.Layout(width="40px"))
         self.format = W.Dropdown(options=list(FORMATS), value=format, layout=W.Layout(width="160px"))
         self.format_help = W.HTML()
@@ -54,7 +55,8 @@ class ExportView(View):
         self.push_button.on_click(lambda _: self.push())
         self._show_format()
         self.widget = W.VBox([
-            row(W.HBox([self.attempt, self.refresh_button]), "Which trained attempt to export.", "Attempt"),
+            row(W.HBox([self.picker.widget, self.refresh_button]),
+                "Which trained attempt to export: 'final' is the end of training, a step an earlier checkpoint.", "Attempt"),
             row(self.format, "", "Format"), row(self.format_help, "", " "),
             row(self.out_text, "diffusers: a new folder; safetensors and lora: a .safetensors file or an existing folder. Empty: the session's exports/ folder.", "Save to"),
             row(W.VBox([self.force, self.fp16]), "", " "),
@@ -70,19 +72,8 @@ class ExportView(View):
 
     # --- actions ----------------------------------------------------------------------------------
     def refresh(self) -> None:
-        session = resolve_session(self._session)
-        names = [a.name for a in session.attempts]
-        if self._wanted is not None and self._wanted not in names:
-            raise UserError(f"This session has no attempt {self._wanted!r} (it has: {', '.join(names) or 'none yet'}); fix attempt= in this cell.")
-        finished = [a.name for a in session.attempts if a.status == "finished"]
-        current = self.attempt.value
-        self.attempt.options = [(f"{a.name} ({a.status})", a.name) for a in session.attempts]
-        first = None if self._listed else self._wanted
-        for choice in (first, current, finished[-1] if finished else None):
-            if choice in names:
-                self.attempt.value = choice
-                break
-        self._listed = True
+        """List the attempts that have weights to export, and the picked attempt's steps."""
+        self.picker.refresh(resolve_session(self._session))
 
     def export(self, *, raise_errors: bool = False) -> Path | None:
         def export() -> Path:
@@ -113,10 +104,9 @@ class ExportView(View):
     # --- internals -------------------------------------------------------------------------------
     def _chosen(self) -> tuple[Session, str]:
         self.refresh()
-        session = resolve_session(self._session)
-        if not self.attempt.value:
+        if self.picker.ref is None:
             raise UserError("There is no attempt to export yet; train one first.")
-        return session, self.attempt.value
+        return resolve_session(self._session), self.picker.ref
 
     def _show_format(self) -> None:
         self.format_help.value = f"<i>{FORMATS[self.format.value]}</i>"

@@ -2,7 +2,8 @@
 
 The view only shows what `images.prepare_photos` decided (accepted crops, rejected files with the reason,
 advice on the set) and edits the caption files beside the prepared copies; the user's own photos are
-never touched.
+never touched. The crops and the report are plain outputs of the cell (see `base.Results`), so a saved
+notebook still shows which photos went in and which were left out; the widget holds the caption editor.
 """
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from .. import fileio
 from ..config import PRESETS
 from ..crop import CROP_MODES
 from ..errors import UserError
+from ..grid import make_grid
 from ..images import PrepareReport, caption_warnings, prepare_photos, prepared_files, remove_photo
 from ..session import session_lock
-from .base import HELP_STYLE, View, current_text, png_bytes, resolve_session, row
+from .base import HELP_STYLE, Results, View, current_text, png_bytes, resolve_session, row
 
 THUMBNAIL_PX = 128
+SHEET_COLUMNS = 8
 EDITOR_PX = 256
 
 
@@ -30,6 +33,34 @@ def split_paths(value: Any) -> list[str]:
         return []
     items = value if isinstance(value, (list, tuple)) else str(value).splitlines()
     return [str(item).strip() for item in items if str(item).strip()]
+
+
+def contact_sheet(photos: list[Path], size: int = THUMBNAIL_PX, columns: int = SHEET_COLUMNS):
+    """All prepared photos as one picture of thumbnails, rows of `columns`, titled with how many there are."""
+    from PIL import Image
+
+    thumbnails = []
+    for photo in photos:
+        with Image.open(photo) as opened:
+            thumbnail = opened.convert("RGB")
+        thumbnail.thumbnail((size, size))
+        thumbnails.append(thumbnail)
+    columns = min(columns, len(thumbnails))
+    blank = Image.new("RGB", (size, size), "white")  # fills the last row
+    thumbnails += [blank] * (-len(thumbnails) % columns)
+    rows = [thumbnails[i:i + columns] for i in range(0, len(thumbnails), columns)]
+    return make_grid(rows, [], [], title=f"{len(photos)} photos in the set", cell_size=size)
+
+
+def report_markdown(report: PrepareReport) -> str:
+    """What Prepare left out and why, its warnings and its advice on the set, as Markdown ('' when none)."""
+    sections = [
+        ("Not used", [f"`{r.source}`: {r.reason or 'rejected'}" for r in report.rejected]),
+        ("Warnings", list(report.warnings)),
+        ("Advice", list(report.advice)),
+    ]
+    return "\n\n".join(f"**{title}**\n\n" + "\n".join(f"- {item}" for item in items)
+                        for title, items in sections if items)
 
 
 class PhotosView(View):
@@ -52,10 +83,7 @@ class PhotosView(View):
         self.preset = W.Dropdown(options=list(PRESETS), value=preset, layout=W.Layout(width="120px"))
         self.prepare_button = W.Button(description="Prepare photos", button_style="primary", icon="images")
         self.progress = W.IntProgress(value=0, min=0, max=1, layout=W.Layout(width="300px", visibility="hidden"))
-        self.advice = W.HTML()
-        self.rejected = W.HTML()
-        self.gallery = W.GridBox(layout=W.Layout(grid_template_columns=f"repeat(auto-fill, {THUMBNAIL_PX + 8}px)",
-                                                 grid_gap="6px"))
+        self.results = Results("photos", "report")  # the crops, and what was left out and why
         # caption editor: one photo, its caption, save
         self.caption_photo = W.Dropdown(options=[], description="Photo", layout=W.Layout(width="420px"))
         self.caption_image = W.Image(format="png", layout=W.Layout(width=f"{EDITOR_PX}px"))
@@ -81,8 +109,7 @@ class PhotosView(View):
             row(self.size, "Square size of the prepared copies: the training resolution.", "Size"),
             row(self.crop, "smart: around the face or subject; center: the middle; none: pad to a square.", "Crop"),
             row(self.preset, "What the photos show; decides which checks run (faces for 'face').", "Subject"),
-            W.HBox([self.prepare_button, self.progress]), self.status, self.error,
-            self.advice, self.rejected, self.gallery, editor, self.out,
+            W.HBox([self.prepare_button, self.progress]), self.status, self.error, editor, self.out,
         ])
         try:
             self.refresh()
@@ -125,7 +152,7 @@ class PhotosView(View):
             self.upload.value = ()  # prepared: pressing again must not add the same files twice
             self.show_status(f"{len(report.accepted)} added, {len(report.rejected)} rejected; "
                              f"{report.photos_in_set} photos in the set.", ok=bool(report.accepted))
-            self._show_report(report)
+            self.results.show("report", report_markdown(report))
             self.refresh()
             return report
 
@@ -134,7 +161,8 @@ class PhotosView(View):
     def refresh(self) -> None:
         """Show the prepared photos as thumbnails and fill the caption editor's list."""
         photos = self.photos
-        self.gallery.children = [self._thumbnail(p) for p in photos]
+        self.results.show("photos", contact_sheet(photos) if photos else None,
+                          f"{len(photos)} prepared photos in {self.instance_dir}")
         names = [p.name for p in photos]
         selected = self.caption_photo.value if self.caption_photo.value in names else (names[0] if names else None)
         self.caption_photo.options = names
@@ -171,28 +199,6 @@ class PhotosView(View):
     def _on_progress(self, done: int, total: int) -> None:
         self.progress.max = max(total, 1)
         self.progress.value = done
-
-    def _show_report(self, report: PrepareReport) -> None:
-        advice = "".join(f"<li>{html.escape(a)}</li>" for a in report.advice)
-        self.advice.value = f"<b>Advice</b><ul>{advice}</ul>" if advice else ""
-        rejected = "".join(f"<li><b>{html.escape(r.source)}</b>: {html.escape(r.reason or 'rejected')}</li>"
-                           for r in report.rejected)
-        warnings = "".join(f"<li>{html.escape(w)}</li>" for w in report.warnings)
-        parts = []
-        if rejected:
-            parts.append(f"<b>Not used</b><ul>{rejected}</ul>")
-        if warnings:
-            parts.append(f"<b>Warnings</b><ul>{warnings}</ul>")
-        self.rejected.value = "".join(parts)
-
-    def _thumbnail(self, photo: Path) -> W.VBox:
-        image = W.Image(value=png_bytes(photo, THUMBNAIL_PX), format="png", layout=W.Layout(width=f"{THUMBNAIL_PX}px"))
-        edit = W.Button(description="caption", icon="pencil", tooltip=photo.name,
-                        layout=W.Layout(width=f"{THUMBNAIL_PX}px"))
-        edit.on_click(lambda _, name=photo.name: setattr(self.caption_photo, "value", name))
-        mark = "✎ " if photo.with_suffix(".txt").is_file() else ""
-        label = W.HTML(f'<span style="font-size:80%">{mark}{html.escape(photo.name[:22])}</span>')
-        return W.VBox([image, label, edit])
 
     def _selected(self, name: str | None) -> Path:
         name = name or self.caption_photo.value

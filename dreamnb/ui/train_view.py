@@ -4,6 +4,10 @@ Pressing Train runs `dreamnb.train.train` in a background thread, so the kernel 
 events and Stop works (it sets the `threading.Event` the trainer checks after every step; the trainer
 then saves a checkpoint). The live view is redrawn from `TrainEvent`s only: the view never trains.
 Headless runs (`auto=True`) train in the foreground instead, so the next cell sees the finished attempt.
+When a run ends, its loss curve (from log.csv) and newest previews move from the live view to plain outputs
+of the cell (`base.Results`), where a saved or reopened notebook still shows them.
+"Start from" an attempt (or one of its checkpoints) fills the form with its settings (`continue_config`) and
+trains more steps on top of its weights, as a new attempt that records where it came from.
 """
 from __future__ import annotations
 
@@ -17,18 +21,23 @@ from typing import Any, Callable
 
 import ipywidgets as W
 
+from .. import colab
 from ..config import TrainConfig
 from ..errors import UserError
-from ..session import Session
-from ..train import TrainEvent, TrainResult, train
-from .base import HELP_STYLE, StepFailed, View, current_text, png_bytes, resolve_model, resolve_session, row
+from ..session import Session, describe_size, split_ref
+from ..train import TrainEvent, TrainResult, continue_config, disk_estimate, read_log, train
+from .attempt_picker import BASE, AttemptPicker
+from .base import (HELP_STYLE, Results, StepFailed, View, current_text, loaded_model, png_bytes, resolve_model,
+                   resolve_session, row)
 from .config_form import ConfigForm
 
 log = logging.getLogger(__name__)
 
 CHART_REDRAW_S = 1.0  # drawing the loss curve costs ~50 ms; at most once a second keeps training fast
 SAMPLE_PX = 192
+PREVIEWS_MAX_PX = 1024  # the trainer's preview grid is one 512 px image per prompt, stacked: shrink it for the notebook
 PHASE_NAMES = {"text_encoder": "text encoder", "unet": "UNet"}
+KEPT_WHEN_CONTINUING = ("method", "lora_rank", "lora_alpha")  # the parent's weights are shaped by them
 
 
 def duration(seconds: float | None) -> str:
@@ -131,15 +140,21 @@ class LiveView:
 
 
 class TrainView(View):
-    """Settings form + Train / Stop / Resume + live view. `.config` is the form's TrainConfig, `.result` the last run."""
+    """What to start from + settings form + Train / Stop / Resume + live view. `.config` is the form's TrainConfig,
+    `.result` the last run. `start_from`: None or 'base' for the base model, or 'attempt-1' / 'attempt-1@500' to train
+    more on top of that attempt (its settings, with `settings` on top)."""
 
     def __init__(self, session: Any, model: Any, *, token: Any = None, attempt: str | None = None,
-                 preset: str = "face", method: str = "full",
-                 trainer: Callable[..., TrainResult] = train, **settings: Any) -> None:
+                 preset: str = "face", method: str = "full", start_from: str | None = None,
+                 trainer: Callable[..., TrainResult] = train, in_colab: bool | None = None, **settings: Any) -> None:
         super().__init__()
         self._session, self._model, self._trainer = session, model, trainer
         token_text = current_text(token).strip()
         self.form = ConfigForm(TrainConfig.from_preset(preset, method, token=token_text or None, **settings))
+        self._settings = {name: value for name, value in settings.items() if value is not None}  # the cell's own
+        self._build_start_from(start_from)
+        self.disk_line = W.HTML()  # the disk a run takes, under the form
+        self._build_disconnect(colab.in_colab() if in_colab is None else in_colab)
         if hasattr(token, "text") and isinstance(getattr(token, "text"), W.Text):  # follow the token check box
             token.text.observe(lambda change: setattr(self.form.widgets["token"], "value", change["new"].strip()), names="value")
         self.attempt_text = W.Text(value=attempt or "", placeholder="empty: attempt-1, attempt-2, …",
@@ -157,13 +172,21 @@ class TrainView(View):
         self.result: TrainResult | None = None
         self.events: list[TrainEvent] = []
         self.form.on_check(lambda problem: setattr(self.train_button, "disabled", problem is not None or self.running))
+        self.form.on_check(lambda _: self._show_disk())
         self.form.check()
+        self.results = Results("loss curve", "previews")  # of the last run, once it has ended
         self.widget = W.VBox([
+            row(W.HBox([self.start_from.widget, self.start_from_refresh]), "The untrained base model, or a trained "
+                "attempt ('final') or one of its checkpoints, to train more on top of it.", "Start from"),
+            self.start_note,
             self.form.widget,
+            self.disk_line,
             row(self.attempt_text, "A name for this try, so you can compare attempts later.", "Attempt name"),
+            self.disconnect_row,
             W.HBox([self.train_button, self.stop_button, self.resume_button]),
             self.status, self.error, self.live.widget, self.out,
         ])
+        self._list_start_points()
 
     # --- what the user chose --------------------------------------------------------------------
     @property
@@ -193,7 +216,7 @@ class TrainView(View):
                 name = self._attempt_to_resume(session, name)
                 config = TrainConfig()  # the trainer reads the attempt's own saved settings
             else:
-                config = self.form.config
+                config = self._config_to_train(session)
             model = resolve_model(self._model)
             return session, config, model, name
 
@@ -202,6 +225,8 @@ class TrainView(View):
             return None
         self.stop_event.clear()
         self.live.reset()
+        self.results.show("loss curve", None)
+        self.results.show("previews", None)
         self.events = []
         self.result = None
         self._set_running(True)
@@ -229,6 +254,96 @@ class TrainView(View):
         if self.thread is not None:
             self.thread.join(timeout)
         return self.result
+
+    # --- what training starts from -----------------------------------------------------------------
+    def _build_start_from(self, start_from: str | None) -> None:
+        """The 'Start from' picker (the base model unless the cell names an attempt) and its line of explanation."""
+        self._base_values = self.form.values  # the form as it was for the base model, restored when it is picked again
+        self._parent_values: dict[str, Any] = {}  # the settings of the attempt picked to start from, as filled in
+        self._filled_from = BASE  # what the form's settings are those of
+        self.start_from = AttemptPicker(start_from, base_label="the base model", pick_newest=False,
+                                        argument="start_from", act=self._act)
+        self.start_from.on_change(self._start_from_picked)
+        self.start_from_refresh = W.Button(description="", icon="refresh", tooltip="List the attempts and checkpoints again",
+                                           layout=W.Layout(width="40px"))
+        self.start_from_refresh.on_click(lambda _: self._act(lambda: self.start_from.refresh(resolve_session(self._session))))
+        self.start_note = W.HTML()
+
+    def _build_disconnect(self, in_colab: bool) -> None:
+        """Colab only: the opt-in checkbox that ends the runtime when a run ends."""
+        self.in_colab = in_colab
+        self.disconnect = W.Checkbox(value=False, indent=False,
+                                     description="Disconnect the runtime when training ends (saves compute units)",
+                                     layout=W.Layout(width="480px"))
+        self.disconnect_row = row(self.disconnect, "Ends this Colab runtime once the attempt and its results are saved, "
+                                                   "so an idle GPU stops costing compute units.")
+        self.disconnect_row.layout.display = "" if in_colab else "none"
+
+    def _list_start_points(self) -> None:
+        """List the attempts to start from, when the session is open (else Train lists them)."""
+        try:
+            session = resolve_session(self._session)
+        except UserError:  # the session is opened in an earlier cell later on
+            return
+        self._act(lambda: self.start_from.refresh(session))
+
+    def _start_from_picked(self) -> None:
+        """Fill the form for what training starts from: the picked attempt's settings (with the cell's own on top),
+        or, for the base model, the settings the form had before an attempt was picked."""
+        ref = self.start_from.ref
+        if ref == self._filled_from:
+            return
+        if ref == BASE:
+            self._parent_values = {}
+            self.form.set_values(self._base_values)
+        else:
+            session = resolve_session(self._session)
+            parent, filled = continue_config(session, ref), continue_config(session, ref, **self._settings)
+            if self._filled_from == BASE:
+                self._base_values = self.form.values
+            self._parent_values = parent.to_dict()
+            self.form.set_values(filled.to_dict())
+        self._filled_from = ref
+        self._show_start_from()
+
+    def _show_start_from(self) -> None:
+        """One line on what continuing means; the settings the parent's weights are shaped by cannot change."""
+        continuing = self._filled_from != BASE
+        for name in KEPT_WHEN_CONTINUING:
+            self.form.widgets[name].disabled = continuing
+        parent, name = self.form.values["parent"], split_ref(self._filled_from)[0]
+        note = (f"Continues {parent} with its settings: the step counts are steps more, and the text encoder stays "
+                f"as {name} left it unless you give it steps.")
+        self.start_note.value = f'<span style="{HELP_STYLE}">{html.escape(note)}</span>' if continuing else ""
+
+    def _config_to_train(self, session: Session) -> TrainConfig:
+        """The form's settings; when starting from an attempt, its settings with what the form changed."""
+        picked = self.start_from.ref
+        self.start_from.refresh(session)
+        if picked != BASE and self.start_from.ref != picked:
+            raise UserError(f"{picked} is no longer in this session (deleted?); pick what to start from again.")
+        if self.start_from.ref != self._filled_from:  # picked before its settings could be filled in
+            self._start_from_picked()
+        if self._filled_from == BASE:
+            return self.form.config
+        changed = {name: value for name, value in self.form.values.items() if value != self._parent_values[name]}
+        return continue_config(session, self._filled_from, **changed)
+
+    def _show_disk(self) -> None:
+        """The disk the run will take with the settings as they are now (once the base model is loaded)."""
+        base = loaded_model(self._model)
+        try:
+            if base is None:
+                text = "Disk: load the base model above to see how much space a run takes."
+            elif self.form.problem is not None:
+                text = ""
+            else:
+                during, after = disk_estimate(self.form.config, base)
+                text = f"Disk: up to {describe_size(during)} while training, {describe_size(after)} once finished."
+        except Exception:  # an estimate must never break the form
+            log.warning("could not estimate the disk use of a run", exc_info=True)
+            text = ""
+        self.disk_line.value = f'<span style="{HELP_STYLE}">{html.escape(text)}</span>' if text else ""
 
     # --- internals -------------------------------------------------------------------------------
     def _attempt_to_resume(self, session: Session, name: str | None) -> str:
@@ -260,7 +375,37 @@ class TrainView(View):
             self.out.append_stderr(traceback.format_exc())
         finally:
             self._set_running(False)
+        self._keep_results(session)
+        self._relist_start_points(session)
+        if self.disconnect.value:  # finished, stopped or failed: the attempt and its results are saved by now
+            colab.disconnect_runtime()
         return failure
+
+    def _keep_results(self, session: Session) -> None:
+        """The attempt's loss curve, read from its log.csv (a resumed run's earlier steps included), and its
+        newest previews (samples/step-N.png, labelled by the trainer), as plain outputs of the cell."""
+        if self.result is None:
+            return
+        name = self.result.attempt
+        folder = session.attempt_dir(name)
+        try:  # what moves to the plain outputs leaves the live view, so it is not shown twice
+            losses = [(int(r["step"]), float(r["loss"]), r["phase"]) for r in read_log(folder)]
+            if losses:
+                self.results.show("loss curve", loss_chart_png(losses), f"loss curve of {name}")
+                self.live.chart.layout.display = "none"
+            previews = sorted((folder / "samples").glob("step-*.png"))
+            if previews:
+                self.results.show("previews", png_bytes(previews[-1], PREVIEWS_MAX_PX), f"previews of {name}: {previews[-1]}")
+                self.live.samples.children = ()
+        except Exception:  # the run itself went fine; a drawing problem must not turn it into a failure
+            log.warning("could not keep the loss curve and previews of %s", name, exc_info=True)
+
+    def _relist_start_points(self, session: Session) -> None:
+        """The attempt just trained can be started from next. Runs in the training thread, so outside `_act`."""
+        try:
+            self.start_from.refresh(session)
+        except ValueError as err:  # the list stays as it was; Train lists it again
+            log.warning("could not list the attempts to start from: %s", err)
 
     def _on_event(self, event: TrainEvent) -> None:
         self.events.append(event)

@@ -5,8 +5,8 @@
 Builds a tiny model on the spot (its VAE fitted to the sample cat photos, as `dreamnb demo` does, so the
 images are more than noise), writes the notebook with its parameters filled in (papermill style,
 `auto_run=True`), starts JupyterLab on localhost, and lets `screenshots.cjs` (Playwright) run all cells,
-check the page and save photos.png, training.png and compare.png under --out. Exit status 0 when the
-page check passed.
+check the page, press the playground's Generate once more, and save photos.png, training.png, compare.png and
+playground.png under --out. Exit status 0 when the page check passed.
 
 Needs: jupyterlab (pip), chromium (Debian's `apt-get install chromium`), playwright-core (npm, found
 through NODE_PATH or `npm root -g`).

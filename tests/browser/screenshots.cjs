@@ -1,5 +1,5 @@
-// Open the notebook in JupyterLab in headless Chromium, run all cells, check that the widgets rendered,
-// and screenshot the photo grid, the training view and the comparison grid.
+// Open the notebook in JupyterLab in headless Chromium, run all cells, check that the widgets and the results
+// kept as plain outputs rendered, and screenshot the photos, the training view, the comparison grid and the playground.
 //   node screenshots.cjs URL OUT_DIR [TIMEOUT_MS]
 // Started by run_in_browser.py, which starts JupyterLab (with expose_app_in_browser) and fills in the parameters.
 const fs = require("fs");
@@ -12,12 +12,35 @@ const FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", 
   "--disable-background-networking", "--disable-component-update", "--disable-sync",
   "--disable-dev-shm-usage"];  // containers give /dev/shm 64 MB, too little for the renderer
 // The cell of each screenshot, found by the library call in its source.
-const SHOTS = { "photos.png": "dreamnb.ui.photos(", "training.png": "dreamnb.ui.train(", "compare.png": "dreamnb.ui.compare(" };
-const BUTTONS = ["Load model", "Create session", "Prepare photos", "Train", "Stop", "Resume", "Make the grid", "Export"];
+const SHOTS = { "photos.png": "dreamnb.ui.photos(", "training.png": "dreamnb.ui.train(", "compare.png": "dreamnb.ui.compare(",
+  "playground.png": "dreamnb.ui.playground(" };
+const BUTTONS = ["Load model", "Create session", "Prepare photos", "Train", "Stop", "Resume", "Make the grid", "Generate", "Export"];
+const PHOTOS = 6;  // the cat photos in assets/photos
+const THUMBNAIL_PX = 128;  // dreamnb/ui/photo_view.py: one picture of all the photos, this wide each
 
 function fail(message) {
   console.error(`page check failed: ${message}`);
   process.exitCode = 1;
+}
+
+// A press after the cell has run: its images must replace the cell's plain image output in place (a display
+// update), as a Colab or Lab user's clicks do. The seed is "random", so the new picture differs from the old.
+// Returns how many image outputs the cell then has (1), or -1 when none changed within two minutes.
+async function pressGenerateAgain(page) {
+  const source = "dreamnb.ui.playground(";
+  const outputs = page.locator(".jp-CodeCell", { hasText: source }).first().locator(".jp-OutputArea-output[data-mime-type='image/png']");
+  const before = await outputs.first().locator("img").getAttribute("src");
+  await page.locator(".jp-CodeCell", { hasText: source }).first().locator("button.jupyter-button", { hasText: "Generate" }).click();
+  try {
+    await page.waitForFunction(([text, old]) => {
+      const cell = [...document.querySelectorAll(".jp-CodeCell")].find((c) => c.textContent.includes(text));
+      const img = cell && cell.querySelector(".jp-OutputArea-output[data-mime-type='image/png'] img");
+      return img && img.getAttribute("src") !== old;
+    }, [source, before], { timeout: 120000 });
+  } catch (err) {
+    return -1;
+  }
+  return outputs.count();
 }
 
 (async () => {
@@ -46,7 +69,8 @@ function fail(message) {
     }
     const seconds = Math.round((Date.now() - started) / 1000);
 
-    // What rendered: widget views, the buttons of every section, thumbnails, chart and grid images.
+    // What rendered: widget views, the buttons of every section, and the images of each section's cell (the
+    // photos, loss curve, previews, grid and playground images are plain outputs under the widgets).
     const check = await page.evaluate(() => {
       const buttons = [...document.querySelectorAll("button.jupyter-button")].map((b) => b.textContent.trim());
       const images = (source) => {
@@ -59,6 +83,7 @@ function fail(message) {
         photo_images: images("dreamnb.ui.photos("),
         training_images: images("dreamnb.ui.train("),
         compare_images: images("dreamnb.ui.compare("),
+        playground_images: images("dreamnb.ui.playground("),
         progress: [...document.querySelectorAll(".widget-hprogress .progress-bar")].map((b) => b.style.width),
       };
     });
@@ -66,10 +91,13 @@ function fail(message) {
     for (const name of BUTTONS) {
       if (!check.buttons.some((b) => b === name || b.endsWith(name))) fail(`no '${name}' button rendered`);
     }
-    if (check.widget_views < 8) fail(`only ${check.widget_views} widget views rendered`);
-    if (check.photo_images.length < 6) fail(`the photo grid shows ${check.photo_images.length} images, expected the 6 cat photos`);
-    if (check.training_images.length < 3) fail("the training view shows no loss curve and previews");
-    if (check.compare_images.length < 1) fail("the compare view shows no grid");
+    if (check.widget_views < 9) fail(`only ${check.widget_views} widget views rendered`);
+    if (!check.photo_images.some(([width]) => width >= PHOTOS * THUMBNAIL_PX)) fail(`no picture of the ${PHOTOS} cat photos`);
+    if (check.training_images.length < 2) fail("the training cell shows no loss curve and previews");
+    if (check.compare_images.length < 1) fail("the compare cell shows no grid");
+    if (check.playground_images.length < 1) fail("the playground cell shows no images");
+    check.playground_outputs_after_click = await pressGenerateAgain(page);
+    if (check.playground_outputs_after_click !== 1) fail("pressing Generate again did not replace the playground's image output");
 
     fs.mkdirSync(outDir, { recursive: true });
     // Tall enough that each section's output fits whole, without the Lab's toolbars over it.

@@ -1,8 +1,8 @@
 """The notebook in a real browser: JupyterLab on localhost, headless Chromium driven by Playwright.
 
 Runs `run_in_browser.py` (tiny model, the sample cat photos, every section with auto_run), which checks
-in the page that the widgets rendered and saves screenshots of the photo grid, the training view and the
-comparison grid. Skipped, with what is missing, when chromium, JupyterLab or playwright-core is not installed:
+in the page that the widgets and the results kept as plain outputs rendered, and saves screenshots of the
+photos, the training view, the comparison grid and the playground. Skipped, with what is missing, when chromium, JupyterLab or playwright-core is not installed:
     apt-get install chromium ; pip install jupyterlab ; npm install -g playwright-core
 (JUPYTER_LAB=/path/to/jupyter-lab and CHROMIUM=/path/to/chromium point at non-default installs.)
 """
@@ -37,10 +37,12 @@ def test_notebook_widgets_render_in_jupyterlab_and_screenshots_are_taken(tmp_pat
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     check = json.loads(run.stdout.strip().splitlines()[-1])
-    assert check["widget_views"] >= 8
-    assert {"Prepare photos", "Train", "Stop", "Make the grid", "Export"} <= set(check["buttons"])
-    assert len(check["photo_images"]) >= 6 and len(check["training_images"]) >= 3 and check["compare_images"]  # curve + previews
+    assert check["widget_views"] >= 9
+    assert {"Prepare photos", "Train", "Stop", "Make the grid", "Generate", "Export"} <= set(check["buttons"])
+    assert any(width >= 6 * 128 for width, _ in check["photo_images"])  # one picture of the 6 cat photos
+    assert len(check["training_images"]) >= 2 and check["compare_images"] and check["playground_images"]  # curve + previews
+    assert check["playground_outputs_after_click"] == 1  # a later press replaced the cell's image output in place
     assert all(bar == "100%" for bar in check["progress"][-1:])  # the training bar ended full
-    for name in ("photos.png", "training.png", "compare.png"):
+    for name in ("photos.png", "training.png", "compare.png", "playground.png"):
         with Image.open(out / name) as shot:
             assert shot.width >= 600 and shot.height >= 150, (name, shot.size)
