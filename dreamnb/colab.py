@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,20 @@ def mount_drive() -> Path:
     root = default_root()  # MyDrive/dreamnb now that Drive is mounted
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def read_secret(colab_name: str, *env_names: str) -> str | None:
+    """A token or API key from the environment (the first of `env_names` set) or Colab's secrets (`colab_name`);
+    None when there is none. Callers pass it only to the site it is for: it is never logged, printed or saved."""
+    for name in env_names:
+        if os.environ.get(name):
+            return os.environ[name]
+    try:
+        from google.colab import userdata  # type: ignore[import-not-found]
+
+        return userdata.get(colab_name)
+    except Exception:  # not in Colab, no such secret, or access not granted
+        return None
 
 
 def disconnect_runtime() -> None:

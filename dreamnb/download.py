@@ -56,15 +56,9 @@ def model_cache_dir(folder: str | os.PathLike | None = None) -> Path:
 
 def resolve_civitai_token() -> str | None:
     """A civitai API key from CIVITAI_TOKEN / CIVITAI_API_TOKEN or Colab's secrets (CIVITAI_TOKEN); never shown."""
-    token = os.environ.get("CIVITAI_TOKEN") or os.environ.get("CIVITAI_API_TOKEN")
-    if token:
-        return token
-    try:
-        from google.colab import userdata  # type: ignore[import-not-found]
+    from .colab import read_secret
 
-        return userdata.get("CIVITAI_TOKEN")
-    except Exception:  # not in Colab, no such secret, or access not granted
-        return None
+    return read_secret("CIVITAI_TOKEN", "CIVITAI_TOKEN", "CIVITAI_API_TOKEN")
 
 
 def shown_url(url: str) -> str:

@@ -99,15 +99,9 @@ def resolve_hf_token() -> str | None:
 
     The token is only ever passed to huggingface_hub; it is never logged, printed or written anywhere.
     """
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    if token:
-        return token
-    try:
-        from google.colab import userdata  # type: ignore[import-not-found]
+    from .colab import read_secret
 
-        return userdata.get("HF_TOKEN")
-    except Exception:  # not in Colab, no such secret, or access not granted
-        return None
+    return read_secret("HF_TOKEN", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
 def source_kind(source: str | os.PathLike) -> str:
