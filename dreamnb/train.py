@@ -217,6 +217,7 @@ class Run:
     bar: Any
     state: dict
     started: float
+    first_step: int  # where this process started (a resume: the checkpoint's step), for the time left
     losses: list[tuple[int, float]] = field(default_factory=list)
     optimizer: Any = None
     lr_scheduler: Any = None
@@ -316,13 +317,13 @@ def _train(session: Session, config: TrainConfig, base_model: BaseModel | str | 
     run = Run(config=config, accelerator=accelerator, attempt_dir=attempt_dir, base_model=base_model, models=models,
               data=training_data, schedule=NoiseSchedule.from_scheduler(base_model.pipeline.scheduler, device),
               generator=generator, checkpoint=checkpoint, emit=emit, stop=stop, state=state, started=time.time(),
-              bar=_progress_bar(progress and accelerator.is_main_process, config.total_steps, state["global_step"]))
-    first_step = state["global_step"]
-    emit(TrainEvent("start", step=first_step, total_steps=config.total_steps, message=f"Training {name} on {device}"))
+              bar=_progress_bar(progress and accelerator.is_main_process, config.total_steps, state["global_step"]),
+              first_step=state["global_step"])
+    emit(TrainEvent("start", step=run.first_step, total_steps=config.total_steps, message=f"Training {name} on {device}"))
     status, final_dir, out_of_memory = "finished", None, False
     try:
         for phase in PHASES:
-            run_phase(run, phase, first_step)
+            run_phase(run, phase)
         if accelerator.num_processes > 1:
             emit(TrainEvent("info", message=ranks_agree_message(accelerator, models.unet, models.text_encoder)))
         final_dir = save_final(accelerator, attempt_dir, models.unet, models.text_encoder, config)
@@ -497,7 +498,7 @@ def place_models(base_model: BaseModel, config: TrainConfig, accelerator, precis
     return TrainingModels(unet, text_encoder, device, weights_dtype, precision, use_graphs)
 
 
-def run_phase(run: Run, phase: str, first_step: int) -> None:
+def run_phase(run: Run, phase: str) -> None:
     """One phase (text encoder, then UNet), from where the run stands, with checkpoints, previews and Stop."""
     config, accelerator, models = run.config, run.accelerator, run.models
     phase_steps = config.text_encoder_steps if phase == "text_encoder" else config.unet_steps
@@ -532,7 +533,7 @@ def run_phase(run: Run, phase: str, first_step: int) -> None:
         # (which must never hold weights from after a NaN). Averaged over processes: every one of them
         # shows the same loss and stops on the same NaN (one stopping alone would leave the others waiting).
         if step % config.log_every == 0 or phase_step + 1 == phase_steps or checkpoint_due:
-            log_loss(run, phase, (accelerator.reduce(running_loss, "mean") / steps_since_log).item(), first_step)
+            log_loss(run, phase, (accelerator.reduce(running_loss, "mean") / steps_since_log).item())
             running_loss.zero_()
             steps_since_log = 0
         if checkpoint_due:
@@ -621,7 +622,7 @@ def make_step(run: Run, phase: str, trainable, params) -> Callable[[], torch.Ten
     return eager_step
 
 
-def log_loss(run: Run, phase: str, mean_loss: float, first_step: int) -> None:
+def log_loss(run: Run, phase: str, mean_loss: float) -> None:
     """Stop on a NaN; else record the loss in log.csv, the progress bar and a step event."""
     if not math.isfinite(mean_loss):
         raise TrainingError(nan_message(run.config, run.models.precision.compute))
@@ -631,7 +632,7 @@ def log_loss(run: Run, phase: str, mean_loss: float, first_step: int) -> None:
     current_lr = float(run.lr_scheduler.get_last_lr()[0])
     if run.accelerator.is_main_process:
         append_log(run.attempt_dir, step, phase, mean_loss, current_lr, elapsed)
-    eta = elapsed / max(step - first_step, 1) * (total - step)
+    eta = elapsed / max(step - run.first_step, 1) * (total - step)
     run.bar.set_postfix(loss=f"{mean_loss:.4f}")
     run.emit(TrainEvent("step", step=step, total_steps=total, phase=phase, loss=mean_loss, lr=current_lr, elapsed_s=elapsed, eta_s=eta))
 
