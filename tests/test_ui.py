@@ -956,3 +956,25 @@ def test_environment_outside_colab():
 def test_step_failed_renders_as_one_line():
     err = StepFailed("The session has no photos; set instance_images.")
     assert err._render_traceback_() == ["StepFailed: The session has no photos; set instance_images."]
+
+
+def test_a_second_runtime_training_the_same_session_is_refused_in_the_view(photo_session, base_sd1):
+    """Colab's lost-then-reopened runtime: another process is training this session; the view says so in one sentence,
+    and nothing is written (no new attempt, no files)."""
+    from test_session import _hold_lock_in_another_process
+
+    before = sorted(p.relative_to(photo_session.path) for p in photo_session.path.rglob("*"))
+    holder = _hold_lock_in_another_process(photo_session.path)
+    try:
+        view = ui.TrainView(photo_session, base_sd1, token="zwx", preset="object", class_word="thing", resolution=64,
+                            with_prior_preservation=False, unet_steps=4, text_encoder_steps=0, checkpoint_every=0)
+        view.train_button.click()
+        result = view.wait(120)
+        assert result is None or result.status != "finished"
+        assert f"(process {holder.pid})" in view.error_text and "being changed by training" in view.error_text
+        assert "Traceback" not in view.error_text
+        after = sorted(p.relative_to(photo_session.path) for p in photo_session.path.rglob("*") if p.name != ".lock")
+        assert after == [p for p in before if p.name != ".lock"] and open_session(photo_session.path).attempts == []
+    finally:
+        holder.kill()
+        holder.wait()
