@@ -267,6 +267,9 @@ def interrupts_as_stop(stop: threading.Event, emit: Callable[[TrainEvent], None]
 
 def _train(session: Session, config: TrainConfig, base_model: BaseModel | str | Path, attempt: str | None, resume: bool,
            emit: Callable[[TrainEvent], None], stop: threading.Event, progress: bool, config_source: str | None) -> TrainResult:
+    from .models import model_family  # SDXL loads and its tokens can be checked; training it is not built yet (issue 18)
+    if model_family(base_model) == "sdxl":
+        raise ConfigError("Training Stable Diffusion XL is not supported yet; use a Stable Diffusion 1.x or 2.x base model such as stable-diffusion-v1-5/stable-diffusion-v1-5.")
     if resume:  # an attempt always continues with the settings it started with, from the same base model
         attempt = session.attempt(attempt).name
         config = read_attempt_config(session.attempt_dir(attempt))
@@ -763,7 +766,7 @@ def resolve_optimizer(config: TrainConfig, cuda: bool, compute: str) -> str:
     if choice.startswith("adamw-bf16") and config.method == "lora":
         raise ConfigError(f"optimizer={choice!r} is for full fine-tuning (LoRA trains its few weights in fp32); use 'auto' or 'adamw'.")
     if choice in ("adamw-bf16-kahan", "adamw-bf16-v32") and (not cuda or compute != "bf16"):
-        # the fp16 loss scaling over bf16 weights (a T4) is set up for 'adamw-bf16' only
+        # the quality harness's variants; only 'adamw-bf16' has been run on a T4's fp16 math (the T4 stand-in)
         raise ConfigError(f"optimizer={choice!r} needs a GPU with bf16 math (not a CPU or a T4); use 'auto', 'adamw' or 'adamw-bf16'.")
     return choice
 
