@@ -18,6 +18,7 @@ import concurrent.futures
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -517,6 +518,7 @@ def main() -> None:
     parser.add_argument("--unet-steps", type=int, default=200, help="UNet steps measured per configuration")
     parser.add_argument("--te-steps", type=int, default=60, help="text-encoder steps measured where trained")
     parser.add_argument("--full-run", action="store_true", help="train (a) for the whole default run (1500 + 350)")
+    parser.add_argument("--headline", action="store_true", help="first, the face preset as a user runs it through the CLI, wall time")
     parser.add_argument("--reference", type=Path, help="folder with diffusers' train_dreambooth.py and train_dreambooth_lora.py")
     parser.add_argument("--reference-steps", type=int, default=60)
     parser.add_argument("--reference-gpu", type=int, help="run the reference on this GPU (1 or more) while dreamnb runs on GPU 0")
@@ -543,6 +545,10 @@ def main() -> None:
 
     workdir.mkdir(parents=True, exist_ok=True)
     prepare(workdir, args.tiny)
+    if args.headline:
+        headline = run_headline(workdir, args.tiny)
+        print(f"Headline — `dreamnb train --preset face` as shipped, through the CLI on {gpu_name()}: {headline['train_wall_s']} s "
+              f"wall for {headline['steps']} steps (process start, loading, class images, training, saving).", flush=True)
     names = [n for n in args.configs.split(",") if n]
     if "c" in names:
         generate_class_images(workdir, 20, args.tiny)
@@ -554,7 +560,7 @@ def main() -> None:
         print()
         print(scaling_table(results, names, args.gpus, args.batch, gpu_name()))
         return
-    results: dict = {}
+    results: dict = {"headline": headline} if args.headline else {}
 
     def reference(name: str) -> None:
         try:
@@ -581,6 +587,27 @@ def main() -> None:
     print()
     where = f"; the reference on GPU {args.reference_gpu} at the same time" if beside and args.reference else ""
     print(table(results, gpu_name() + where))
+
+
+def run_headline(workdir: Path, tiny: bool) -> dict:
+    """The headline: the face preset as a user runs it, through the CLI in fresh processes (`dreamnb prepare`, then
+    `dreamnb train --preset face`: loading, 100 class images, 350 + 1500 steps, saving), wall time of the train command.
+    The tiny model on the CPU runs the same commands at 64 px with a few steps, to check the script."""
+    paths = prepare(workdir, tiny)
+    session = workdir / "headline-session"
+    shutil.rmtree(session, ignore_errors=True)
+    cli = [sys.executable, "-m", "dreamnb"]
+    subprocess.run([*cli, "prepare", paths["photos"], "--session", str(session), "--size", str(paths["size"]), "--json"],
+                   check=True, capture_output=True)
+    small = ["--resolution", "64", "--unet-steps", "20", "--te-steps", "5", "--num-class-images", "4"] if tiny else []
+    started = time.time()
+    done = subprocess.run([*cli, "train", "--session", str(session), "--model", paths["model"], "--token", "squidarth",
+                           "--class-word", "person", "--preset", "face", "--json", *small], capture_output=True, text=True)
+    seconds = time.time() - started
+    if done.returncode:
+        raise SystemExit(f"the headline run failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout)
+    return {"train_wall_s": round(seconds, 1), "steps": result["steps_done"], "status": result["status"]}
 
 
 def gpu_name() -> str:

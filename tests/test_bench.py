@@ -1,4 +1,5 @@
 """The benchmark script itself works (on the CPU with the tiny model); real figures come from a GPU."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
 def test_benchmark_script_prints_a_table_on_the_tiny_model(tmp_path):
     done = subprocess.run(
         [sys.executable, str(BENCH), "--tiny", "--workdir", str(tmp_path), "--configs", "a,b,f",
-         "--unet-steps", "40", "--te-steps", "20"],
+         "--unet-steps", "40", "--te-steps", "20", "--headline"],
         capture_output=True, text=True, timeout=1200,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -19,6 +20,9 @@ def test_benchmark_script_prints_a_table_on_the_tiny_model(tmp_path):
         seconds_per_step = float(rows[name].split("|")[3].split("/")[0])
         assert 0 < seconds_per_step < 5
     assert "| 4 image(s) |" in done.stdout and "switch to another trained attempt" in done.stdout
+    headline = re.search(r"Headline — `dreamnb train --preset face` as shipped, through the CLI on .*: ([0-9.]+) s wall for 25 steps", done.stdout)
+    assert headline and 0 < float(headline.group(1)) < 600, done.stdout[:2000]
+    assert len(list((tmp_path / "headline-session" / "class").glob("*/*.png"))) == 4  # prior preservation on, as shipped
 
 
 def test_data_parallel_comparison_runs_two_processes_and_resumes_their_checkpoint_in_one(tmp_path):
