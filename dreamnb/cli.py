@@ -137,15 +137,15 @@ def cmd_prepare(args) -> Any:
 def cmd_check_token(args) -> Any:
     from .tokens import check_token, load_tokenizer
 
-    text_encoder = None
+    text_encoder = tokenizer_2 = None
     if args.model:
         from .models import load_base_model
 
-        base = load_base_model(args.model)
-        tokenizer, text_encoder = base.tokenizer, base.text_encoder
+        base = load_base_model(args.model, allow_sdxl=True)  # SDXL: checked with both of its tokenizers
+        tokenizer, text_encoder, tokenizer_2 = base.tokenizer, base.text_encoder, base.tokenizer_2
     else:
         tokenizer = load_tokenizer(args.tokenizer)
-    report = check_token(args.text, tokenizer, text_encoder)
+    report = check_token(args.text, tokenizer, text_encoder, tokenizer_2=tokenizer_2)
     if args.json:
         return report.to_dict()
     pieces = " ".join(f"{p.text}({p.id}, {p.rarity})" for p in report.pieces)

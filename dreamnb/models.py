@@ -1,8 +1,12 @@
 """Find and load a Stable Diffusion base model: a Hub id, a local diffusers folder, or a single file.
 
 What each source is gets checked before the (slow) load, so a wrong one fails at once with one
-sentence saying what is wrong and what to do: SDXL/SD3/Flux, a LoRA given as a base model, a
-damaged download, a folder that is not a diffusers model, a Hub id while offline.
+sentence saying what is wrong and what to do: the SDXL refiner, SD3, Flux, a LoRA given as a base
+model, a damaged download, a folder that is not a diffusers model, a Hub id while offline.
+
+Whether a source is SDXL or SD 1.x/2.x is decided once, before loading, by `_check_source` (from
+model_index.json's `_class_name` or the checkpoint's keys); it picks the pipeline class, and the
+loaded model carries it on as `ModelInfo.family`.
 """
 from __future__ import annotations
 
@@ -21,15 +25,20 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SDXL_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_SDXL_CLASS = "StableDiffusionXLPipeline"
 _UNSUPPORTED_CLASSES = {
-    "StableDiffusionXLPipeline": "Stable Diffusion XL",
-    "StableDiffusionXLImg2ImgPipeline": "Stable Diffusion XL",
+    "StableDiffusionXLInpaintPipeline": "Stable Diffusion XL inpainting",
     "StableDiffusion3Pipeline": "Stable Diffusion 3",
     "FluxPipeline": "Flux",
 }
-_SUPPORTED = "Stable Diffusion 1.x or 2.x"
+_REFINER_CLASS = "StableDiffusionXLImg2ImgPipeline"  # what the SDXL refiner is saved as
+_SUPPORTED = "Stable Diffusion 1.x, 2.x or XL"
+SDXL_NOT_BUILT = (f"Stable Diffusion XL model, which dreamnb recognises but cannot train, sample or export yet (only its "
+                  f"token check works); use a Stable Diffusion 1.x or 2.x model such as {DEFAULT_MODEL}.")
+_FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
 
 
 class ModelError(UserError):
@@ -40,12 +49,12 @@ class ModelError(UserError):
 class ModelInfo:
     source: str            # what the user gave
     source_kind: str       # "hub" | "folder" | "single_file" | "url"
-    family: str            # "sd1" | "sd2"
+    family: str            # "sd1" | "sd2" | "sdxl"
     prediction_type: str   # "epsilon" | "v_prediction"
-    resolution: int        # native image size: 512 or 768 for real models
+    resolution: int        # native image size: 512 or 768 for SD 1.x/2.x, 1024 for SDXL
 
     def describe(self) -> str:
-        family = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x"}[self.family]
+        family = _FAMILY_NAMES[self.family]
         return f"{family}, {self.prediction_type}, {self.resolution} px ({self.source_kind}: {self.source})"
 
 
@@ -93,6 +102,16 @@ class BaseModel:
     def tokenizer(self):
         return self.pipeline.tokenizer
 
+    @property
+    def text_encoder_2(self):
+        """SDXL's second text encoder (OpenCLIP bigG, with projection); None for SD 1.x/2.x."""
+        return getattr(self.pipeline, "text_encoder_2", None)
+
+    @property
+    def tokenizer_2(self):
+        """SDXL's second tokenizer (OpenCLIP bigG's: CLIP's vocabulary, padded with "!"); None for SD 1.x/2.x."""
+        return getattr(self.pipeline, "tokenizer_2", None)
+
 
 def resolve_hf_token() -> str | None:
     """A Hugging Face token from HF_TOKEN or Colab's secrets; None lets huggingface_hub use a stored login.
@@ -124,14 +143,23 @@ def source_kind(source: str | os.PathLike) -> str:
 
 # --- checks before loading --------------------------------------------------------------------------
 
-def _check_pipeline_class(class_name: str | None, where: str) -> None:
+def _refiner_error(where: str) -> ModelError:
+    return ModelError(f"{where} is an SDXL refiner, and the SDXL refiner is not a base model for training; use an SDXL base model such as {SDXL_MODEL}.")
+
+
+def _check_pipeline_class(class_name: str | None, where: str) -> str:
+    """'sdxl' for an SDXL base pipeline, 'sd' for SD 1.x/2.x (told apart once loaded); a ModelError for anything else."""
+    if class_name == _REFINER_CLASS:
+        raise _refiner_error(where)
     if class_name in _UNSUPPORTED_CLASSES:
         raise ModelError(f"{where} is a {_UNSUPPORTED_CLASSES[class_name]} model, which dreamnb does not support yet; use a {_SUPPORTED} model such as {DEFAULT_MODEL}.")
     if class_name and not class_name.startswith("StableDiffusion"):
         raise ModelError(f"{where} is a {class_name}, not a {_SUPPORTED} model; use a model such as {DEFAULT_MODEL}.")
+    return "sdxl" if class_name == _SDXL_CLASS else "sd"
 
 
-def check_folder(path: Path) -> None:
+def check_folder(path: Path) -> str:
+    """'sdxl' or 'sd' for a usable diffusers folder; a ModelError saying what is wrong otherwise."""
     index = path / "model_index.json"
     if not index.is_file():
         raise ModelError(f"{path} is a folder but not a diffusers model (it has no model_index.json); give the folder that contains model_index.json, or a .safetensors file.")
@@ -139,10 +167,13 @@ def check_folder(path: Path) -> None:
         class_name = json.loads(index.read_text()).get("_class_name")
     except ValueError as err:
         raise ModelError(f"{index} is damaged ({err}); download the model again.") from err
-    _check_pipeline_class(class_name, str(path))
-    missing = [part for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / part).is_dir()]
+    family = _check_pipeline_class(class_name, str(path))
+    parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler") + (("text_encoder_2", "tokenizer_2") if family == "sdxl" else ())
+    missing = [part for part in parts if not (path / part).is_dir()]
     if missing:
-        raise ModelError(f"{path} lacks the {', '.join(missing)} part(s) of a Stable Diffusion model; download the whole model folder again.")
+        what = "Stable Diffusion XL" if family == "sdxl" else "Stable Diffusion"
+        raise ModelError(f"{path} lacks the {', '.join(missing)} part(s) of a {what} model; download the whole model folder again.")
+    return family
 
 
 def read_checkpoint_keys(path: Path) -> tuple[list[str], dict[str, tuple[int, ...]]]:
@@ -172,14 +203,18 @@ def read_checkpoint_keys(path: Path) -> tuple[list[str], dict[str, tuple[int, ..
 
 
 def classify_checkpoint(keys: list[str], shapes: dict[str, tuple[int, ...]], name: str) -> str:
-    """'sd1' or 'sd2' for a supported checkpoint; a ModelError naming what it is otherwise."""
+    """'sd1', 'sd2' or 'sdxl' for a supported checkpoint; a ModelError naming what it is otherwise.
+
+    SDXL files keep their text encoders under `conditioner.embedders`: the base has CLIP ViT-L
+    (`0.transformer.`, Hugging Face names) and OpenCLIP bigG (`1.model.`); the refiner has only
+    OpenCLIP bigG, as `0.model.`."""
     def has(prefix: str) -> bool:
         return any(k.startswith(prefix) for k in keys)
 
     if any(("lora_down" in k or "lora_up" in k or "lora_A" in k or "lora_B" in k or k.startswith("lora_")) for k in keys):
         raise ModelError(f"{name} is a LoRA (small add-on weights), not a base model; choose a base model such as {DEFAULT_MODEL} and load the LoRA after training or sampling.")
-    if has("conditioner.embedders"):
-        raise ModelError(f"{name} is a Stable Diffusion XL checkpoint, which dreamnb does not support yet; use a {_SUPPORTED} checkpoint.")
+    if has("conditioner.embedders.0.model."):
+        raise _refiner_error(name)
     if has("model.diffusion_model.joint_blocks") or has("joint_blocks"):
         raise ModelError(f"{name} is a Stable Diffusion 3 checkpoint, which dreamnb does not support yet; use a {_SUPPORTED} checkpoint.")
     if has("double_blocks") or has("model.diffusion_model.double_blocks"):
@@ -189,6 +224,10 @@ def classify_checkpoint(keys: list[str], shapes: dict[str, tuple[int, ...]], nam
     in_shape = next(iter(shapes.values()), None)
     if in_shape is not None and len(in_shape) == 4 and in_shape[1] != 4:
         raise ModelError(f"{name} is an inpainting or other special model ({in_shape[1]} input channels); use a normal {_SUPPORTED} checkpoint.")
+    if has("conditioner.embedders"):
+        if has("conditioner.embedders.0.transformer.") and has("conditioner.embedders.1.model."):
+            return "sdxl"
+        raise ModelError(f"{name} is a Stable Diffusion XL checkpoint without both of its text encoders (CLIP ViT-L and OpenCLIP bigG), so it cannot be trained; use a full SDXL base checkpoint.")
     if has("cond_stage_model.model."):
         return "sd2"
     if has("cond_stage_model.transformer."):
@@ -198,6 +237,35 @@ def classify_checkpoint(keys: list[str], shapes: dict[str, tuple[int, ...]], nam
 
 # --- loading ----------------------------------------------------------------------------------------
 
+@dataclass
+class _CheckedSource:
+    """What `_check_source` found out before the slow load."""
+
+    kind: str          # as source_kind
+    path: Path         # the local folder or file (a URL's downloaded file)
+    shown: str         # the source as shown and saved (a URL without any token in it)
+    family: str        # "sdxl" or "sd" (1.x and 2.x are told apart once loaded, by describe_pipeline)
+    v_prediction: bool = False  # a single file marked as v-prediction (a `v_pred` key)
+
+
+def _check_source(source: str, *, token: str | None, local_files_only: bool | None) -> _CheckedSource:
+    """Check a source before loading it and decide which pipeline loads it: the one place where SDXL vs SD 1.x/2.x is
+    decided, from model_index.json's `_class_name` (a folder or Hub id) or from the checkpoint's keys (a single file)."""
+    kind = source_kind(source)
+    path, shown = Path(source).expanduser(), source
+    if kind == "url":  # downloaded once into a cache, then checked and loaded as the single file it is
+        from .download import download_model, shown_url
+
+        path, shown = download_model(source), shown_url(source)  # what is shown and saved holds no token
+    if kind == "folder":
+        return _CheckedSource(kind, path, shown, check_folder(path))
+    if kind in ("single_file", "url"):
+        keys, shapes = read_checkpoint_keys(path)
+        family = "sdxl" if classify_checkpoint(keys, shapes, path.name) == "sdxl" else "sd"
+        return _CheckedSource(kind, path, shown, family, v_prediction="v_pred" in keys)
+    return _CheckedSource(kind, path, shown, check_hub_model(source, token=token, local_files_only=local_files_only))
+
+
 def load_base_model(
     source: str | os.PathLike = DEFAULT_MODEL,
     *,
@@ -205,32 +273,33 @@ def load_base_model(
     placement: Placement | None = None,
     prediction_type: str | None = None,
     local_files_only: bool | None = None,
+    allow_sdxl: bool = False,
 ) -> BaseModel:
-    """Load a base model as a StableDiffusionPipeline plus what it is (family, prediction, size), on `placement`
-    (default: `default_placement()`, the GPU in fp16 when there is one).
+    """Load a base model as a StableDiffusionPipeline (SDXL: a StableDiffusionXLPipeline) plus what it is (family,
+    prediction, size), on `placement` (default: `default_placement()`, the GPU in fp16 when there is one).
 
     `config` is only for single files: a diffusers folder or Hub id whose configs describe the file
     (diffusers guesses one from the weights when it is None). `prediction_type` overrides what was
-    detected (an SD 2.x file alone cannot say whether it is v-prediction).
+    detected (an SD 2.x file alone cannot say whether it is v-prediction). SDXL is refused with one sentence unless
+    `allow_sdxl` (what is built for it so far: the token check; training, sampling and export are not, issue 18).
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    source = str(source)
-    kind = source_kind(source)
     token = resolve_hf_token()
     placement = placement or default_placement()
-    common = dict(dtype=placement.dtype, safety_checker=None, requires_safety_checker=False)
-    path = Path(source).expanduser()
-    if kind == "url":  # downloaded once into a cache, then loaded as the single file it is
-        from .download import download_model, shown_url
-
-        path, source = download_model(source), shown_url(source)  # what is shown and saved holds no token
-    if kind == "folder":
-        check_folder(Path(source))
-        pipe = _load(lambda: StableDiffusionPipeline.from_pretrained(source, **common), source)
-    elif kind in ("single_file", "url"):
-        keys, shapes = read_checkpoint_keys(path)
-        classify_checkpoint(keys, shapes, path.name)
+    checked = _check_source(str(source), token=token, local_files_only=local_files_only)
+    xl = checked.family == "sdxl"
+    if xl and not allow_sdxl:
+        raise ModelError(f"{checked.shown} is a {SDXL_NOT_BUILT}")
+    pipeline_class = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+    common: dict[str, Any] = dict(dtype=placement.dtype)
+    if not xl:  # SDXL's pipeline has no safety checker
+        common.update(safety_checker=None, requires_safety_checker=False)
+    what = "a Stable Diffusion XL" if xl else "a Stable Diffusion 1.x or 2.x"
+    source, path = checked.shown, checked.path
+    if checked.kind == "folder":
+        pipe = _load(lambda: pipeline_class.from_pretrained(str(path), **common), source, what)
+    elif checked.kind in ("single_file", "url"):
         extra: dict[str, Any] = {}
         if config is not None:
             extra["config"] = str(config)
@@ -239,25 +308,30 @@ def load_base_model(
         yaml = path.with_suffix(".yaml")
         if yaml.is_file() and config is None:
             extra["original_config"] = str(yaml)
-        if "v_pred" in keys and prediction_type is None:
+        if checked.v_prediction and prediction_type is None:
             prediction_type = "v_prediction"
-        pipe = _load(lambda: StableDiffusionPipeline.from_single_file(str(path), token=token, **common, **extra), source)
+        pipe = _load(lambda: pipeline_class.from_single_file(str(path), token=token, **common, **extra), source, what)
     else:
-        check_hub_model(source, token=token, local_files_only=local_files_only)
         pipe = _load(
-            lambda: StableDiffusionPipeline.from_pretrained(source, token=token, local_files_only=bool(local_files_only), **common),
-            source,
+            lambda: pipeline_class.from_pretrained(source, token=token, local_files_only=bool(local_files_only), **common),
+            source, what,
         )
     if prediction_type is not None and pipe.scheduler.config.get("prediction_type") != prediction_type:
         pipe.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config, prediction_type=prediction_type)
-    info = describe_pipeline(pipe, source, kind)
+    info = describe_pipeline(pipe, source, checked.kind)
     pipe.to(placement.device)
-    log.info("loaded %s on %s in %s", info.describe(), placement.device, placement.dtype)
+    if xl and placement.dtype == torch.float16 and pipe.vae.config.get("force_upcast", True):
+        # SDXL's own VAE overflows in fp16 (NaN latents, black images); diffusers marks such a VAE `force_upcast`
+        # and its pipeline upcasts it around each decode. Kept in fp32 here instead, so encoding photos for training
+        # is safe too. A VAE fine-tuned to stay in fp16 range (madebyollin/sdxl-vae-fp16-fix) says force_upcast=False
+        # and stays in fp16. Whoever decodes casts latents to `vae.dtype` (diffusers' SDXL pipeline does not, off MPS).
+        pipe.vae.to(torch.float32)
+    log.info("loaded %s on %s in %s (VAE in %s)", info.describe(), placement.device, placement.dtype, pipe.vae.dtype)
     return BaseModel(info=info, pipeline=pipe)
 
 
-def check_hub_model(repo_id: str, *, token: str | None, local_files_only: bool | None = None) -> None:
-    """Fetch only model_index.json first: fails fast (offline, gated, wrong kind) before gigabytes move."""
+def check_hub_model(repo_id: str, *, token: str | None, local_files_only: bool | None = None) -> str:
+    """Fetch only model_index.json first: fails fast (offline, gated, wrong kind) before gigabytes move. 'sdxl' or 'sd'."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub import errors as hf_errors
 
@@ -273,29 +347,35 @@ def check_hub_model(repo_id: str, *, token: str | None, local_files_only: bool |
         raise ModelError(f"{repo_id} on the Hugging Face Hub is not a diffusers model (no model_index.json); give a diffusers model id, or download its .safetensors file and give that path.") from err
     except OSError as err:  # connection errors that huggingface_hub did not wrap
         raise ModelError(f"Cannot download {repo_id} ({_short(err)}); check the internet connection, or give a local diffusers folder or .safetensors file.") from err
-    _check_pipeline_class(json.loads(Path(index).read_text()).get("_class_name"), repo_id)
+    return _check_pipeline_class(json.loads(Path(index).read_text()).get("_class_name"), repo_id)
 
 
-def _load(load, source: str):
+def _load(load, source: str, what: str):
     try:
         return load()
     except ModelError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise ModelError(f"{source} could not be loaded as a {_SUPPORTED} model ({_short(err)}); check that it is complete and of a supported kind.") from err
+        raise ModelError(f"{source} could not be loaded as {what} model ({_short(err)}); check that it is complete and of a supported kind.") from err
 
 
 def describe_pipeline(pipe, source: str, kind: str) -> ModelInfo:
+    """What a loaded pipeline is. SDXL or not was decided before loading (the pipeline class); here its UNet is
+    checked against that, and SD 1.x is told from 2.x."""
     te_config = pipe.text_encoder.config
     unet_config = pipe.unet.config
-    if getattr(unet_config, "addition_embed_type", None):
-        raise ModelError(f"{source} is not a {_SUPPORTED} model (its UNet takes extra conditioning, like SDXL).")
+    xl = getattr(pipe, "text_encoder_2", None) is not None
+    extra_conditioning = getattr(unet_config, "addition_embed_type", None)
+    if xl and extra_conditioning != "text_time":
+        raise ModelError(f"{source} is saved as an SDXL pipeline but its UNet lacks SDXL's size and crop conditioning; use an SDXL base model such as {SDXL_MODEL}.")
+    if not xl and extra_conditioning:
+        raise ModelError(f"{source} is not a {_SUPPORTED} model (its UNet takes extra conditioning, like SDXL, but it is saved as an SD 1.x/2.x pipeline).")
     sd2 = getattr(te_config, "hidden_act", "quick_gelu") == "gelu" or bool(unet_config.use_linear_projection)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     return ModelInfo(
         source=source,
         source_kind=kind,
-        family="sd2" if sd2 else "sd1",
+        family="sdxl" if xl else "sd2" if sd2 else "sd1",
         prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
         resolution=int(unet_config.sample_size) * vae_scale,
     )

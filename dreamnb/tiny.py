@@ -2,8 +2,9 @@
 
 No machine here can download real weights, so tests build models with the same classes and
 layouts as SD 1.x and SD 2.x (four UNet levels, four VAE levels, a CLIP text encoder with the
-real tokenizer) but only a few channels, and load them through the same code path as a real
-model: a diffusers folder and an A1111-style single file.
+real tokenizer) and SDXL (three UNet levels with "text_time" conditioning, two text encoders)
+but only a few channels, and load them through the same code path as a real model: a diffusers
+folder and an A1111-style single file.
 """
 from __future__ import annotations
 
@@ -21,6 +22,13 @@ TOKENIZER_DIR = Path(__file__).parent / "data" / "clip-tokenizer"
 # "sd2-v": SD 2.x shape (OpenCLIP-style text encoder with GELU, linear attention projections,
 #          v-prediction), as stabilityai/stable-diffusion-2-1.
 TINY_KINDS = ("sd1", "sd2-v")
+
+
+# SDXL base shape: a UNet with SDXL's extra "text_time" conditioning (pooled text embedding plus original size,
+# crop and target size), two text encoders (CLIP ViT-L and OpenCLIP bigG shapes) and an Euler scheduler.
+# "sdxl-refiner": the refiner's shape (only the OpenCLIP encoder, aesthetic-score conditioning), for refusal tests.
+TINY_SDXL_KINDS = ("sdxl", "sdxl-refiner")
+_SDXL_TIME_DIM = 8  # addition_time_embed_dim (256 in SDXL): each of the 6 (base) or 5 (refiner) time ids gets this many
 
 
 @dataclass
@@ -100,6 +108,120 @@ def tiny_pipeline(kind: str = "sd1", seed: int = 0):
     )
 
 
+def tiny_sdxl_pipeline(kind: str = "sdxl", seed: int = 0):
+    """Build a randomly initialised (seeded) tiny StableDiffusionXLPipeline (or the refiner's Img2Img pipeline).
+
+    SDXL's cross-attention reads both text encoders' penultimate hidden states side by side, so its dimension is
+    the sum of their hidden sizes; its "text_time" embedding reads the second encoder's pooled (projected) output
+    plus 6 size/crop numbers (the refiner: 5, with an aesthetic score instead of the target size).
+    """
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    if kind not in TINY_SDXL_KINDS:
+        raise ValueError(f"tiny SDXL kind must be one of {TINY_SDXL_KINDS}, not {kind!r}")
+    refiner = kind == "sdxl-refiner"
+    torch.manual_seed(seed)
+
+    def text_config(hidden_act: str, hidden: int, layers: int, pad_token_id: int) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4, num_hidden_layers=layers,
+            max_position_embeddings=77, hidden_act=hidden_act, projection_dim=hidden, bos_token_id=49406, eos_token_id=49407,
+            pad_token_id=pad_token_id,
+        )
+
+    # CLIP ViT-L (quick GELU) and OpenCLIP bigG (GELU, with a text projection whose pooled output conditions the UNet).
+    # Their widths differ as in SDXL (768 and 1280): diffusers' single-file loader tells the two encoders apart by
+    # width, so equal widths would load one into the other. Ten layers in the second one because diffusers
+    # recognises an SDXL single file by `...embedders.1.model.transformer.resblocks.9...`.
+    text_encoder = None if refiner else CLIPTextModel(text_config("quick_gelu", 32, 3, 49407))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config("gelu", 48, 10, 0))
+    context_dim = text_encoder_2.config.hidden_size + (0 if refiner else text_encoder.config.hidden_size)
+    time_ids = 5 if refiner else 6
+    unet = UNet2DConditionModel(
+        sample_size=8,  # 8x8 latents -> 64x64 images (SDXL: 128 -> 1024)
+        in_channels=4,
+        out_channels=4,
+        # SDXL's layout: no attention at the top level, more transformer layers deeper down (SDXL: 1, 2, 10).
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 64),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 4),
+        use_linear_projection=True,
+        cross_attention_dim=context_dim,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=_SDXL_TIME_DIM,
+        projection_class_embeddings_input_dim=text_encoder_2.config.projection_dim + time_ids * _SDXL_TIME_DIM,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        force_upcast=True,  # as SDXL's own VAE, which overflows in fp16 (the fp16-fix VAE says False)
+    )
+    vae.register_to_config(scaling_factor=unit_variance_scaling(vae, _sample_images(seed)))
+    # SDXL's second tokenizer is OpenCLIP bigG's: the same BPE vocabulary and merges as CLIP ViT-L's (the bundled
+    # one), padding with "!" (id 0) instead of "<|endoftext|>". So the real tokenizer serves for both.
+    tokenizer_2 = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="!")
+    scheduler = EulerDiscreteScheduler(  # stabilityai/stable-diffusion-xl-base-1.0's scheduler config
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+        interpolation_type="linear",
+        prediction_type="epsilon",
+    )
+    if refiner:
+        return StableDiffusionXLImg2ImgPipeline(
+            vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None, tokenizer_2=tokenizer_2, unet=unet,
+            scheduler=scheduler, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False, add_watermarker=False,
+        )
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR),
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, add_watermarker=False,
+    )
+
+
+def sdxl_to_ldm(pipe) -> dict[str, torch.Tensor]:
+    """An SDXL (or refiner) pipeline in the original single-file layout that A1111, ComfyUI and diffusers'
+    `from_single_file` read: `model.diffusion_model.*` (UNet; its "text_time" embedding is `label_emb.0.*`),
+    `first_stage_model.*` (VAE), `conditioner.embedders.0.transformer.*` (CLIP ViT-L, Hugging Face names) and
+    `conditioner.embedders.1.model.*` (OpenCLIP bigG names, q/k/v fused, `text_projection` stored transposed);
+    the refiner has only the OpenCLIP one, as `conditioner.embedders.0.model.*`.
+
+    Built from dreamnb.convert's SD 1.x/2.x mappings, which are the same per component; it lives here, for the
+    tests, until export writes SDXL (then it belongs in dreamnb.convert).
+    """
+    from .convert import OPEN_CLIP_PREFIX, text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+
+    state = {**unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config), **vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config)}
+    embedders = []
+    if pipe.text_encoder is not None:
+        clip = text_encoder_to_ldm(pipe.text_encoder.state_dict(), pipe.text_encoder.config, "clip")
+        embedders.append({k.replace("cond_stage_model.", "conditioner.embedders.0.", 1): v for k, v in clip.items()})
+    te2 = dict(pipe.text_encoder_2.state_dict())
+    projection = te2.pop("text_projection.weight")
+    prefix = f"conditioner.embedders.{len(embedders)}.model."
+    open_clip = text_encoder_to_ldm(te2, pipe.text_encoder_2.config, "open_clip")
+    embedders.append({prefix + k[len(OPEN_CLIP_PREFIX):]: v for k, v in open_clip.items()})
+    embedders[-1][prefix + "text_projection"] = projection.T  # OpenCLIP multiplies x @ P; a Linear computes x @ W.T
+    for part in embedders:
+        state.update(part)
+    return state
+
+
 def _sample_images(seed: int, count: int = 8, size: int = 64) -> torch.Tensor:
     """Blocky coloured images in [-1, 1]: enough structure to give a random VAE typical latents."""
     generator = torch.Generator().manual_seed(seed)
@@ -116,17 +238,22 @@ def unit_variance_scaling(vae, images: torch.Tensor) -> float:
 
 
 def save_tiny_model(out_dir: str | Path, kind: str = "sd1", seed: int = 0, single_file: bool = True) -> TinyModelPaths:
-    """Save a tiny model as a diffusers folder (and as a single .safetensors file) under out_dir."""
+    """Save a tiny model (a TINY_KINDS or TINY_SDXL_KINDS kind) as a diffusers folder and a single .safetensors file under out_dir."""
     out_dir = Path(out_dir)
     folder = out_dir / f"tiny-{kind}"
-    pipe = tiny_pipeline(kind, seed)
+    pipe = tiny_sdxl_pipeline(kind, seed) if kind in TINY_SDXL_KINDS else tiny_pipeline(kind, seed)
     pipe.save_pretrained(folder, safe_serialization=True)
     file_path = None
     if single_file:
-        from .convert import save_single_file
-
         file_path = out_dir / f"tiny-{kind}.safetensors"
-        save_single_file(pipe.unet, pipe.vae, pipe.text_encoder, file_path, dtype=torch.float32)
+        if kind in TINY_SDXL_KINDS:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().contiguous() for k, v in sdxl_to_ldm(pipe).items()}, str(file_path))
+        else:
+            from .convert import save_single_file
+
+            save_single_file(pipe.unet, pipe.vae, pipe.text_encoder, file_path, dtype=torch.float32)
     log.info("saved tiny %s model to %s", kind, folder)
     return TinyModelPaths(folder=folder, single_file=file_path)
 

@@ -144,15 +144,24 @@ def load_tokenizer(source: str | Path | None = None):
         ) from error
 
 
-def check_token(text: str, tokenizer, text_encoder=None, *, n_suggestions: int = 5, seed: int = 0) -> TokenReport:
+def check_token(text: str, tokenizer, text_encoder=None, *, tokenizer_2=None, n_suggestions: int = 5, seed: int = 0) -> TokenReport:
     """Say how the model's tokenizer splits `text` and whether it makes a good trigger word.
 
     Verdicts: "generic" (only common pieces: the model already means something by them),
     "risky" (a known collision, a real word inside, or too many pieces), "good" (one or two
     rare pieces). Suggestions are filled in when the verdict is not good.
+
+    `tokenizer_2` is SDXL's second tokenizer (OpenCLIP bigG's; `BaseModel.tokenizer_2`): the trigger word
+    reaches both text encoders, so it is checked with both. SDXL's two tokenizers share CLIP's vocabulary and
+    merges (only the padding differs), so they split every text alike and one check speaks for both; were
+    their vocabularies different, each would be checked and the worse verdict kept.
     """
     if isinstance(tokenizer, (str, Path)):
         tokenizer = load_tokenizer(tokenizer)
+    if isinstance(tokenizer_2, (str, Path)):
+        tokenizer_2 = load_tokenizer(tokenizer_2)
+    if tokenizer_2 is not None:
+        return _check_with_both(text, tokenizer, tokenizer_2, text_encoder, n_suggestions=n_suggestions, seed=seed)
     if not isinstance(text, str) or not text.strip():
         raise UserError(f"The token to check must be a non-empty word such as 'ohwx', not {text!r}.")
     text = text.strip()
@@ -181,6 +190,33 @@ def check_token(text: str, tokenizer, text_encoder=None, *, n_suggestions: int =
         nearest_words=nearest,
         suggestions=suggestions,
     )
+
+
+def _check_with_both(text: str, tokenizer, tokenizer_2, text_encoder, *, n_suggestions: int, seed: int) -> TokenReport:
+    """SDXL: check `text` with both tokenizers, once when they split it alike; the worse verdict otherwise."""
+    first = check_token(text, tokenizer, text_encoder, n_suggestions=n_suggestions, seed=seed)
+    if _same_vocabulary(tokenizer, tokenizer_2) and tokenizer.tokenize(text) == tokenizer_2.tokenize(text):
+        first.reasons.append("SDXL's two text encoders share this vocabulary, so both read it the same way.")
+        return first
+    second = check_token(text, tokenizer_2, None, n_suggestions=n_suggestions, seed=seed)
+    worse = second if VERDICTS.index(second.verdict) > VERDICTS.index(first.verdict) else first
+    if worse is second:
+        second.reasons = [f"With SDXL's second tokenizer: {reason}" for reason in second.reasons]
+        second.nearest_words = first.nearest_words
+    worse.collisions = list(dict.fromkeys(first.collisions + second.collisions))
+    # A suggestion must be one rare token for both text encoders.
+    other = tokenizer_2 if worse is first else tokenizer
+    worse.suggestions = [word for word in worse.suggestions if _is_one_rare_token(other, word)]
+    return worse
+
+
+def _same_vocabulary(tokenizer, tokenizer_2) -> bool:
+    return tokenizer is tokenizer_2 or tokenizer.get_vocab() == tokenizer_2.get_vocab()
+
+
+def _is_one_rare_token(tokenizer, word: str) -> bool:
+    token = word + WORD_END
+    return RARE_ID_MIN <= tokenizer.get_vocab().get(token, -1) < _first_special_id(tokenizer) and tokenizer.tokenize(word) == [token]
 
 
 def suggest_tokens(tokenizer, n: int = 5, seed: int = 0, exclude=()) -> list[str]:

@@ -35,7 +35,7 @@ from . import data, fileio
 from .config import ConfigError, TrainConfig, validate
 from .colab import gpu_has_bf16, gpu_memory_budget
 from .fast import BF16_OPTIMIZERS, AdamWBF16, GraphedStep, LossScaler
-from .models import BaseModel, load_base_model
+from .models import SDXL_NOT_BUILT, BaseModel, load_base_model
 from .session import (CHECKPOINTS, FINAL, LORA_FILE, OPTIMIZER_FILE, Attempt, Session, add_attempt, attempt_weights_dir,
                       drop_optimizer_state, open_session, reading, save_session, session_lock, split_ref, update_attempt)
 
@@ -267,9 +267,6 @@ def interrupts_as_stop(stop: threading.Event, emit: Callable[[TrainEvent], None]
 
 def _train(session: Session, config: TrainConfig, base_model: BaseModel | str | Path, attempt: str | None, resume: bool,
            emit: Callable[[TrainEvent], None], stop: threading.Event, progress: bool, config_source: str | None) -> TrainResult:
-    from .models import model_family  # SDXL loads and its tokens can be checked; training it is not built yet (issue 18)
-    if model_family(base_model) == "sdxl":
-        raise ConfigError("Training Stable Diffusion XL is not supported yet; use a Stable Diffusion 1.x or 2.x base model such as stable-diffusion-v1-5/stable-diffusion-v1-5.")
     if resume:  # an attempt always continues with the settings it started with, from the same base model
         attempt = session.attempt(attempt).name
         config = read_attempt_config(session.attempt_dir(attempt))
@@ -279,6 +276,10 @@ def _train(session: Session, config: TrainConfig, base_model: BaseModel | str | 
     validate(config)
     examples = data.list_examples(session.instance_dir)
     check_training_data(config, examples)
+    if isinstance(base_model, (str, Path)):  # loaded before anything is written: a model that cannot be used changes nothing
+        base_model = load_base_model(base_model, config=config_source)
+    if base_model.info.family == "sdxl":  # loaded for its token check (`allow_sdxl`); training it is not built yet
+        raise ConfigError(f"{base_model.info.source} is a {SDXL_NOT_BUILT}")
 
     precision = plan_precision(config)
     accelerator = make_accelerator(config, precision)
@@ -288,8 +289,6 @@ def _train(session: Session, config: TrainConfig, base_model: BaseModel | str | 
         fileio.write_json(attempt_dir / "config.json", config.to_dict())
     checkpoint = latest_checkpoint(attempt_dir) if resume else None
 
-    if isinstance(base_model, (str, Path)):
-        base_model = load_base_model(base_model, config=config_source)
     if session.base_model is None:
         session.base_model = base_model.info.source
         save_session(session)

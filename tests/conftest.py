@@ -54,3 +54,9 @@ def photo_session(tmp_path):
     for i in range(4):
         subject_photo(i).save(session.instance_dir / f"photo-{i}.png")
     return session
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """A tiny SDXL base model (two text encoders, "text_time" UNet) as a diffusers folder and as a single file."""
+    return save_tiny_model(tmp_path_factory.mktemp("models"), "sdxl", seed=0)

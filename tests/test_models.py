@@ -113,11 +113,11 @@ def test_folder_that_is_not_a_diffusers_model(tmp_path):
         load_base_model(tmp_path / "photos")
 
 
-def test_sdxl_folder_is_refused(tiny_sd1, tmp_path):
+def test_an_sdxl_folder_without_its_second_text_encoder_is_refused(tiny_sd1, tmp_path):
     folder = shutil.copytree(tiny_sd1.folder, tmp_path / "xl")
     index = json.loads((folder / "model_index.json").read_text())
     (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
-    with pytest.raises(ModelError, match="Stable Diffusion XL model, which dreamnb does not support yet"):
+    with pytest.raises(ModelError, match="lacks the text_encoder_2, tokenizer_2 part.* of a Stable Diffusion XL model"):
         load_base_model(folder)
 
 
