@@ -329,7 +329,6 @@ def _train(session: Session, config: TrainConfig, base_model: BaseModel | str | 
         if accelerator.num_processes > 1:
             emit(TrainEvent("info", message=ranks_agree_message(accelerator, models.unet, models.text_encoder)))
         final_dir = save_final(accelerator, attempt_dir, models.unet, models.text_encoder, config)
-        drop_optimizer_state(attempt_dir)  # a finished attempt is not resumed; its checkpoints stay for comparing
         message = f"Finished {config.total_steps} steps; the trained model is in {final_dir}."
     except KeyboardInterrupt:
         status = "interrupted"
@@ -410,9 +409,8 @@ def _same_source(a: str, b: str) -> bool:
 
 
 def disk_estimate(config: TrainConfig, base_model: BaseModel) -> tuple[int, int]:
-    """Bytes a run takes on disk: (at most, while training; after it finished). The weights it changes are saved in
-    final/ and in up to `keep_checkpoints` checkpoints; the newest checkpoint also holds the optimizer state, which
-    is dropped when the run finishes."""
+    """Bytes a run takes on disk: (at most; once "free space" dropped its optimizer state). The weights it changes are
+    saved in final/ and in up to `keep_checkpoints` checkpoints; the newest checkpoint also holds the optimizer state."""
     precision = plan_precision(config)
     parts = [(base_model.unet, UNET_LORA_TARGETS)] + ([(base_model.text_encoder, TEXT_LORA_TARGETS)] if config.changes_text_encoder else [])
     if config.method == "lora":  # fp32 adapters, fp32 AdamW moments

@@ -635,7 +635,8 @@ def test_continuing_a_checkpoint_from_the_train_view_trains_more_steps_and_recor
     view.start_from.attempt.value = "attempt-1"
     view.start_from.step.value = 4
     during, after = disk_estimate(view.form.config, base_sd1)
-    assert text(view.disk_line).strip() == f"Disk: up to {describe_size(during)} while training, {describe_size(after)} once finished."
+    assert text(view.disk_line).strip() == (f"Disk: up to {describe_size(during)}; {describe_size(after)} once finished and its "
+                                            "optimizer state freed (session section, Free space).")
     view.form.widgets["text_encoder_steps"].value = 2  # the disk line follows the settings: now the text encoder is saved too
     assert disk_estimate(view.form.config, base_sd1)[1] > after and describe_size(disk_estimate(view.form.config, base_sd1)[1]) in text(view.disk_line)
     view.form.widgets["text_encoder_steps"].value = 0

@@ -339,7 +339,8 @@ class TrainView(View):
                 text = ""
             else:
                 during, after = disk_estimate(self.form.config, base)
-                text = f"Disk: up to {describe_size(during)} while training, {describe_size(after)} once finished."
+                text = (f"Disk: up to {describe_size(during)}; {describe_size(after)} once finished and its optimizer state "
+                        "freed (session section, Free space).")
         except Exception:  # an estimate must never break the form
             log.warning("could not estimate the disk use of a run", exc_info=True)
             text = ""
