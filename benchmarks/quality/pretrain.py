@@ -1,0 +1,394 @@
+"""The world model: Stable Diffusion's real architectures (AutoencoderKL, UNet2DConditionModel, CLIPTextModel with
+the real CLIP tokenizer) at small sizes, pretrained here on the world's captioned pictures and saved as a diffusers
+StableDiffusionPipeline folder that `dreamnb.models.load_base_model` loads like any base model.
+
+    python -m benchmarks.quality.pretrain [--tiny] [--cache DIR]
+
+The VAE is trained first (reconstruction), then the UNet and text encoder together on the VAE's latents
+(epsilon prediction, 10% empty captions for classifier-free guidance), in bf16 autocast with big batches on a GPU.
+The folder is cached under a hash of the settings, so later runs load it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import world
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_CACHE = HERE / "cache"
+TOKENIZER_DIR = HERE.parents[1] / "dreamnb" / "data" / "clip-tokenizer"
+
+
+VERSION = 2  # part of the cache key: bump when the architecture or the training changes
+
+
+@dataclass(frozen=True)
+class WorldModelSettings:
+    size: int = 64                                  # pixels; the VAE's 3 levels (2 downsamplings) make 16x16x4 latents
+    vae_channels: tuple[int, ...] = (32, 64, 128)
+    unet_channels: tuple[int, ...] = (64, 128, 192)  # 16x16 → 8x8 → 4x4: three levels are all 16 px latents have room for
+    unet_layers: int = 1
+    head_dim: int = 32                              # attention heads of 32 channels (8 wasted tensor cores and learnt worse)
+    text_width: int = 128
+    text_layers: int = 4
+    vae_steps: int = 800
+    vae_batch: int = 128
+    vae_lr: float = 1e-3
+    latent_pool: int = 65_536                       # pictures rendered and VAE-encoded once, before the UNet phase
+    unet_steps: int = 20_000                        # an upper bound: on a GPU `max_seconds` ends the phase first
+    unet_batch: int = 512
+    unet_lr: float = 6e-4
+    warmup: int = 200
+    min_snr: float = 5.0                            # Min-SNR-γ loss weighting (Hang et al. 2023): faster convergence
+    ema: float = 0.999
+    empty_caption: float = 0.1
+    seed: int = 0
+    max_seconds: float = 140.0                      # the UNet phase's time limit (its schedule ends there too)
+
+    def key(self) -> str:
+        text = json.dumps({**{k: v for k, v in dataclasses.asdict(self).items() if k != "max_seconds"}, "version": VERSION},
+                          sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def attention_heads(self) -> tuple[int, ...]:
+        return tuple(max(1, c // self.head_dim) for c in self.unet_channels)
+
+
+# A CPU-sized cut for CI: every part runs, nothing is learnt well.
+TINY = WorldModelSettings(size=64, vae_channels=(16, 16, 32, 32), unet_channels=(32, 64), unet_layers=1, head_dim=16,
+                          text_width=64, text_layers=2, vae_steps=20, vae_batch=8, latent_pool=256, unet_steps=40,
+                          unet_batch=8, warmup=10, ema=0.9, max_seconds=600.0)
+
+
+def model_folder(settings: WorldModelSettings, cache: Path) -> Path:
+    return Path(cache) / f"world-{settings.size}px-{settings.key()}"
+
+
+def ensure_world_model(settings: WorldModelSettings, cache: Path = DEFAULT_CACHE, device=None) -> Path:
+    """The cached world model's folder: from the cache, else unpacked from a carried pack (cache/carry/), else
+    pretrained now (then cached)."""
+    folder = model_folder(settings, cache)
+    if (folder / "model_index.json").is_file():
+        log.info("world model from the cache: %s", folder)
+        return folder
+    parts = pack_parts(settings, Path(cache) / "carry")
+    if parts:
+        log.info("world model unpacked from %s", [p.name for p in parts])
+        pipe, report = unpack_world_model(settings, parts)
+        report["from_pack"] = True
+    else:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        pipe, report = pretrain(settings, device)
+    save_folder(pipe, report, settings, folder)
+    return folder
+
+
+def save_folder(pipe, report: dict, settings: WorldModelSettings, folder: Path) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "world.json").write_text(json.dumps({"settings": dataclasses.asdict(settings), **report}, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def pretrain(settings: WorldModelSettings, device: torch.device):
+    """Build and train the three parts; returns the pipeline (on the CPU, fp32 holding fp16-exact values: what a
+    pack gives back, so a fresh run and a carried one start from the same weights) and a report of the training."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    pipe = build_pipeline(settings)
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    started = time.time()
+    vae_loss = train_vae(pipe.vae, settings, device, generator)
+    vae_seconds = time.time() - started
+    mark = time.time()
+    latents, ids, empty = encode_pool(pipe, settings, device, generator)
+    pool_seconds = time.time() - mark
+    unet_report = train_unet(pipe, settings, device, generator, latents, ids, empty)
+    del latents, ids
+    pipe.to("cpu")
+    round_to_fp16(pipe)
+    report = {"vae_loss": vae_loss, "vae_seconds": round(vae_seconds, 1), "pool_seconds": round(pool_seconds, 1), **unet_report,
+              "total_seconds": round(time.time() - started, 1),
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    log.info("world model pretrained: %s", {k: v for k, v in report.items() if k != "unet_losses"})
+    return pipe, report
+
+
+def build_pipeline(settings: WorldModelSettings):
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(settings.seed)
+    levels = len(settings.unet_channels)
+    down = ("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",)
+    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1)
+    latent_size = settings.size // 2 ** (len(settings.vae_channels) - 1)
+    # attention_head_dim is diffusers' (historically misnamed) number of heads per level
+    unet = UNet2DConditionModel(sample_size=latent_size, in_channels=4, out_channels=4, down_block_types=down,
+                                up_block_types=up, block_out_channels=settings.unet_channels, layers_per_block=settings.unet_layers,
+                                cross_attention_dim=settings.text_width, attention_head_dim=settings.attention_heads(),
+                                norm_num_groups=32 if min(settings.unet_channels) >= 32 and all(c % 32 == 0 for c in settings.unet_channels) else 8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(settings.vae_channels),
+                        up_block_types=("UpDecoderBlock2D",) * len(settings.vae_channels), block_out_channels=settings.vae_channels,
+                        layers_per_block=1, latent_channels=4, norm_num_groups=16, sample_size=settings.size)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=settings.text_width, intermediate_size=4 * settings.text_width,
+        num_attention_heads=max(1, settings.text_width // 32), num_hidden_layers=settings.text_layers, max_position_embeddings=77,
+        hidden_act="quick_gelu", projection_dim=settings.text_width, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    with torch.no_grad():  # seeded on its own: a pack stores only the rows pretraining moves and rebuilds the rest
+        token_embedding(text_encoder).copy_(initial_token_embedding(settings))
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="<|endoftext|>")
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def token_embedding(text_encoder) -> torch.Tensor:
+    return text_encoder.get_input_embeddings().weight
+
+
+def initial_token_embedding(settings: WorldModelSettings) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(10_000 + settings.seed)
+    return torch.randn(49408, settings.text_width, generator=generator).mul_(0.02).to(torch.float16).float()
+
+
+def round_to_fp16(pipe) -> None:
+    with torch.no_grad():
+        for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+            for p in part.parameters():
+                p.copy_(p.to(torch.float16).float())
+
+
+def autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def train_vae(vae, settings: WorldModelSettings, device: torch.device, generator: torch.Generator) -> float:
+    """Reconstruction (MSE + L1) with a whisper of KL, as SD's VAE; then the scaling factor that gives unit-variance latents."""
+    from dreamnb.tiny import unit_variance_scaling
+
+    vae.to(device).train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
+    warmup = max(1, settings.vae_steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * s / settings.vae_steps)))
+    loss = torch.zeros(())
+    for step in range(settings.vae_steps):
+        scenes = world.sample_scenes(settings.vae_batch, generator, patterns=world.PATTERNS)  # every pattern: the VAE is only a codec
+        images = world.render(scenes, settings.size, generator) * 2 - 1
+        with autocast(device):
+            posterior = vae.encode(images).latent_dist
+            recon = vae.decode(posterior.sample(generator)).sample.float()
+        loss = F.mse_loss(recon, images) + 0.5 * F.l1_loss(recon, images) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 250 == 0 or step == settings.vae_steps - 1:
+            log.info("vae step %d/%d loss %.4f", step + 1, settings.vae_steps, loss.item())
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        sample = world.render(world.sample_scenes(256, generator), settings.size, generator) * 2 - 1
+        vae.register_to_config(scaling_factor=unit_variance_scaling(vae, sample))
+    return round(loss.item(), 5)
+
+
+@torch.no_grad()
+def encode_pool(pipe, settings: WorldModelSettings, device: torch.device, generator: torch.Generator, chunk: int = 1024):
+    """`latent_pool` captioned scenes (pretraining patterns only), each rendered once and VAE-encoded once (the
+    posterior's mean, scaled): the UNet phase then costs only the UNet and the text encoder. Returns latents
+    (bf16 on a GPU), their token ids and an empty caption's ids."""
+    scenes = world.sample_scenes(settings.latent_pool, torch.Generator().manual_seed(settings.seed))
+    cache: dict[str, list[int]] = {}
+    ids = world.token_ids(pipe.tokenizer, world.captions(scenes), cache).to(device)
+    empty = world.token_ids(pipe.tokenizer, [""], cache)[0].to(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    latents = []
+    for start in range(0, settings.latent_pool, chunk):
+        rows = torch.arange(start, min(start + chunk, settings.latent_pool))
+        images = world.render(scenes.index(rows), settings.size, generator, device) * 2 - 1
+        with autocast(device):
+            latent = pipe.vae.encode(images).latent_dist.mean.float() * pipe.vae.config.scaling_factor
+        latents.append(latent.to(dtype))
+    return torch.cat(latents), ids, empty
+
+
+def train_unet(pipe, settings: WorldModelSettings, device: torch.device, generator: torch.Generator,
+               latents: torch.Tensor, ids: torch.Tensor, empty: torch.Tensor) -> dict:
+    """UNet and text encoder together on the encoded pool (mirrored half the time: captions say nothing of left and
+    right), epsilon prediction with Min-SNR-γ weights, with an EMA of both that is what gets saved. A warm-up, then a
+    cosine to 10% over the steps or the time allowed, whichever ends first."""
+    unet, text_encoder = pipe.unet.to(device).train(), pipe.text_encoder.to(device).train()
+    alphas = pipe.scheduler.alphas_cumprod.to(device)
+    snr = alphas / (1 - alphas)
+    weights = (snr.clamp(max=settings.min_snr) / snr) if settings.min_snr else torch.ones_like(snr)
+    params = [p for p in list(unet.parameters()) + list(text_encoder.parameters()) if p.requires_grad]
+    ema = [p.detach().clone() for p in params]
+    # no weight decay on the token embedding: the rows of words no caption uses stay exactly at their seeded start
+    # (a pack stores only the moved rows) and the rare token keeps its meaningless start, as in a real model
+    embedding = token_embedding(text_encoder)
+    groups = [{"params": [p for p in params if p is not embedding], "weight_decay": 1e-2},
+              {"params": [embedding], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=settings.unet_lr, fused=device.type == "cuda")
+    progress = [0.0]
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / settings.warmup)
+                                                 * (0.55 + 0.45 * math.cos(math.pi * min(progress[0], 1.0))))
+    n, batch = len(latents), settings.unet_batch
+    started, losses, step, done, rate_mark = time.time(), [], 0, 0, None
+    for step in range(settings.unet_steps):
+        elapsed = time.time() - started
+        progress[0] = max(step / settings.unet_steps, elapsed / settings.max_seconds)
+        if progress[0] >= 1:
+            log.info("ending the UNet phase at step %d: %s s allowed", step, settings.max_seconds)
+            break
+        if step == 20:
+            rate_mark = (step, time.time())  # steps/s measured after the first 20 (cuDNN autotuning, allocator warm-up)
+        rows = torch.randint(0, n, (batch,), generator=generator, device=generator.device).to(device)
+        x0 = latents[rows].float()
+        flip = torch.rand(batch, generator=generator, device=generator.device).to(device) < 0.5
+        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        drop = torch.rand(batch, generator=generator, device=generator.device).to(device) < settings.empty_caption
+        tokens = torch.where(drop[:, None], empty, ids[rows])
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(device)
+        t = torch.randint(0, len(alphas), (batch,), generator=generator, device=generator.device).to(device)
+        a = alphas[t].sqrt()[:, None, None, None]
+        s = (1 - alphas[t]).sqrt()[:, None, None, None]
+        with autocast(device):
+            pred = unet(a * x0 + s * noise, t, text_encoder(tokens)[0]).sample
+        loss = ((pred.float() - noise) ** 2).mean((1, 2, 3)).mul(weights[t]).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        decay = min(settings.ema, (1 + step) / (10 + step))
+        torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        done = step + 1
+        if step % 250 == 0 or step == settings.unet_steps - 1:
+            losses.append((step + 1, round(loss.item(), 5)))
+            log.info("unet step %d/%d loss %.4f (%.0f s)", step + 1, settings.unet_steps, loss.item(), time.time() - started)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.time() - started
+    rate = (done - rate_mark[0]) / (time.time() - rate_mark[1]) if rate_mark and done > rate_mark[0] else done / max(seconds, 1e-9)
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    unet.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(False)
+    return {"unet_steps_done": done, "unet_seconds": round(seconds, 1), "unet_steps_per_s": round(rate, 2),
+            "unet_samples_seen": done * batch, "unet_losses": losses}
+
+
+# --- packs: the world model in files small enough to come back from the GPU machine and to carry there ------
+
+PART_BYTES = 15 * 2 ** 20  # the device tool brings back files of up to 16 MiB
+
+
+def pack_parts(settings: WorldModelSettings, folder: Path) -> list[Path]:
+    return sorted(Path(folder).glob(f"world-{settings.size}px-{settings.key()}.pack.*"))
+
+
+def pack_world_model(folder: Path, settings: WorldModelSettings, out: Path) -> list[Path]:
+    """The cached world model as fp16 safetensors in parts of ≤15 MiB: every weight, except that of the token
+    embedding (49408 rows) only the rows that differ from their seeded start are kept (the words of the world's
+    captions); `unpack_world_model` rebuilds the rest from the same seed. The configs come from the settings."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save
+    from transformers import CLIPTextModel
+
+    models = {"unet": UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32),
+             "vae": AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32),
+             "text_encoder": CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32)}
+    tensors = {}
+    for name, part in models.items():
+        for key, value in part.state_dict().items():
+            tensors[f"{name}.{key}"] = value.detach().to("cpu", torch.float16).contiguous()
+    embedding_key = next(k for k in tensors if k.startswith("text_encoder.") and k.endswith("token_embedding.weight"))
+    embedding = tensors.pop(embedding_key)
+    rows = (embedding.float() != initial_token_embedding(settings)).any(1).nonzero()[:, 0]
+    tensors["token_rows"] = rows.to(torch.int64)
+    tensors["token_values"] = embedding[rows].contiguous()
+    meta = {"settings": json.dumps(dataclasses.asdict(settings)), "key": settings.key(),
+            "scaling_factor": str(models["vae"].config.scaling_factor), "report": (folder / "world.json").read_text()}
+    blob = save(tensors, metadata=meta)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"world-{settings.size}px-{settings.key()}.pack"
+    for old in out.glob(stem + ".*"):
+        old.unlink()
+    parts = []
+    for i, start in enumerate(range(0, len(blob), PART_BYTES)):
+        path = out / f"{stem}.{i:02d}"
+        path.write_bytes(blob[start:start + PART_BYTES])
+        parts.append(path)
+    log.info("world model packed: %d bytes in %s", len(blob), [p.name for p in parts])
+    return parts
+
+
+def unpack_world_model(settings: WorldModelSettings, parts: list[Path]):
+    from safetensors.torch import load
+
+    head = parts[0].read_bytes()[:8]
+    header_length = int.from_bytes(head, "little")
+    with parts[0].open("rb") as f:  # safetensors: 8 bytes of header length, then the JSON header with the metadata
+        f.seek(8)
+        meta = json.loads(f.read(header_length)).get("__metadata__", {})
+    if meta.get("key") != settings.key():
+        raise ValueError(f"the pack {parts[0].name} holds world model {meta.get('key')}, not {settings.key()}")
+    tensors = load(b"".join(p.read_bytes() for p in parts))
+    pipe = build_pipeline(settings)
+    embedding = initial_token_embedding(settings)
+    embedding[tensors.pop("token_rows")] = tensors.pop("token_values").float()
+    for name in ("unet", "vae", "text_encoder"):
+        part = getattr(pipe, name)
+        state = {k[len(name) + 1:]: v.float() for k, v in tensors.items() if k.startswith(name + ".")}
+        if name == "text_encoder":  # its key's prefix differs between transformers versions
+            state[next(k for k in part.state_dict() if k.endswith("token_embedding.weight"))] = embedding
+        missing, unexpected = part.load_state_dict(state, strict=False)
+        if unexpected or [m for m in missing if "position_ids" not in m]:
+            raise ValueError(f"the pack does not fit the {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    pipe.vae.register_to_config(scaling_factor=float(meta["scaling_factor"]))
+    report = json.loads(meta["report"])
+    report.pop("settings", None)
+    return pipe, report
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="a very small model on the CPU (about a minute), for CI")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--pack-out", type=Path, default=None, help="also write the model as a pack (parts of ≤15 MiB) here")
+    parser.add_argument("--max-seconds", type=float, default=None, help="the UNet phase's time limit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    settings = TINY if args.tiny else WorldModelSettings()
+    if args.max_seconds is not None:
+        settings = dataclasses.replace(settings, max_seconds=args.max_seconds)
+    folder = ensure_world_model(settings, args.cache)
+    print(folder)
+    if args.pack_out:
+        for part in pack_world_model(folder, settings, args.pack_out):
+            print(part, part.stat().st_size)
+
+
+if __name__ == "__main__":
+    main()
