@@ -17,7 +17,7 @@ import torch
 
 from .config import TrainConfig
 from .models import BaseModel
-from .session import FINAL, LORA_FILE, Session, attempt_weights_dir, checkpoint_steps, reading  # noqa: F401 (the UI's)
+from .session import FINAL, LORA_FILE, Session, attempt_weights_dir, reading
 from .train import TEXT_LORA_TARGETS, UNET_LORA_TARGETS, add_lora
 
 log = logging.getLogger(__name__)

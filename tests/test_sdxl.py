@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dreamnb.config import ConfigError, TrainConfig
+from dreamnb.config import TrainConfig
 from dreamnb.errors import UserError
 from dreamnb.models import ModelError, Placement, classify_checkpoint, describe_pipeline, load_base_model
 from dreamnb.tiny import save_tiny_model
