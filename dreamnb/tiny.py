@@ -39,7 +39,7 @@ class TinyModelPaths:
 
 def tiny_pipeline(kind: str = "sd1", seed: int = 0):
     """Build a randomly initialised (seeded) tiny StableDiffusionPipeline of the given kind."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     if kind not in TINY_KINDS:
@@ -59,18 +59,7 @@ def tiny_pipeline(kind: str = "sd1", seed: int = 0):
         use_linear_projection=sd2,
         norm_num_groups=16,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-    )
-    vae.register_to_config(scaling_factor=unit_variance_scaling(vae, _sample_images(seed)))
+    vae = tiny_vae(seed)
     text_config = CLIPTextConfig(
         vocab_size=49408,
         hidden_size=32,
@@ -115,7 +104,7 @@ def tiny_sdxl_pipeline(kind: str = "sdxl", seed: int = 0):
     the sum of their hidden sizes; its "text_time" embedding reads the second encoder's pooled (projected) output
     plus 6 size/crop numbers (the refiner: 5, with an aesthetic score instead of the target size).
     """
-    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline,
+    from diffusers import (EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline,
                            UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -157,19 +146,7 @@ def tiny_sdxl_pipeline(kind: str = "sdxl", seed: int = 0):
         projection_class_embeddings_input_dim=text_encoder_2.config.projection_dim + time_ids * _SDXL_TIME_DIM,
         norm_num_groups=16,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-        force_upcast=True,  # as SDXL's own VAE, which overflows in fp16 (the fp16-fix VAE says False)
-    )
-    vae.register_to_config(scaling_factor=unit_variance_scaling(vae, _sample_images(seed)))
+    vae = tiny_vae(seed, force_upcast=True)  # as SDXL's own VAE, which overflows in fp16 (the fp16-fix VAE says False)
     # SDXL's second tokenizer is OpenCLIP bigG's: the same BPE vocabulary and merges as CLIP ViT-L's (the bundled
     # one), padding with "!" (id 0) instead of "<|endoftext|>". So the real tokenizer serves for both.
     tokenizer_2 = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="!")
@@ -220,6 +197,17 @@ def sdxl_to_ldm(pipe) -> dict[str, torch.Tensor]:
     for part in embedders:
         state.update(part)
     return state
+
+
+def tiny_vae(seed: int, **config):
+    """The tiny VAE (the real AutoencoderKL, 8× down), its latents scaled to unit variance on the sample images."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 16, 32, 32), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=64, **config)
+    vae.register_to_config(scaling_factor=unit_variance_scaling(vae, _sample_images(seed)))
+    return vae
 
 
 def _sample_images(seed: int, count: int = 8, size: int = 64) -> torch.Tensor:
