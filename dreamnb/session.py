@@ -139,10 +139,17 @@ def split_ref(ref: str | None) -> tuple[str | None, int | None]:
     return name, int(step)
 
 
+def checkpoint_folders(attempt_dir: Path, *, complete: bool = True) -> dict[int, Path]:
+    """An attempt's checkpoints/step-N folders by step, oldest first; `complete`: only those with state.json (the
+    last file a checkpoint gets; atomic_dir never leaves a partial one under its name)."""
+    found = {int(p.name[5:]): p for p in (attempt_dir / CHECKPOINTS).glob("step-*")
+             if p.name[5:].isdigit() and (not complete or (p / "state.json").is_file())}
+    return dict(sorted(found.items()))
+
+
 def checkpoint_steps(session: Session, name: str | None = None) -> list[int]:
-    """The steps the attempt has a complete checkpoint of (checkpoints/step-N with state.json), oldest first."""
-    folder = session.attempt_dir(session.attempt(name).name) / CHECKPOINTS
-    return sorted(int(p.name[5:]) for p in folder.glob("step-*") if p.name[5:].isdigit() and (p / "state.json").is_file())
+    """The steps the attempt has a complete checkpoint of, oldest first."""
+    return list(checkpoint_folders(session.attempt_dir(session.attempt(name).name)))
 
 
 def attempt_weights_dir(session: Session, ref: str | None = None, checkpoint: int | None = None) -> Path:
@@ -266,7 +273,7 @@ def _attempt_on_disk(folder: Path) -> Attempt:
         except (TypeError, ValueError):
             steps = 0
         return Attempt(name=folder.name, status="finished", steps_done=steps, parent=parent)
-    steps = sorted(int(p.name[5:]) for p in (folder / CHECKPOINTS).glob("step-*") if p.name[5:].isdigit())
+    steps = list(checkpoint_folders(folder, complete=False))
     return Attempt(name=folder.name, status="interrupted" if steps else "new", steps_done=steps[-1] if steps else 0, parent=parent)
 
 
@@ -408,10 +415,9 @@ def disk_usage(session: Session) -> dict[str, DiskUse]:
     for attempt in session.attempts:
         folder = session.attempt_dir(attempt.name)
         use = DiskUse(final=folder_size(folder / FINAL))
-        for checkpoint in sorted((folder / CHECKPOINTS).glob("step-*")):
-            if checkpoint.name[5:].isdigit():
-                use.checkpoints[int(checkpoint.name[5:])] = folder_size(checkpoint)
-                use.optimizer += folder_size(checkpoint / OPTIMIZER_FILE)
+        for step, checkpoint in checkpoint_folders(folder, complete=False).items():
+            use.checkpoints[step] = folder_size(checkpoint)
+            use.optimizer += folder_size(checkpoint / OPTIMIZER_FILE)
         use.other = folder_size(folder) - use.final - sum(use.checkpoints.values())
         usage[attempt.name] = use
     return usage
@@ -455,13 +461,12 @@ def delete_checkpoints(session: Session, name: str, steps: list[int] | None = No
     from, so it is kept unless named. Bytes freed."""
     with session_lock(session.path, f"deleting checkpoints of {name}"):
         attempt = session.attempt(name)
-        folder = session.attempt_dir(attempt.name) / CHECKPOINTS
-        found = sorted(p for p in folder.glob("step-*") if p.name[5:].isdigit())
+        found = checkpoint_folders(session.attempt_dir(attempt.name), complete=False)
         if steps is None:
             resumable = attempt.status in ("interrupted", "failed") and found
-            chosen = found[:-1] if resumable else found
+            chosen = list(found.values())[:-1] if resumable else list(found.values())
         else:
-            chosen = [p for p in found if int(p.name[5:]) in steps]
+            chosen = [path for step, path in found.items() if step in steps]
         freed = 0
         for checkpoint in chosen:
             freed += folder_size(checkpoint)

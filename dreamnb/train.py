@@ -37,7 +37,8 @@ from .colab import gpu_has_bf16, gpu_memory_budget
 from .fast import BF16_OPTIMIZERS, AdamWBF16, GraphedStep, LossScaler
 from .models import SDXL_NOT_BUILT, BaseModel, load_base_model
 from .session import (CHECKPOINTS, FINAL, LORA_FILE, OPTIMIZER_FILE, Attempt, Session, add_attempt, attempt_weights_dir,
-                      drop_optimizer_state, open_session, reading, save_session, session_lock, split_ref, update_attempt)
+                      checkpoint_folders, drop_optimizer_state, open_session, reading, save_session, session_lock, split_ref,
+                      update_attempt)
 
 log = logging.getLogger(__name__)
 
@@ -978,8 +979,8 @@ def prune_checkpoints(folder: Path, keep: int) -> None:
 
 
 def latest_checkpoint(attempt_dir: Path) -> Path | None:
-    """The newest complete checkpoint (a folder with state.json; atomic_dir never leaves a partial one)."""
-    complete = sorted(p for p in (attempt_dir / CHECKPOINTS).glob("step-*") if (p / "state.json").is_file())
+    """The newest complete checkpoint."""
+    complete = list(checkpoint_folders(attempt_dir).values())
     return complete[-1] if complete else None
 
 
