@@ -82,10 +82,11 @@ TINY_HARNESS = HarnessSettings(model=pretrain.TINY, evaluator=EvaluatorSettings(
                                seeds=(0,), subjects=SUBJECTS[:1], photos=4, images_per_prompt=2, class_images=2,
                                num_class_images=2, step_scale=0.02, num_inference_steps=4, caption_probes=8)
 
-# Seconds each stage took on the H200 in the first run (results/h200-2026-11-29.json), or is projected to take
+# Seconds each stage took on the H200 (results/h200-2026-11-29*.json: attempts trained in 7–8 s, 12.5 s in all), or is projected to take
 # (README: "Time plan"); the harness prints this plan before it starts, then what each stage really took.
 GPU_SECONDS = {"startup": 20, "optimizer speed": 8, "world model (cached)": 5, "evaluator (cached)": 2,
-               "prompt following and base model": 15, "attempt": 12.5, "class images (first attempt per subject)": 7}
+               "prompt following and base model": 15,
+               "attempt: training (step scale 1)": 7.5, "attempt: sampling and measures": 5, "class images (first attempt per subject)": 7}
 
 
 def main(argv=None) -> dict:
@@ -100,11 +101,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--workdir", type=Path, default=None, help="where the sessions go (default: CACHE/sessions)")
     parser.add_argument("--only", nargs="*", default=None, help="configuration labels (prefixes) to run")
     parser.add_argument("--plan", action="store_true", help="print the time plan and stop")
+    parser.add_argument("--step-scale", type=float, default=None,
+                        help="× the preset's training steps (longer attempts learn more of the subject; the plan scales)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("dreamnb", "diffusers", "transformers", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     settings = TINY_HARNESS if args.tiny else HarnessSettings()
+    if args.step_scale is not None:
+        settings = dataclasses.replace(settings, step_scale=args.step_scale)
     configurations = TINY_CONFIGURATIONS if args.tiny else CONFIGURATIONS
     if args.only:
         configurations = tuple(c for c in configurations if any(c.label.startswith(p) for p in args.only))
@@ -142,15 +147,16 @@ def time_plan(settings: HarnessSettings, configurations, cache: Path, budget_sec
     stages.append(("prompt following, real photos, base model", GPU_SECONDS["prompt following and base model"]))
     used = sum(seconds for _, seconds in stages)
     attempts, first_per_subject = [], set()
+    each = GPU_SECONDS["attempt: training (step scale 1)"] * settings.step_scale + GPU_SECONDS["attempt: sampling and measures"]
     for configuration, subject, seed in jobs(configurations, settings):
-        cost = GPU_SECONDS["attempt"] + (GPU_SECONDS["class images (first attempt per subject)"] if subject.name not in first_per_subject else 0)
+        cost = each + (GPU_SECONDS["class images (first attempt per subject)"] if subject.name not in first_per_subject else 0)
         if used + cost > budget_seconds:
             break
         first_per_subject.add(subject.name)
         used += cost
         attempts.append(f"{configuration.label} / {subject.name} / seed {seed}")
     total = len(jobs(configurations, settings))
-    stages.append((f"attempts: {len(attempts)} of {total} (≈{GPU_SECONDS['attempt']} s each)",
+    stages.append((f"attempts: {len(attempts)} of {total} (≈{each:g} s each)",
                    round(used - sum(seconds for _, seconds in stages))))
     return {"stages": stages, "total_s": round(used), "budget_s": budget_seconds, "attempts": attempts,
             "world_model_cached": world_cached, "evaluator_cached": evaluator_cached}
