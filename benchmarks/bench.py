@@ -4,12 +4,17 @@
     python benchmarks/bench.py --tiny           # on a CPU: the tiny model, to check the script itself
     python benchmarks/bench.py --reference .ref # also run diffusers' train_dreambooth(.py|_lora.py) from .ref/
     python benchmarks/bench.py --reference .ref --reference-gpu 1   # 2 GPUs: the reference beside, in half the time
+    python benchmarks/bench.py --reference .ref --configs xl-lora16,xl-t4,xl-sample   # SDXL (see benchmarks/README.md)
 
 Builds the SD-1.5 UNet (859.5M), text encoder (123.1M) and VAE (83.7M) from their configs with random
 weights (nothing is downloaded), 20 generated 512 px photos, and measures each configuration in a fresh
 process: steady-state s/step and images/s, time to the first step, the projected wall time of the whole
 default run (1500 UNet + 350 text-encoder steps), and peak GPU memory (allocated and reserved).
 Prints a table; `--json FILE` keeps the raw figures.
+
+The `xl-` configurations do the same for SDXL base (UNet 2567.5M, text encoders 123.1M + 694.7M, VAE 83.7M, from
+SDXL's configs with random weights), at 1024 px beside diffusers' train_dreambooth_lora_sdxl.py, and sample with
+dreamnb's `generate` against a plain diffusers StableDiffusionXLPipeline (`xl-sample`).
 """
 from __future__ import annotations
 
@@ -55,8 +60,34 @@ CONFIGS = {
     "e": ("T4 stand-in: fp16 + loss scaling, UNet + text encoder, 15 GB cap",
           dict(text_encoder_steps=350, mixed_precision="fp16"),
           None),
+    # SDXL base (issue 18): the face preset's SDXL values (`TrainConfig.from_preset(family="sdxl")`: LoRA rank 16 on
+    # the UNet, 1024 px, text encoders frozen) with these overrides, on the SDXL model built by `sdxl_pipeline`.
+    "xl-lora16": ("SDXL: LoRA rank 16 (UNet), 1024 px, batch 1, bf16; grad. checkpointing off in both (it fits)",
+                  dict(method="lora", lora_rank=16, lora_alpha=16, text_encoder_steps=0, unet_lr=1e-4, gradient_checkpointing="off"),
+                  ("train_dreambooth_lora_sdxl.py", ["--rank", "16", "--mixed_precision", "bf16", "--learning_rate", "1e-4"])),
+    "xl-t4": ("SDXL T4 stand-in: the face preset's SDXL defaults as shipped (LoRA rank 16, 1024 px, prior preservation: "
+              "1 photo + 1 class image, checkpointing 'auto') in fp16 math, 15 GB cap, no bitsandbytes",
+              dict(mixed_precision="fp16", with_prior_preservation=True),
+              None),
 }
-DEFAULT_RUN = (350, 1500)  # text-encoder steps, UNet steps: what the face preset trains
+SAMPLING = ("f", "xl-sample")  # measured by run_sampling / run_sampling_xl, not trained
+T4_STAND_INS = ("e", "xl-t4")  # run under a 15 GB cap: a Colab T4 has 15 GB
+CLASS_IMAGES = {"c": "class", "xl-t4": "class-xl"}  # configurations with prior preservation: their shared class images
+T4_FP16_TFLOPS = 65  # the T4's published fp16 tensor-core peak; projections assume 30-40% of it is reached
+DEFAULT_RUN = (350, 1500)  # text-encoder steps, UNet steps: what the face preset trains (SDXL: 0 + 1500)
+
+
+def is_xl(name: str) -> bool:
+    return name.startswith("xl-")
+
+
+def model_paths(workdir: Path, xl: bool) -> tuple[Path, Path]:
+    """The saved base model and the photos of one family (SDXL's at 1024 px)."""
+    return (workdir / "model-xl", workdir / "photos-xl") if xl else (workdir / "model", workdir / "photos")
+
+
+def resolution_for(name: str, tiny: bool) -> int:
+    return 64 if tiny else 1024 if is_xl(name) else 512
 
 
 # --- the model and photos ------------------------------------------------------------------------------
@@ -95,6 +126,87 @@ def sd15_pipeline(tiny: bool):
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
+def sdxl_pipeline(tiny: bool):
+    """SDXL base with random weights (tiny: dreamnb.tiny's). The configs are stabilityai/stable-diffusion-xl-base-1.0's
+    (unet/, vae/, text_encoder/, text_encoder_2/, scheduler/ config.json), checked against Stability-AI/generative-models
+    configs/inference/sd_xl_base.yaml (commit 3df5c81: model_channels 320, channel_mult [1, 2, 4], transformer_depth
+    [1, 2, 10] with the first level unused (attention_resolutions [4, 2]), num_head_channels 64 -> 5/10/20 heads, which
+    diffusers calls attention_head_dim; context_dim 2048; adm_in_channels 2816 = 1280 pooled + 6 x 256 size/crop ids;
+    scale_factor 0.13025; the VAE's ch_mult [1, 2, 4, 4]), against the diffusers-format config.json files as public
+    repositories reproduce them, and against diffusers' single-file loader (bigG = laion/CLIP-ViT-bigG-14-laion2B-39B-b160k).
+    Counted here from these configs (meta device): UNet 2567.5M, text encoders 123.1M + 694.7M, VAE 83.7M."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from dreamnb.tiny import TOKENIZER_DIR, tiny_sdxl_pipeline
+
+    if tiny:
+        return tiny_sdxl_pipeline("sdxl", seed=0)
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):  # random init on the GPU: seconds instead of minutes
+        unet = UNet2DConditionModel(  # stable-diffusion-xl-base-1.0/unet/config.json
+            sample_size=128, in_channels=4, out_channels=4, cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
+            block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), use_linear_projection=True,
+            addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816, norm_num_groups=32, norm_eps=1e-5,
+        )
+        vae = AutoencoderKL(  # stable-diffusion-xl-base-1.0/vae/config.json: SD's VAE layout, retrained; overflows in fp16
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=1024,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            scaling_factor=0.13025, force_upcast=True,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(  # openai/clip-vit-large-patch14's text model, as SD 1.5's
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, bos_token_id=49406, eos_token_id=49407,
+            pad_token_id=49407,
+        ))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(  # OpenCLIP ViT-bigG/14's text model
+            vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+            max_position_embeddings=77, hidden_act="gelu", projection_dim=1280, bos_token_id=49406, eos_token_id=49407,
+            pad_token_id=0,
+        ))
+    scheduler = EulerDiscreteScheduler(  # stable-diffusion-xl-base-1.0/scheduler/scheduler_config.json
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1,
+        timestep_spacing="leading", interpolation_type="linear", prediction_type="epsilon", use_karras_sigmas=False,
+    )
+    # bigG's tokenizer is CLIP's BPE vocabulary padding with "!" (id 0) instead of <|endoftext|> (see dreamnb.tiny)
+    return StableDiffusionXLPipeline(
+        vae=vae.cpu(), text_encoder=text_encoder.cpu(), text_encoder_2=text_encoder_2.cpu(), unet=unet.cpu(),
+        tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR), tokenizer_2=CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="!"),
+        scheduler=scheduler, force_zeros_for_empty_prompt=True, add_watermarker=False,
+    )
+
+
+def unet_step_tflop(unet_config: dict, batch: int, resolution: int) -> dict:
+    """FLOPs of one training step of a UNet with frozen weights (LoRA: the adapters' own ~2% left out), counted with
+    torch.utils.flop_counter on the meta device (no memory, no GPU): forward, and backward through the activations.
+    With gradient checkpointing a step is forward + forward again + backward."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config).requires_grad_(False)
+        side = resolution // 8
+        latents = torch.randn(batch, unet.config.in_channels, side, side, requires_grad=True)
+        embeds = torch.randn(batch, 77, unet.config.cross_attention_dim)
+        extra = None
+        if unet.config.addition_embed_type == "text_time":
+            pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+            extra = dict(text_embeds=torch.randn(batch, pooled), time_ids=torch.randn(batch, 6))
+        timesteps = torch.full((batch,), 500)
+    with FlopCounterMode(display=False) as forward:
+        out = unet(latents, timesteps, embeds, added_cond_kwargs=extra).sample
+    with FlopCounterMode(display=False) as backward:
+        out.sum().backward()
+    f, b = forward.get_total_flops() / 1e12, backward.get_total_flops() / 1e12
+    return {"forward": f, "backward": b, "step": f + b, "step_checkpointed": 2 * f + b}
+
+
 def make_photos(folder: Path, count: int, size: int) -> None:
     """Varied synthetic 'photos' (gradients, discs, noise) so every photo is a different image."""
     import numpy as np
@@ -113,15 +225,18 @@ def make_photos(folder: Path, count: int, size: int) -> None:
         img.save(folder / f"photo-{i:02d}.png")
 
 
-def prepare(workdir: Path, tiny: bool) -> dict:
-    model_dir, photos = workdir / "model", workdir / "photos"
-    size = 64 if tiny else 512
+def prepare(workdir: Path, tiny: bool, xl: bool = False) -> dict:
+    model_dir, photos = model_paths(workdir, xl)
+    size = 64 if tiny else 1024 if xl else 512
     if not (model_dir / "model_index.json").exists():
         t = time.time()
-        pipe = sd15_pipeline(tiny)
-        counts = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) / 1e6 for name in ("unet", "text_encoder", "vae")}
+        pipe = sdxl_pipeline(tiny) if xl else sd15_pipeline(tiny)
+        parts = ("unet", "text_encoder", "text_encoder_2", "vae") if xl else ("unet", "text_encoder", "vae")
+        counts = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) / 1e6 for name in parts}
+        if xl and not tiny:  # saved in fp16, as the Hub's fp16 variant: half the 14 GB to write and read; every
+            pipe.to(dtype=__import__("torch").float16)  # loader casts to its own dtype anyway
         pipe.save_pretrained(model_dir, safe_serialization=True)
-        (workdir / "params.json").write_text(json.dumps(counts))
+        (workdir / ("params-xl.json" if xl else "params.json")).write_text(json.dumps(counts))
         print(f"built the model in {time.time() - t:.0f} s: " + ", ".join(f"{k} {v:.1f}M" for k, v in counts.items()), flush=True)
     if not photos.exists():
         make_photos(photos, 20, size)
@@ -142,7 +257,6 @@ def run_dreamnb(name: str, workdir: Path, tiny: bool, unet_steps: int, te_steps:
     from accelerate.utils import parse_flag_from_env
 
     from dreamnb.config import TrainConfig
-    from dreamnb.models import load_base_model
     from dreamnb.session import create_session, open_session, update_attempt
     from dreamnb.train import train
 
@@ -150,7 +264,9 @@ def run_dreamnb(name: str, workdir: Path, tiny: bool, unet_steps: int, te_steps:
     # one process, or this one of several under accelerate launch (on the CPU when --tiny: the trainer's Accelerator agrees)
     processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     cuda = torch.cuda.is_available()
-    if name == "e" and cuda:  # a Colab T4 has 15 GB
+    xl = is_xl(name)
+    model_dir, photos_dir = model_paths(workdir, xl)
+    if name in T4_STAND_INS and cuda:  # a Colab T4 has 15 GB
         torch.cuda.set_per_process_memory_fraction(15e9 / torch.cuda.get_device_properties(0).total_memory)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -158,7 +274,7 @@ def run_dreamnb(name: str, workdir: Path, tiny: bool, unet_steps: int, te_steps:
     if not resume and processes.is_main_process:
         shutil.rmtree(session_dir, ignore_errors=True)
         session = create_session(session_dir)
-        for photo in sorted((workdir / "photos").iterdir()):
+        for photo in sorted(photos_dir.iterdir()):
             shutil.copy(photo, session.instance_dir / photo.name)
         if name == "c":  # the same 20 class images the reference uses, generated once
             shutil.copytree(workdir / "class", session.class_dir, dirs_exist_ok=True)
@@ -168,18 +284,20 @@ def run_dreamnb(name: str, workdir: Path, tiny: bool, unet_steps: int, te_steps:
     overrides["text_encoder_steps"] = min(overrides.get("text_encoder_steps", 0), te_steps)
     if not cuda:
         overrides.pop("mixed_precision", None)  # fp16 needs a GPU; the CPU run only checks the script
-    settings = dict(token="zwx", resolution=64 if tiny else 512, seed=0, unet_steps=unet_steps,
+    settings = dict(token="zwx", resolution=resolution_for(name, tiny), seed=0, unet_steps=unet_steps,
                     with_prior_preservation=False, num_class_images=20, checkpoint_every=0, log_every=10)
-    config = TrainConfig.from_preset("face", **{**settings, **overrides})
-    base = load_base_model(workdir / "model")
+    config = TrainConfig.from_preset("face", family="sdxl" if xl else "sd1", **{**settings, **overrides})
+    from dreamnb.models import load_base_model
+
+    base = load_base_model(model_dir)
     loaded_s = time.time() - started
-    if name == "c" and not resume:
-        from dreamnb.data import class_images_dir
+    if name in CLASS_IMAGES and not resume:  # the 20 class images generated once (c: the reference's too), where
+        from dreamnb.data import class_images_dir  # the trainer looks for them
 
         folder = class_images_dir(session.class_dir, f"{base.info.source}|{base.info.family}|{base.info.prediction_type}",
                                   config.resolved_class_prompt(), config.resolution)
         folder.mkdir(parents=True, exist_ok=True)
-        for i, image in enumerate(sorted((workdir / "class").glob("*.png"))):
+        for i, image in enumerate(sorted((workdir / CLASS_IMAGES[name]).glob("*.png"))):
             shutil.copy(image, folder / f"class-{i:04d}.png")
     marks: list[tuple[str, int, float]] = []
     messages: list[str] = [f"{loaded_s:6.1f}s loaded the base model"]
@@ -216,6 +334,11 @@ def run_dreamnb(name: str, workdir: Path, tiny: bool, unet_steps: int, te_steps:
     if cuda:
         out["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
         out["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
+    if name == "xl-t4":  # the T4's time is projected from counted FLOPs (no T4 here), as for SD 1.5's in the README
+        flops = unet_step_tflop(dict(base.pipeline.unet.config), out["images_per_step"], config.resolution)
+        out["unet_step_tflop"] = flops
+        out["t4_projected_s_per_step"] = [flops["step_checkpointed"] / (T4_FP16_TFLOPS * share) for share in (0.4, 0.3)]
+        out["t4_projected_default_run_s"] = [DEFAULT_RUN[1] * s for s in out["t4_projected_s_per_step"]]
     return out
 
 
@@ -237,15 +360,7 @@ def run_sampling(workdir: Path, tiny: bool) -> dict:
     from diffusers import DPMSolverMultistepScheduler
 
     def timed(run) -> float:
-        for _ in range(2):  # warm: kernels chosen, CUDA graphs recorded
-            run()
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.time()
-        run()
-        if cuda:
-            torch.cuda.synchronize()
-        return time.time() - t
+        return timed_warm(run, cuda)
 
     pipe.set_progress_bar_config(disable=True)
     for count in (1, 4):
@@ -278,6 +393,73 @@ def run_sampling(workdir: Path, tiny: bool) -> dict:
     switch = _attempt_switch_seconds(workdir, base)
     if switch is not None:
         out["switch_attempt_s"] = switch
+    return out
+
+
+def timed_warm(run, cuda: bool) -> float:
+    """Seconds for one call after two warm-up calls (kernels chosen, CUDA graphs recorded)."""
+    import torch
+
+    for _ in range(2):
+        run()
+    if cuda:
+        torch.cuda.synchronize()
+    t = time.time()
+    run()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.time() - t
+
+
+def run_sampling_xl(workdir: Path, tiny: bool) -> dict:
+    """(xl-sample): 1 image, 30 Euler steps (SDXL's own scheduler), guidance 7.5, 1024 px, warm. First the plain
+    diffusers StableDiffusionXLPipeline as its documentation loads it (fp16 on the GPU; its VAE upcast around each
+    decode), then dreamnb's `generate` on the model `load_base_model` placed; the same seed, and how far apart their
+    images are (they should agree)."""
+    import gc
+
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from dreamnb.sample import SampleSettings, generate
+
+    cuda = torch.cuda.is_available()
+    model_dir, _ = model_paths(workdir, True)
+    # --tiny checks the script: 5 steps (the CPU's time means nothing here)
+    size, steps, guidance, prompt = 64 if tiny else 1024, 5 if tiny else 30, 7.5, "photo of zwx person"
+    out: dict = {"name": "xl-sample", "steps": steps, "size": size}
+
+    t = time.time()
+    plain = StableDiffusionXLPipeline.from_pretrained(model_dir, torch_dtype=torch.float16 if cuda else torch.float32)
+    plain.to("cuda" if cuda else "cpu")
+    out["diffusers_load_s"] = time.time() - t
+    plain.set_progress_bar_config(disable=True)
+
+    def diffusers_image():
+        return plain(prompt, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                     generator=torch.Generator(plain.device).manual_seed(0)).images[0]
+
+    out["diffusers_1_image_s"] = timed_warm(diffusers_image, cuda)
+    reference = np.asarray(diffusers_image(), np.float32)
+    plain = None  # its GPU memory goes before dreamnb loads the same model
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+
+    from dreamnb.models import load_base_model
+
+    t = time.time()
+    base = load_base_model(model_dir)  # placed as a user's is: the GPU in fp16 when there is one
+    out["load_s"] = time.time() - t
+    settings = [SampleSettings(prompt=prompt, seed=0, num_inference_steps=steps, guidance_scale=guidance, scheduler="euler",
+                               width=size, height=size)]
+
+    def dreamnb_image():
+        return generate(base.pipeline, settings, batch_size=1, progress=False)[0].image
+
+    out["dreamnb_1_image_s"] = timed_warm(dreamnb_image, cuda)
+    out["dreamnb_vs_diffusers_mean_abs_pixel_diff"] = float(np.abs(np.asarray(dreamnb_image(), np.float32) - reference).mean())
     return out
 
 
@@ -332,13 +514,16 @@ class GpuMemoryPoller:
         self._thread.join()
 
 
-def run_reference(name: str, workdir: Path, reference_dir: Path, steps: int, gpu: int | None = None) -> dict:
-    """diffusers' script for configuration `name`, on GPU `gpu` when given (else wherever CUDA puts it)."""
+def run_reference(name: str, workdir: Path, reference_dir: Path, steps: int, gpu: int | None = None, tiny: bool = False) -> dict:
+    """diffusers' script for configuration `name`, on GPU `gpu` when given (else wherever CUDA puts it). Offline: the
+    saved random-weight model and the photos from disk, no validation prompt, no Hub; `extra` comes last and wins
+    (argparse keeps the last value: the LoRA configurations' --learning_rate)."""
     script, extra = CONFIGS[name][2]
     out_dir = workdir / f"reference-{name}"
-    args = [sys.executable, str(reference_dir / script), "--pretrained_model_name_or_path", str(workdir / "model"),
-            "--instance_data_dir", str(workdir / "photos"), "--instance_prompt", "photo of zwx person",
-            "--output_dir", str(out_dir), "--resolution", "512", "--train_batch_size", "1", "--learning_rate", "2e-6",
+    model_dir, photos_dir = model_paths(workdir, is_xl(name))
+    args = [sys.executable, str(reference_dir / script), "--pretrained_model_name_or_path", str(model_dir),
+            "--instance_data_dir", str(photos_dir), "--instance_prompt", "photo of zwx person",
+            "--output_dir", str(out_dir), "--resolution", str(resolution_for(name, tiny)), "--train_batch_size", "1", "--learning_rate", "2e-6",
             "--max_train_steps", str(steps), "--checkpointing_steps", "1000000", "--seed", "0", *extra]
     if "--with_prior_preservation" in extra:
         args += ["--class_data_dir", str(workdir / "class")]
@@ -361,16 +546,17 @@ def gpu_env(gpu: int | None) -> dict:
     return {} if gpu is None else {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": str(gpu)}
 
 
-def generate_class_images(workdir: Path, count: int, tiny: bool) -> None:
+def generate_class_images(workdir: Path, count: int, tiny: bool, xl: bool = False) -> None:
     """20 class images made once with the base model; both trainers read the same files."""
     from dreamnb.data import ensure_class_images
     from dreamnb.models import load_base_model
 
-    folder = workdir / "class"
+    folder = workdir / ("class-xl" if xl else "class")
     if len(list(folder.glob("*.png"))) >= count:
         return
-    base = load_base_model(workdir / "model")
-    ensure_class_images(base.pipeline, folder, "photo of a person", count, 64 if tiny else 512, batch_size=10)
+    base = load_base_model(model_paths(workdir, xl)[0])
+    ensure_class_images(base.pipeline, folder, "photo of a person", count, 64 if tiny else 1024 if xl else 512,
+                        batch_size=4 if xl else 10)
 
 
 # --- the table -------------------------------------------------------------------------------------------
@@ -390,7 +576,7 @@ def table(results: dict, gpu: str) -> str:
         if unet is None:
             lines.append(f"| {name} | {what} | too few steps to measure |||||||")
             continue
-        batch = 2 if name == "c" else 1
+        batch = ours.get("images_per_step", 2 if name == "c" else 1)
         speed = f"{ref['s_per_step'] / unet:.1f}×" if ref and unet and "s_per_step" in ref else "–"
         lines.append(
             f"| {name} | {what} | {unet:.4f}" + (f" / {te:.4f}" if te else "") + f" | {batch / unet:.1f} | "
@@ -413,6 +599,23 @@ def table(results: dict, gpu: str) -> str:
         lines.append(f"| load from local disk | {f['load_s']:.1f} s | | |")
         if "switch_attempt_s" in f:
             lines.append(f"| switch to another trained attempt (base in memory) | {f['switch_attempt_s']:.2f} s | | |")
+    t4 = results.get("xl-t4")
+    if t4 and "unet_step_tflop" in t4:
+        flops, (fast, slow) = t4["unet_step_tflop"], t4["t4_projected_s_per_step"]
+        lines += ["", f"xl-t4 on a T4, a projection: a UNet step at batch {t4['images_per_step']} is {flops['step_checkpointed']:.3g} TFLOP "
+                  f"with gradient checkpointing ({flops['forward']:.3g} forward, {flops['step']:.3g} forward + backward through the "
+                  f"activations, torch.utils.flop_counter); at 30-40% of {T4_FP16_TFLOPS} TFLOP/s fp16: {fast:.3g}-{slow:.3g} s/step, "
+                  f"{DEFAULT_RUN[1]} steps in {t4['t4_projected_default_run_s'][0] / 60:.0f}-{t4['t4_projected_default_run_s'][1] / 60:.0f} min."]
+    xs = results.get("xl-sample")
+    if xs:
+        if "error" in xs:
+            lines += ["", f"xl-sample failed: {xs['error'][:200]}"]
+        else:
+            lines += ["", f"| sampling (xl-sample), warm, {xs['steps']} Euler steps, guidance 7.5, {xs['size']} px | dreamnb (`generate`, `load_base_model`) | diffusers StableDiffusionXLPipeline | speed-up |",
+                      "|---|---|---|---|",
+                      f"| 1 image | {xs['dreamnb_1_image_s']:.3f} s | {xs['diffusers_1_image_s']:.3f} s | {xs['diffusers_1_image_s'] / xs['dreamnb_1_image_s']:.2f}× |",
+                      f"| load from local disk | {xs['load_s']:.1f} s | {xs['diffusers_load_s']:.1f} s | |",
+                      f"| mean absolute pixel difference between the two (0-255, same seed) | {xs['dreamnb_vs_diffusers_mean_abs_pixel_diff']:.2f} | | |"]
     return "\n".join(lines)
 
 
@@ -514,12 +717,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU (checks the script)")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "dreamnb-bench"))
-    parser.add_argument("--configs", default="a,a-gc,b,c,d4,d16,e,f", help="comma-separated: a a-gc b c d4 d16 e f")
+    parser.add_argument("--configs", default="a,a-gc,b,c,d4,d16,e,f",
+                        help="comma-separated: a a-gc b c d4 d16 e f (SD 1.5), xl-lora16 xl-t4 xl-sample (SDXL)")
     parser.add_argument("--unet-steps", type=int, default=200, help="UNet steps measured per configuration")
     parser.add_argument("--te-steps", type=int, default=60, help="text-encoder steps measured where trained")
     parser.add_argument("--full-run", action="store_true", help="train (a) for the whole default run (1500 + 350)")
     parser.add_argument("--headline", action="store_true", help="first, the face preset as a user runs it through the CLI, wall time")
-    parser.add_argument("--reference", type=Path, help="folder with diffusers' train_dreambooth.py and train_dreambooth_lora.py")
+    parser.add_argument("--reference", type=Path, help="folder with diffusers' train_dreambooth.py, train_dreambooth_lora.py "
+                        "and train_dreambooth_lora_sdxl.py")
     parser.add_argument("--reference-steps", type=int, default=60)
     parser.add_argument("--reference-gpu", type=int, help="run the reference on this GPU (1 or more) while dreamnb runs on GPU 0")
     parser.add_argument("--json", type=Path, help="write the raw figures here")
@@ -537,6 +742,8 @@ def main() -> None:
     if args.child:  # one measurement in a fresh process, printed as a JSON line
         if args.child == "f":
             result = run_sampling(workdir, args.tiny)
+        elif args.child == "xl-sample":
+            result = run_sampling_xl(workdir, args.tiny)
         else:
             result = run_dreamnb(args.child, workdir, args.tiny, args.unet_steps, args.te_steps,
                                  session_name=args.session, extra=args.extra, resume=args.resume)
@@ -544,14 +751,22 @@ def main() -> None:
         return
 
     workdir.mkdir(parents=True, exist_ok=True)
-    prepare(workdir, args.tiny)
+    names = [n for n in args.configs.split(",") if n]
+    unknown = [n for n in names if n not in CONFIGS and n not in SAMPLING]
+    if unknown:
+        parser.error(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join([*CONFIGS, *SAMPLING])}.")
+    if args.headline or any(not is_xl(n) for n in names):
+        prepare(workdir, args.tiny)
+    if any(is_xl(n) for n in names):
+        prepare(workdir, args.tiny, xl=True)
     if args.headline:
         headline = run_headline(workdir, args.tiny)
         print(f"Headline — `dreamnb train --preset face` as shipped, through the CLI on {gpu_name()}: {headline['train_wall_s']} s "
               f"wall for {headline['steps']} steps (process start, loading, class images, training, saving).", flush=True)
-    names = [n for n in args.configs.split(",") if n]
     if "c" in names:
         generate_class_images(workdir, 20, args.tiny)
+    if "xl-t4" in names:
+        generate_class_images(workdir, 20, args.tiny, xl=True)
     if args.gpus > 1:
         names = [n for n in names if n in CONFIGS]  # training configurations only
         results = run_data_parallel(names, workdir, args)
@@ -564,7 +779,7 @@ def main() -> None:
 
     def reference(name: str) -> None:
         try:
-            results[f"ref-{name}"] = run_reference(name, workdir, args.reference, args.reference_steps, args.reference_gpu)
+            results[f"ref-{name}"] = run_reference(name, workdir, args.reference, args.reference_steps, args.reference_gpu, args.tiny)
         except Exception as err:  # a failed reference run is reported, not fatal
             results[f"ref-{name}"] = {"error": str(err)[-500:]}
         print(f"ref-{name}: {json.dumps(results[f'ref-{name}'])}", flush=True)

@@ -1,8 +1,9 @@
 """Turn a trained attempt back into a pipeline, reusing the base model already in memory.
 
-An attempt stores only what training changed (final/unet, final/text_encoder, or one LoRA file),
-so switching between attempts loads those parts and shares the VAE, tokenizer and any frozen part
-with the base pipeline instead of reading the whole model from disk again.
+An attempt stores only what training changed (final/unet, final/text_encoder, SDXL's final/text_encoder_2, or one
+LoRA file), so switching between attempts loads those parts and shares the VAE, tokenizers and any frozen part
+with the base pipeline instead of reading the whole model from disk again. SD 1.x/2.x and SDXL attempts go the same
+way; only the pipeline class (`models.family_pipeline_class`) and the UNet's extra SDXL inputs (`unet_text_inputs`) differ.
 """
 from __future__ import annotations
 
@@ -15,10 +16,9 @@ from typing import Any
 
 import torch
 
-from .config import TrainConfig
-from .models import BaseModel
+from .models import BaseModel, family_pipeline_class
 from .session import FINAL, LORA_FILE, Session, attempt_weights_dir, reading
-from .train import TEXT_LORA_TARGETS, UNET_LORA_TARGETS, add_lora
+from .train import TRAINED_PARTS, add_lora, lora_targets
 
 log = logging.getLogger(__name__)
 
@@ -33,35 +33,65 @@ def attempt_config(session: Session, name: str | None = None) -> dict:
 
 
 def attempt_pipeline(base: BaseModel, session: Session, name: str | None = None, checkpoint: int | None = None):
-    """A StableDiffusionPipeline with the weights of attempt `name` (NAME or NAME@STEP; or `checkpoint`'s step);
-    parts it did not change are the base's own objects."""
+    """A pipeline of the base model's class (StableDiffusionPipeline or StableDiffusionXLPipeline) with the weights of
+    attempt `name` (NAME or NAME@STEP; or `checkpoint`'s step); parts it did not change are the base's own objects."""
     weights_dir = attempt_weights_dir(session, name, checkpoint)
     config = attempt_config(session, name)
     with reading(weights_dir, "use another checkpoint of the attempt, or train it again"):
         return pipeline_with_weights(base, weights_dir, config)
 
 
-def pipeline_with_weights(base: BaseModel, weights_dir: Path, config: dict):
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
+def new_pipeline(base: BaseModel, components: dict):
+    """A pipeline of the base's class from `components`, with the base pipeline's own settings carried over."""
+    pipeline_class = family_pipeline_class(base.info.family)
+    if base.info.family != "sdxl":
+        return pipeline_class(**components, requires_safety_checker=False)
+    return pipeline_class(**components, force_zeros_for_empty_prompt=base.pipeline.config.force_zeros_for_empty_prompt,
+                                  add_watermarker=getattr(base.pipeline, "watermark", None) is not None)
 
+
+def pipeline_with_weights(base: BaseModel, weights_dir: Path, config: dict):
     components = dict(base.pipeline.components)
-    dtype, device = base.unet.dtype, base.unet.device
     if weights_dir.name != FINAL:
         components.update(_from_checkpoint(base, weights_dir, config))
     elif (weights_dir / LORA_FILE).is_file():
-        components["unet"] = copy.deepcopy(base.unet)
-        if TrainConfig.from_dict(config).changes_text_encoder:
-            components["text_encoder"] = copy.deepcopy(base.text_encoder)
-        pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
-        pipe.load_lora_weights(str(weights_dir))
-        pipe.fuse_lora()
-        return pipe
+        return _with_lora_file(base, weights_dir / LORA_FILE)
     else:
-        components["unet"] = UNet2DConditionModel.from_pretrained(weights_dir / "unet", dtype=dtype).to(device)
-        if (weights_dir / "text_encoder").is_dir():
-            components["text_encoder"] = CLIPTextModel.from_pretrained(weights_dir / "text_encoder", dtype=dtype).to(device)
-    return StableDiffusionPipeline(**components, requires_safety_checker=False)
+        components.update(_from_folders(base, weights_dir))
+    return new_pipeline(base, components)
+
+
+def lora_file_parts(lora_file: Path) -> list[str]:
+    """The parts a LoRA file in diffusers' names adapts (its keys start `unet.`, `text_encoder.`, `text_encoder_2.`)."""
+    from safetensors import safe_open
+
+    with safe_open(str(lora_file), framework="pt") as f:
+        prefixes = {key.split(".", 1)[0] for key in f.keys()}
+    return [part for part in TRAINED_PARTS if part in prefixes]
+
+
+def _with_lora_file(base: BaseModel, lora_file: Path):
+    """diffusers' own loader reads the file (alpha/rank from its metadata) into copies of the parts it adapts, then fuses
+    it, so the pipeline samples as fast as the base."""
+    components = dict(base.pipeline.components)
+    parts = lora_file_parts(lora_file)
+    for part in parts:
+        components[part] = copy.deepcopy(components[part])
+    pipe = new_pipeline(base, components)
+    pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+    pipe.fuse_lora(components=parts)
+    return pipe
+
+
+def _from_folders(base: BaseModel, weights_dir: Path) -> dict:
+    """A full fine-tune's final/: a diffusers folder for each part it trained, loaded with the base part's own class
+    (UNet2DConditionModel, CLIPTextModel, SDXL's CLIPTextModelWithProjection), dtype and device."""
+    parts = {}
+    for part in TRAINED_PARTS:
+        module = getattr(base.pipeline, part, None)
+        if module is not None and (weights_dir / part).is_dir():
+            parts[part] = type(module).from_pretrained(weights_dir / part, dtype=module.dtype).to(module.device)
+    return parts
 
 
 def _from_checkpoint(base: BaseModel, checkpoint_dir: Path, config: dict) -> dict:
@@ -70,21 +100,21 @@ def _from_checkpoint(base: BaseModel, checkpoint_dir: Path, config: dict) -> dic
 
     weights = load_file(str(checkpoint_dir / "weights.safetensors"))
     parts = {}
-    for prefix, module in (("unet.", base.unet), ("text_encoder.", base.text_encoder)):
+    for part in TRAINED_PARTS:
+        prefix, module = part + ".", getattr(base.pipeline, part, None)
         state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-        if not state:
+        if not state or module is None:
             continue
         model = copy.deepcopy(module)
         if config.get("method") == "lora":
             from peft.utils import set_peft_model_state_dict
 
-            targets = UNET_LORA_TARGETS if prefix == "unet." else TEXT_LORA_TARGETS
-            add_lora(model, config["lora_rank"], config["lora_alpha"], targets)
+            add_lora(model, config["lora_rank"], config["lora_alpha"], lora_targets(part))
             set_peft_model_state_dict(model, state)
             merge_lora(model)
         else:
             model.load_state_dict({k: v.to(module.dtype) for k, v in state.items()})
-        parts[prefix[:-1]] = model.to(base.unet.device)
+        parts[part] = model.to(module.device)
     return parts
 
 
@@ -108,8 +138,7 @@ def denoising_error(pipe, latents: torch.Tensor, prompt: str, *, seed: int = 0, 
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     device, dtype = pipe.unet.device, pipe.unet.dtype
-    ids = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-    embeds = pipe.text_encoder(ids.to(device))[0]
+    embeds, extra = unet_text_inputs(pipe, prompt, latents)
     generator = torch.Generator().manual_seed(seed)
     errors = []
     for t in timesteps:
@@ -117,9 +146,26 @@ def denoising_error(pipe, latents: torch.Tensor, prompt: str, *, seed: int = 0, 
         t_batch = torch.full((latents.shape[0],), t, dtype=torch.long)
         noisy = scheduler.add_noise(latents, noise, t_batch)
         target = scheduler.get_velocity(latents, noise, t_batch) if scheduler.config.prediction_type == "v_prediction" else noise
-        pred = pipe.unet(noisy.to(device, dtype), t_batch.to(device), embeds.expand(latents.shape[0], -1, -1).to(dtype)).sample
+        pred = pipe.unet(noisy.to(device, dtype), t_batch.to(device), embeds, **extra).sample
         errors.append(torch.mean((pred.float().cpu() - target) ** 2).item())
     return sum(errors) / len(errors)
+
+
+def unet_text_inputs(pipe, prompt: str, latents: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The UNet's conditioning for `prompt` at the batch and size of `latents`, as the pipeline computes it without
+    classifier-free guidance: the text embeddings, and the keyword arguments SDXL adds (its second encoder's pooled
+    embedding and the size/crop "time ids", here: made at the latents' size, uncropped)."""
+    device, dtype, batch = pipe.unet.device, pipe.unet.dtype, latents.shape[0]
+    if getattr(pipe, "text_encoder_2", None) is None:
+        ids = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+                             return_tensors="pt").input_ids
+        return pipe.text_encoder(ids.to(device))[0].expand(batch, -1, -1).to(dtype), {}
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, do_classifier_free_guidance=False)
+    size = (latents.shape[-2] * pipe.vae_scale_factor, latents.shape[-1] * pipe.vae_scale_factor)
+    time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=dtype,
+                                      text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+    added = {"text_embeds": pooled.expand(batch, -1).to(dtype), "time_ids": time_ids.to(device).expand(batch, -1)}
+    return embeds.expand(batch, -1, -1).to(dtype), {"added_cond_kwargs": added}
 
 
 @dataclass

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="check, crop and copy photos into a session (originals are never changed)")
     p.add_argument("images", nargs="+", metavar="IMAGES", help="photo files, folders or .zip files")
     p.add_argument("--session", required=True, help="the session folder (created if new)")
-    p.add_argument("--size", type=int, default=512, help="square size of the prepared photos (512 for SD 1.5, 768 for SD 2.x)")
+    p.add_argument("--size", type=int, default=512, help="square size of the prepared photos: the model's own (512 for SD 1.5, 768 for SD 2.x, 1024 for SDXL)")
     p.add_argument("--crop", choices=("smart", "center", "none"), default="smart", help="smart: centre on the face or the most detailed region")
     p.add_argument("--preset", choices=config_module.PRESETS, default="face", help="what the photos show, for the advice")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -97,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="save an attempt for diffusers, A1111/ComfyUI, or as a LoRA")
     p.add_argument("--session", required=True)
     p.add_argument("--attempt", help="attempt name, or NAME@STEP for a checkpoint (default the latest)")
-    p.add_argument("--format", choices=("diffusers", "safetensors", "lora"), required=True)
+    p.add_argument("--format", choices=("diffusers", "safetensors", "lora", "lora-diffusers"), required=True,  # export.FORMATS
+                   help="diffusers: a model folder; safetensors: one file for A1111/ComfyUI; lora: kohya's LoRA file for "
+                        "A1111/ComfyUI/civitai; lora-diffusers: the LoRA for diffusers' load_lora_weights")
     p.add_argument("--out", help="file or folder to write (default: the session's exports/ folder)")
     p.add_argument("--push", metavar="REPO_ID", help="upload to this Hugging Face Hub repository with a model card (token from HF_TOKEN or a saved login)")
     p.add_argument("--public", action="store_true", help="with --push: make a new repository public (it is private otherwise)")
@@ -141,7 +143,7 @@ def cmd_check_token(args) -> Any:
     if args.model:
         from .models import load_base_model
 
-        base = load_base_model(args.model, allow_sdxl=True)  # SDXL: checked with both of its tokenizers
+        base = load_base_model(args.model)  # SDXL: checked with both of its tokenizers
         tokenizer, text_encoder, tokenizer_2 = base.tokenizer, base.text_encoder, base.tokenizer_2
     else:
         tokenizer = load_tokenizer(args.tokenizer)
@@ -159,14 +161,20 @@ def cmd_check_token(args) -> Any:
     return None
 
 
-def train_config_from_args(args, session=None) -> TrainConfig:
-    """The preset's settings with what the command line gives; with --from, the parent attempt's instead of the preset's."""
+def train_config_from_args(args, session=None, model=None) -> TrainConfig:
+    """The preset's settings with what the command line gives; with --from, the parent attempt's instead of the preset's.
+    The preset's values are those for the base model's family (SDXL has its own) and the method asked for (--lora or
+    --set method=...; else the family's default)."""
     overrides = config_overrides(args)
     if args.parent:
         from .train import continue_config
 
         return continue_config(session, args.parent, **overrides, preset=args.preset, method="lora" if args.lora else None)
-    return TrainConfig.from_preset(args.preset or "face", "lora" if args.lora else "full", **overrides)
+    from .models import detect_family
+
+    family = detect_family(model) if model else "sd1"
+    method = "lora" if args.lora else overrides.get("method")
+    return TrainConfig.from_preset(args.preset or "face", method, family=family, **overrides)
 
 
 def config_overrides(args) -> dict[str, Any]:
@@ -202,7 +210,7 @@ def cmd_train(args) -> Any:
         raise UsageError("--resume continues an interrupted attempt and --from a trained one as a new attempt; give one of them.")
     if not args.resume and not args.parent and not args.token:
         raise UsageError("--token is required: the rare word that will mean your subject (see `dreamnb check-token`).")
-    config = train_config_from_args(args, session) if not args.resume else TrainConfig()
+    config = train_config_from_args(args, session, model) if not args.resume else TrainConfig()
     speaks = is_main_process()  # under `accelerate launch` (several GPUs) one process reports
     result = train(session, config, model, attempt=args.attempt, resume=args.resume, config_source=args.model_config,
                    callback=_print_train_event if speaks and not args.json else None, progress=speaks and not args.json)

@@ -32,7 +32,7 @@ class TrainConfig:
     class_word: str = _f("person", "What kind of thing the subject is (person, man, woman, dog, cat, car). Empty for a style.")
     instance_prompt: str = _f("", "The caption used for every photo without its own .txt caption; empty: 'photo of {token} {class}'.")
     preset: str = _f("face", "Starting values for a face, an object/pet, or an art style.", choices=PRESETS)
-    resolution: int = _f(512, "Training image size in pixels; the base model's own size (512 for SD 1.5) works best.", min=64, max=1024, step=64)
+    resolution: int = _f(512, "Training image size in pixels; the base model's own size (512 for SD 1.5, 1024 for SDXL) works best.", min=64, max=1024, step=64)
     seed: int = _f(1234, "Makes a run repeatable: the same seed and settings give the same model.")
 
     # --- the two phases (TheLastBen's scheme) ---------------------------------------------------
@@ -88,9 +88,10 @@ class TrainConfig:
         return cls(**values)
 
     @classmethod
-    def from_preset(cls, preset: str = "face", method: str = "full", **overrides: Any) -> "TrainConfig":
-        """The preset's values for the chosen method, then the caller's overrides (None means 'keep')."""
-        values = preset_values(preset, method)
+    def from_preset(cls, preset: str = "face", method: str | None = None, *, family: str = "sd1", **overrides: Any) -> "TrainConfig":
+        """The preset's values for the chosen method (None: the model family's default, see `default_method`) and
+        base model family (`ModelInfo.family`: "sdxl" has its own defaults), then the caller's overrides (None means 'keep')."""
+        values = preset_values(preset, method, family)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(values)
 
@@ -151,7 +152,30 @@ _PRESETS: dict[str, dict[str, Any]] = {
 _LORA_OVERRIDES: dict[str, Any] = dict(unet_lr=1e-4, text_encoder_lr=5e-5)
 
 
-def preset_values(preset: str, method: str = "full") -> dict[str, Any]:
+# SDXL (a UNet three times SD 1.5's, two text encoders, made at 1024 px) changes these, whatever the preset.
+_SDXL_OVERRIDES: dict[str, dict[str, Any]] = {
+    "common": dict(
+        resolution=1024,       # SDXL's own size: it paints at 1024 px and loses detail when trained smaller
+        text_encoder_steps=0,  # UNet only, as in diffusers' SDXL DreamBooth recipe: its two text encoders already read
+                               # a rare token apart, and training both (one is 700M weights) needs far more GPU memory
+    ),
+    "lora": dict(
+        unet_lr=1e-4,          # diffusers' SDXL DreamBooth LoRA README and script (rank 4 there; 16 here, as for SD 1.x,
+                               # for a face's detail: about 90 MB of adapters in fp32)
+        text_encoder_lr=5e-6,  # diffusers' SDXL script's text-encoder rate, for when text-encoder steps are turned on
+    ),
+    "full": dict(),            # the preset's rates: full fine-tuning moves every weight, so small steps as for SD 1.x
+}
+
+
+def default_method(family: str = "sd1") -> str:
+    """'lora' for SDXL (a full fine-tune of its 2.6B-weight UNet does not fit a T4's 15 GB), else 'full'."""
+    return "lora" if family == "sdxl" else "full"
+
+
+def preset_values(preset: str, method: str | None = None, family: str = "sd1") -> dict[str, Any]:
+    """The one place where settings depend on the preset, the method and the base model's family."""
+    method = method or default_method(family)
     if preset not in PRESETS:
         raise ConfigError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
     if method not in METHODS:
@@ -159,6 +183,8 @@ def preset_values(preset: str, method: str = "full") -> dict[str, Any]:
     values = dict(_PRESETS[preset], preset=preset, method=method)
     if method == "lora":
         values.update(_LORA_OVERRIDES)
+    if family == "sdxl":
+        values.update(_SDXL_OVERRIDES["common"], **_SDXL_OVERRIDES[method])
     return values
 
 

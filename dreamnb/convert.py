@@ -3,7 +3,7 @@
 AUTOMATIC1111, ComfyUI and civitai share one `.safetensors` layout from the original
 CompVis/Stability code: `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE) and
 `cond_stage_model.*` (text encoder: Hugging Face CLIP keys for SD 1.x, OpenCLIP keys with fused
-q/k/v for SD 2.x). diffusers reads that layout (`from_single_file`) but only writes its own
+q/k/v for SD 2.x; SDXL has both, under `conditioner.embedders.0` and `.1`). diffusers reads that layout (`from_single_file`) but only writes its own
 folders, and its reference script for the other direction hard-codes SD's 4 levels x 2
 resnets. Here the mapping follows the model's own config (levels, `layers_per_block`, which
 levels have attention), so the tiny test models and the real SD 1.5 / 2.1 convert alike, and
@@ -31,7 +31,7 @@ TEXT_ENCODER_LAYOUTS = ("clip", "open_clip")
 
 
 class ConversionError(UserError):
-    """The weights do not have the Stable Diffusion 1.x/2.x structure the single-file layout needs."""
+    """The weights do not have the Stable Diffusion 1.x/2.x/XL structure the single-file layout needs."""
 
 
 def _config_value(config: Any, name: str, default: Any = None) -> Any:
@@ -45,7 +45,7 @@ def _unknown_keys_error(component: str, keys: list[str]) -> ConversionError:
     shown = ", ".join(keys[:5]) + (" ..." if len(keys) > 5 else "")
     return ConversionError(
         f"cannot write the {component} in the original Stable Diffusion layout because it has weights "
-        f"that layout has no place for ({shown}); only SD 1.x/2.x-style models can be exported as a single file."
+        f"that layout has no place for ({shown}); only SD 1.x/2.x/XL-style models can be exported as a single file."
     )
 
 
@@ -59,7 +59,7 @@ _UNET_TOP_LEVEL = {
     "conv_in.": "input_blocks.0.0.",
     "conv_norm_out.": "out.0.",
     "conv_out.": "out.2.",
-    # class / addition embeddings (not in SD 1.x/2.x text-to-image, but the layout has a place for them)
+    # class / addition embeddings: SDXL's "text_time" embedding (pooled text + sizes) is `label_emb.0.*`
     "class_embedding.linear_1.": "label_emb.0.0.",
     "class_embedding.linear_2.": "label_emb.0.2.",
     "add_embedding.linear_1.": "label_emb.0.0.",
@@ -333,15 +333,45 @@ def text_encoder_to_ldm(te_state_dict: dict, te_config, layout: str) -> dict:
 # Whole pipeline
 # ---------------------------------------------------------------------------------------------
 
-def pipeline_to_ldm(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
-    """All three components in one original-layout state dict (tensors shared with the models)."""
+SDXL_EMBEDDERS_PREFIX = "conditioner.embedders."
+
+
+def pipeline_to_ldm(unet, vae, text_encoder, text_encoder_2=None) -> dict[str, torch.Tensor]:
+    """All components in one original-layout state dict (tensors shared with the models). A second text encoder
+    (`text_encoder_2`) means SDXL, whose text encoders live under `conditioner.embedders` instead."""
     state: dict[str, torch.Tensor] = {}
     state.update(unet_to_ldm(unet.state_dict(), unet.config))
     state.update(vae_to_ldm(vae.state_dict(), vae.config))
-    state.update(
-        text_encoder_to_ldm(text_encoder.state_dict(), text_encoder.config, text_encoder_layout(text_encoder))
-    )
+    if text_encoder_2 is not None:
+        state.update(sdxl_text_encoders_to_ldm(text_encoder, text_encoder_2))
+    else:
+        state.update(
+            text_encoder_to_ldm(text_encoder.state_dict(), text_encoder.config, text_encoder_layout(text_encoder))
+        )
     return state
+
+
+def sdxl_text_encoders_to_ldm(text_encoder, text_encoder_2) -> dict[str, torch.Tensor]:
+    """SDXL's text encoders as the original SGM code names them: `conditioner.embedders.0.transformer.*` (CLIP
+    ViT-L, Hugging Face names, as SD 1.x) and `conditioner.embedders.1.model.*` (OpenCLIP bigG, as SD 2.x, plus its
+    `text_projection`); the refiner has only the OpenCLIP one (`text_encoder` None), as `embedders.0`.
+
+    The UNet and VAE need nothing of their own: SDXL's differ from SD 1.x/2.x only in how many levels, layers and
+    transformer blocks they have, which unet_to_ldm and vae_to_ldm read from the config; the "text_time" embedding
+    goes where the layout keeps class embeddings (`label_emb.0.*`)."""
+    embedders = []
+    if text_encoder is not None:
+        clip = text_encoder_to_ldm(text_encoder.state_dict(), text_encoder.config, "clip")
+        embedders.append({k.replace("cond_stage_model.", "", 1): v for k, v in clip.items()})
+    te2 = dict(text_encoder_2.state_dict())
+    projection = te2.pop("text_projection.weight", None)
+    if projection is None:
+        raise ConversionError("the second SDXL text encoder has no text_projection, so it is not SDXL's OpenCLIP bigG encoder.")
+    open_clip = {"model." + k[len(OPEN_CLIP_PREFIX):]: v
+                 for k, v in text_encoder_to_ldm(te2, text_encoder_2.config, "open_clip").items()}
+    open_clip["model.text_projection"] = projection.T  # OpenCLIP multiplies x @ P; a Linear computes x @ W.T
+    embedders.append(open_clip)
+    return {f"{SDXL_EMBEDDERS_PREFIX}{index}.{key}": value for index, part in enumerate(embedders) for key, value in part.items()}
 
 
 def save_single_file(
@@ -351,8 +381,10 @@ def save_single_file(
     path: str | Path,
     dtype: torch.dtype = torch.float16,
     metadata: dict[str, str] | None = None,
+    *,
+    text_encoder_2=None,
 ) -> Path:
-    """Write the pipeline as one A1111/ComfyUI-style `.safetensors` file, atomically.
+    """Write the pipeline as one A1111/ComfyUI-style `.safetensors` file, atomically (SDXL when `text_encoder_2`).
 
     Floating-point tensors are cast to `dtype` (fp16 by default: half the size, what those tools
     load anyway); every tensor is made contiguous and moved to the CPU, as safetensors requires.
@@ -368,7 +400,7 @@ def save_single_file(
         raise ValueError("safetensors metadata must map strings to strings; convert the values with str() first.")
 
     with torch.no_grad():
-        state = pipeline_to_ldm(unet, vae, text_encoder)
+        state = pipeline_to_ldm(unet, vae, text_encoder, text_encoder_2)
         tensors = {
             key: (value.detach().to("cpu", dtype) if value.is_floating_point() else value.detach().cpu()).contiguous()
             for key, value in state.items()

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from . import fileio
+from .sample import decode_latents
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +40,44 @@ def list_examples(folder: Path) -> list[Example]:
     return examples
 
 
+def smallest_side(examples: list[Example]) -> int:
+    """The shortest side among the training images (header reads only)."""
+    sides = []
+    for example in examples:
+        with Image.open(example.path) as img:
+            sides.append(min(img.size))
+    return min(sides)
+
+
+def _centre_square(width: int, height: int) -> tuple[int, int, int]:
+    """(left, top, side) of the centred square that training cuts from a non-square image."""
+    side = min(width, height)
+    return (width - side) // 2, (height - side) // 2, side
+
+
 def load_image_tensor(path: Path, resolution: int) -> torch.Tensor:
     """An RGB image as a [3, H, W] tensor in [-1, 1], resized to a square of `resolution` if needed."""
     with Image.open(path) as img:
         img = img.convert("RGB")
         if img.size != (resolution, resolution):
-            side = min(img.size)
-            left, top = (img.width - side) // 2, (img.height - side) // 2
+            left, top, side = _centre_square(*img.size)
             img = img.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.LANCZOS)
         array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def image_time_ids(path: Path, resolution: int) -> tuple[int, int, int, int, int, int]:
+    """SDXL's size and crop conditioning for one training image, as diffusers' SDXL DreamBooth script makes it:
+    (original height, original width, crop top, crop left, target height, target width), the crop in the resized image.
+    The "original" is the image file as training reads it: `prepare_photos` keeps no record of the photo it was cut
+    from, so a prepared photo counts as uncropped (crop 0, 0) at its prepared size; only a non-square file (crop="none")
+    gets the centred crop `load_image_tensor` takes. A photo prepared smaller than `resolution` says so, which is
+    what SDXL learned such a size to mean (softer detail)."""
+    with Image.open(path) as img:
+        width, height = img.size
+    left, top, side = _centre_square(width, height)
+    scale = resolution / side
+    return height, width, round(top * scale), round(left * scale), resolution, resolution
 
 
 def _file_digest(path: Path) -> str:
@@ -101,9 +130,43 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
     ).input_ids
 
 
+def tokenize_all(tokenizers: list, prompts: list[str]) -> torch.Tensor:
+    """Token ids of each prompt for every tokenizer of the model (one for SD 1.x/2.x, two for SDXL): [N, tokenizers, 77],
+    so a batch's rows are picked the same way whatever the model."""
+    return torch.stack([tokenize(tokenizer, prompts) for tokenizer in tokenizers], dim=1)
+
+
 def encode_prompts(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
     """The text encoder's last hidden state, which is what the SD UNet cross-attends to."""
     return text_encoder(input_ids.to(text_encoder.device))[0]
+
+
+class PromptEncoder(torch.nn.Module):
+    """The one owner of how prompts become the UNet's conditioning: the model's text encoder(s) as one module, token ids
+    from `tokenize_all` in, (embeds, pooled) out. SD 1.x/2.x: embeds are the encoder's last hidden state and pooled is
+    None. SDXL (as its pipeline and diffusers' training script do): embeds are both encoders' penultimate hidden states
+    side by side, and pooled is the second encoder's projected output, which joins the size/crop numbers (time ids)
+    in the UNet's `added_cond_kwargs`. One module, so a phase trains, moves, freezes or wraps (DDP) both alike."""
+
+    def __init__(self, text_encoder, text_encoder_2=None):
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.text_encoder_2 = text_encoder_2
+
+    def parts(self) -> dict[str, torch.nn.Module]:
+        """The encoders by the names they are saved under (`text_encoder`, and `text_encoder_2` for SDXL)."""
+        return {name: part for name, part in (("text_encoder", self.text_encoder), ("text_encoder_2", self.text_encoder_2))
+                if part is not None}
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        device = self.text_encoder.device
+        if self.text_encoder_2 is None:
+            return self.text_encoder(input_ids[:, 0].to(device))[0], None
+        hidden = []
+        for i, encoder in enumerate((self.text_encoder, self.text_encoder_2)):
+            out = encoder(input_ids[:, i].to(device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+        return torch.cat(hidden, dim=-1), out[0]  # out[0]: CLIPTextModelWithProjection's text_embeds
 
 
 def class_images_dir(class_root: Path, model_key: str, class_prompt: str, resolution: int) -> Path:
@@ -137,14 +200,17 @@ def ensure_class_images(
         for start in range(0, len(missing), batch_size):
             indices = missing[start : start + batch_size]
             generators = [torch.Generator(device="cpu").manual_seed(10_000 + i) for i in indices]
-            images = pipe(
+            latents = pipe(
                 [class_prompt] * len(indices),
                 num_inference_steps=num_inference_steps,
                 height=resolution,
                 width=resolution,
                 generator=generators,
+                output_type="latent",
             ).images
+            images = decode_latents(pipe, latents)
             for i, image in zip(indices, images):
                 fileio.save_with(wanted[i], lambda tmp, image=image: image.save(tmp, format="PNG"))
             bar.update(len(indices))
     return wanted
+

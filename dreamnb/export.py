@@ -5,8 +5,11 @@
 - "safetensors": one file in the original Stable Diffusion key layout that AUTOMATIC1111 and
   ComfyUI read (fp16 by default), LoRA attempts fused into the weights first;
 - "lora": a LoRA attempt's add-on weights as one file in the kohya layout
-  (`lora_unet_*` / `lora_te_*` with `.lora_down`, `.lora_up`, `.alpha`): the layout A1111 and
-  ComfyUI read, and one diffusers' `load_lora_weights` converts by itself.
+  (`lora_unet_*` / `lora_te_*`, SDXL: `lora_te1_*` and `lora_te2_*`, with `.lora_down`, `.lora_up`, `.alpha`): the
+  layout A1111 and ComfyUI read, and one diffusers' `load_lora_weights` converts by itself;
+- "lora-diffusers": the same add-on weights in diffusers' own names and metadata, as `save_lora_weights` writes them.
+
+SD 1.x/2.x and SDXL export alike; the pipeline class comes from dreamnb.models.family_pipeline_class.
 
 Every export is written atomically and never replaces an existing one without `force`.
 `push_to_hub` uploads an export with a model card; the token is only ever handed to
@@ -27,12 +30,14 @@ from . import __version__, fileio
 from .attempts import attempt_config, attempt_pipeline
 from .config import TrainConfig
 from .errors import UserError
-from .models import BaseModel, ModelError, resolve_hf_token, source_kind
+from .models import BaseModel, ModelError, family_pipeline_class, resolve_hf_token, source_kind
 from .session import FINAL, LORA_FILE, Session, attempt_weights_dir, canonical_ref, session_lock
+from .train import TRAINED_PARTS, save_lora_file
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("diffusers", "safetensors", "lora")
+FORMATS = ("diffusers", "safetensors", "lora", "lora-diffusers")
+LORA_FORMATS = ("lora", "lora-diffusers")
 SUFFIX = ".safetensors"
 # The settings a reader of a model card needs to judge or repeat an attempt.
 CARD_SETTINGS = (
@@ -41,7 +46,7 @@ CARD_SETTINGS = (
     "gradient_accumulation_steps", "offset_noise", "min_snr_gamma", "lora_rank", "lora_alpha", "seed", "parent",
 )
 _LORA_KEY = re.compile(
-    r"^(unet|text_encoder)\.(.+)\.(lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up|lora_A|lora_B)\.weight$"
+    r"^(unet|text_encoder_2|text_encoder)\.(.+)\.(lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up|lora_A|lora_B)\.weight$"
 )
 
 
@@ -77,13 +82,16 @@ def export_attempt(
         config = attempt_config(session, name)
         is_lora = config.get("method") == "lora"
 
-        origin = describe(session, name, config, base.info.source)
-        if format == "lora":
-            state, metadata = kohya_lora(lora_weights_file(weights_dir), config, base, name, origin)
+        origin = describe(session, name, config, base.info.source, family=base.info.family)
+        if format in LORA_FORMATS:
+            if format == "lora":
+                state, metadata = kohya_lora(lora_weights_file(weights_dir), config, base, name, origin)
+            else:
+                state, metadata = diffusers_lora(weights_dir, config, base.info.family, origin)
             from safetensors.torch import save_file
 
             fileio.save_with(out, lambda tmp: save_file(state, str(tmp), metadata=metadata))
-            log.info("wrote the LoRA of %s (%d tensors, kohya layout) to %s", name, len(state), out)
+            log.info("wrote the LoRA of %s (%d tensors, %s) to %s", name, len(state), format, out)
             return out
 
         pipe = attempt_pipeline(base, session, name)
@@ -99,7 +107,7 @@ def export_attempt(
 
         from .convert import save_single_file
 
-        return save_single_file(pipe.unet, pipe.vae, pipe.text_encoder, out,
+        return save_single_file(pipe.unet, pipe.vae, pipe.text_encoder, out, text_encoder_2=getattr(pipe, "text_encoder_2", None),
                                 dtype=torch.float16 if fp16 else torch.float32, metadata={"format": "pt", **origin})
 
 
@@ -109,7 +117,7 @@ def check_export(session: Session, attempt: str | None, format: str, out: str | 
     if format not in FORMATS:
         raise ExportError(f"Unknown export format {format!r}; choose one of {', '.join(FORMATS)}.")
     name = canonical_ref(session, attempt)
-    if format == "lora" and attempt_config(session, name).get("method") != "lora":
+    if format in LORA_FORMATS and attempt_config(session, name).get("method") != "lora":
         raise ExportError(
             f"Attempt {name!r} trained every weight, so there is no LoRA to export; export it as 'diffusers' "
             "or 'safetensors', or train a new attempt with the 'lora' method."
@@ -127,7 +135,8 @@ def lora_weights_file(weights_dir: Path) -> Path:
 def default_file_name(session: Session, attempt: str, format: str) -> str:
     """`<session>-<attempt>[-stepN]` (plus `-lora` and `.safetensors` for the file formats), safe on any filesystem."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{session.name}-{attempt.replace('@', '-step')}").strip("-.") or "dreamnb"
-    return {"diffusers": stem, "safetensors": stem + SUFFIX, "lora": f"{stem}-lora{SUFFIX}"}[format]
+    return {"diffusers": stem, "safetensors": stem + SUFFIX, "lora": f"{stem}-lora{SUFFIX}",
+            "lora-diffusers": f"{stem}-lora-diffusers{SUFFIX}"}[format]
 
 
 def export_path(session: Session, attempt: str, format: str, out: str | Path | None) -> Path:
@@ -159,11 +168,15 @@ def check_overwrite(out: Path, format: str, force: bool) -> None:
         raise ExportError(f"{out} exists and is not a file, so it is not replaced; choose another path.")
 
 
-def describe(session: Session, attempt: str, config: dict, base_source: str) -> dict[str, str]:
+_FAMILY_TITLES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
+
+
+def describe(session: Session, attempt: str, config: dict, base_source: str, *, family: str = "sd1") -> dict[str, str]:
     """What the exported weights are, as the string metadata a .safetensors file holds."""
     return {
         "dreamnb_version": __version__,
         "base_model": base_model_name(base_source),
+        "base_model_family": _FAMILY_TITLES.get(family, family),
         "token": str(config.get("token", "")),
         "class_word": str(config.get("class_word", "")),
         "instance_prompt": instance_prompt(config),
@@ -200,48 +213,35 @@ def instance_prompt(config: dict) -> str:
 def kohya_lora(
     lora_file: Path, config: dict, base: BaseModel, attempt: str, origin: dict[str, str] | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The attempt's LoRA file (diffusers/peft names) renamed to the kohya layout.
+    """The attempt's LoRA file (diffusers/peft names) renamed to the kohya layout by diffusers' own
+    `convert_state_dict_to_kohya`.
 
     kohya names each adapted layer by its diffusers module path with '.' turned into '_'
-    (`lora_unet_down_blocks_0_..._attn1_to_q`; the text encoder under `lora_te_text_model_...`)
-    and stores `lora_down` (A), `lora_up` (B) and `alpha`, so loaders scale B·A by alpha / rank
-    exactly as peft did during training. Every name is checked against the base model's own layers.
-    Returns the tensors and the file's metadata (kohya's `ss_*` keys plus `origin`).
+    (`lora_unet_down_blocks_0_..._attn1_to_q`; a text encoder under `lora_te_text_model_...`, SDXL's two under
+    `lora_te1_text_model_...` and `lora_te2_text_model_...`) and stores `lora_down` (A), `lora_up` (B) and `alpha`, so
+    loaders scale B·A by alpha / rank exactly as peft did during training. Every name is checked against the base
+    model's own layers. Returns the tensors and the file's metadata (kohya's `ss_*` keys plus `origin`).
     """
-    from safetensors.torch import load_file
+    from diffusers.utils import convert_state_dict_to_kohya
 
     alpha = float(config.get("lora_alpha") or config.get("lora_rank") or 0)
     if alpha <= 0:
         raise ExportError(f"Attempt {attempt!r} has no lora_alpha in its config.json, so the LoRA's strength is unknown; train it again with the 'lora' method.")
-    pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for key, value in load_file(str(lora_file)).items():
-        match = _LORA_KEY.match(key)
-        if match is None:
-            raise ExportError(f"{lora_file} holds a weight dreamnb does not know ({key}); it was not written by dreamnb's trainer, so it cannot be converted.")
-        part, module, kind = match.groups()
-        direction = "down" if kind.endswith(("down", "_A")) else "up"
-        pairs.setdefault((part, module), {})[direction] = value
-    if not pairs:
-        raise ExportError(f"{lora_file} holds no LoRA weights; train the attempt again.")
+    adapters = read_adapters(lora_file)
+    peft_state: dict[str, torch.Tensor] = {}
+    for (part, module), weights in sorted(adapters.items()):
+        module = _kohya_module_path(base, part, module, attempt)
+        peft_state[f"{part}.{module}.lora_A.weight"] = weights["down"].contiguous()
+        peft_state[f"{part}.{module}.lora_B.weight"] = weights["up"].contiguous()
+    state = {}
+    for key, value in convert_state_dict_to_kohya(peft_state).items():
+        if base.info.family != "sdxl":  # kohya's (and A1111's) name for the only text encoder of SD 1.x/2.x
+            key = key.replace("lora_te1_", "lora_te_", 1)
+        # diffusers writes alpha = rank; the attempt's own alpha is what it trained with
+        state[key] = torch.tensor(alpha, dtype=torch.float32) if key.endswith(".alpha") else value
 
-    state: dict[str, torch.Tensor] = {}
-    for (part, module), weights in sorted(pairs.items()):
-        if set(weights) != {"down", "up"}:
-            raise ExportError(f"{lora_file} is incomplete (layer {module} lacks its {'up' if 'down' in weights else 'down'} weight); train the attempt again.")
-        if part == "unet":
-            _check_linear(base.unet, module, attempt)
-            name = "lora_unet_" + module.replace(".", "_")
-        else:
-            # transformers >= 5.6 drops CLIP's `text_model.` level; kohya's names always have it.
-            module = module.removeprefix("text_model.")
-            _check_linear(getattr(base.text_encoder, "text_model", base.text_encoder), module, attempt, "text_model.")
-            name = "lora_te_text_model_" + module.replace(".", "_")
-        state[f"{name}.lora_down.weight"] = weights["down"].contiguous()
-        state[f"{name}.lora_up.weight"] = weights["up"].contiguous()
-        state[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
-
-    rank = next(iter(pairs.values()))["down"].shape[0]
-    family = {"sd1": "sd_v1", "sd2": "sd_v2"}.get(base.info.family, base.info.family)
+    rank = next(iter(adapters.values()))["down"].shape[0]
+    family = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}.get(base.info.family, base.info.family)
     metadata = {
         # kohya sd-scripts' own keys: A1111's and ComfyUI's LoRA browsers show them
         "ss_network_module": "networks.lora",
@@ -254,6 +254,65 @@ def kohya_lora(
         **(origin or {}),
     }
     return state, metadata
+
+
+def read_adapters(lora_file: Path) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+    """A LoRA file's weights (diffusers' or peft's names) as {(part, module path): {"down": A, "up": B}}, checked whole."""
+    from safetensors.torch import load_file
+
+    adapters: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, value in load_file(str(lora_file)).items():
+        match = _LORA_KEY.match(key)
+        if match is None:
+            raise ExportError(f"{lora_file} holds a weight dreamnb does not know ({key}); it was not written by dreamnb's trainer, so it cannot be converted.")
+        part, module, kind = match.groups()
+        adapters.setdefault((part, module), {})["down" if kind.endswith(("down", "_A")) else "up"] = value
+    if not adapters:
+        raise ExportError(f"{lora_file} holds no LoRA weights; train the attempt again.")
+    for (_, module), weights in adapters.items():
+        if set(weights) != {"down", "up"}:
+            raise ExportError(f"{lora_file} is incomplete (layer {module} lacks its {'up' if 'down' in weights else 'down'} weight); train the attempt again.")
+    return adapters
+
+
+def _kohya_module_path(base: BaseModel, part: str, module: str, attempt: str) -> str:
+    """The adapted layer's path as kohya names it, checked to be a Linear layer of the base model. A text encoder's
+    path always starts `text_model.` there; transformers >= 5.6 drops that level from CLIPTextModel (not from SDXL's
+    CLIPTextModelWithProjection), so it is taken off and put back."""
+    model = getattr(base.pipeline, part, None)
+    if model is None:
+        raise ExportError(f"The LoRA of attempt {attempt!r} adapts a {part} that the base model does not have; export it with the base model it was trained on.")
+    if part == "unet":
+        _check_linear(model, module, attempt)
+        return module
+    module = module.removeprefix("text_model.")
+    _check_linear(getattr(model, "text_model", model), module, attempt, "text_model.")
+    return "text_model." + module
+
+
+def diffusers_lora(weights_dir: Path, config: dict, family: str, origin: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The attempt's LoRA in diffusers' names, for `load_lora_weights` of the base model's pipeline class: final/'s file
+    as it is, or a checkpoint's adapters (peft's names) written the way training writes final/. Its metadata keeps
+    diffusers' own (the adapters' rank and alpha) and adds `origin`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    lora_file = weights_dir / LORA_FILE
+    with tempfile.TemporaryDirectory(prefix="dreamnb-lora-") as tmp:
+        if weights_dir.name != FINAL:
+            lora_file = Path(tmp) / LORA_FILE
+            _save_checkpoint_as_diffusers_lora(weights_dir / "weights.safetensors", config, family, lora_file.parent)
+        with safe_open(str(lora_file), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+        return load_file(str(lora_file)), {**metadata, **origin}
+
+
+def _save_checkpoint_as_diffusers_lora(checkpoint_file: Path, config: dict, family: str, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(checkpoint_file))
+    adapters = {part: {k[len(part) + 1:]: v for k, v in weights.items() if k.startswith(part + ".")} for part in TRAINED_PARTS}
+    save_lora_file(folder, {part: state for part, state in adapters.items() if state}, config["lora_rank"], config["lora_alpha"], family)
 
 
 def _check_linear(model: torch.nn.Module, module: str, attempt: str, shown_prefix: str = "") -> None:
@@ -279,16 +338,19 @@ def model_card(
     format: str = "diffusers",
     repo_id: str | None = None,
     weights_file: str | None = None,
+    family: str = "sd1",
 ) -> str:
     """README.md text for the Hub: YAML front matter, what the token means, the settings that
-    matter, how to load the model, and the sample grid (`grid_file`, relative to the README)."""
+    matter, how to load the model (with the pipeline class of the base's `family`), and the sample grid
+    (`grid_file`, relative to the README)."""
     from huggingface_hub import ModelCardData
 
     token, class_word = str(config.get("token", "")), str(config.get("class_word", ""))
     prompt = instance_prompt(config)
     base_name = base_model_name(base_source)
     base_is_hub = base_name == base_source and "/" in base_name
-    tags = ["dreambooth", "stable-diffusion", "dreamnb", "text-to-image", "diffusers"] + (["lora"] if format == "lora" else [])
+    tags = (["dreambooth", "stable-diffusion"] + (["stable-diffusion-xl"] if family == "sdxl" else [])
+            + ["dreamnb", "text-to-image", "diffusers"] + (["lora"] if format in LORA_FORMATS else []))
     data = ModelCardData(
         base_model=base_source if base_is_hub else None,  # the Hub only accepts a Hub id here
         library_name="diffusers",
@@ -301,7 +363,7 @@ def model_card(
     lines = [
         "---", data.to_yaml(), "---", "",
         f"# {title} (DreamBooth, attempt {attempt_name})", "",
-        (f"Stable Diffusion taught a new subject with DreamBooth by dreamnb {__version__}. "
+        (f"{_FAMILY_TITLES.get(family, 'Stable Diffusion')} taught a new subject with DreamBooth by dreamnb {__version__}. "
          f"Write **`{token}`** in a prompt to get it, e.g. `{prompt}`."), "",
         f"- Base model: `{base_name}`",
         f"- Token: `{token}`",
@@ -312,7 +374,8 @@ def model_card(
         "## Training settings", "",
         "| setting | value |", "|---|---|", settings, "",
         "## Use it", "",
-        *_usage(format, repo_id or "path/to/this/model", weights_file, base_name if base_is_hub else "path/to/the/base/model", prompt),
+        *_usage(format, repo_id or "path/to/this/model", weights_file, base_name if base_is_hub else "path/to/the/base/model", prompt,
+                family_pipeline_class(family).__name__),
     ]
     if grid_file:
         lines += ["", "## Samples", "", f"![Sample grid: prompts down, seeds across]({grid_file})"]
@@ -329,25 +392,26 @@ def _matters(key: str, config: dict) -> bool:
     return True
 
 
-def _usage(format: str, where: str, weights_file: str | None, base: str, prompt: str) -> list[str]:
+def _usage(format: str, where: str, weights_file: str | None, base: str, prompt: str, pipeline: str) -> list[str]:
     fence = "```"
     generate = f'image = pipe("{prompt}", num_inference_steps=25, guidance_scale=7.5).images[0]'
     if format == "diffusers":
-        return ["With 🧨 diffusers:", "", fence + "python", "import torch", "from diffusers import StableDiffusionPipeline", "",
-                f'pipe = StableDiffusionPipeline.from_pretrained("{where}", torch_dtype=torch.float16).to("cuda")',
+        return ["With 🧨 diffusers:", "", fence + "python", "import torch", f"from diffusers import {pipeline}", "",
+                f'pipe = {pipeline}.from_pretrained("{where}", torch_dtype=torch.float16).to("cuda")',
                 generate, fence]
     file = weights_file or "model.safetensors"
     if format == "safetensors":
         return [("In AUTOMATIC1111 put the file in `models/Stable-diffusion/`, in ComfyUI in `models/checkpoints/`. "
-                 "With 🧨 diffusers:"), "", fence + "python", "import torch", "from diffusers import StableDiffusionPipeline",
+                 "With 🧨 diffusers:"), "", fence + "python", "import torch", f"from diffusers import {pipeline}",
                 "from huggingface_hub import hf_hub_download", "",
                 f'path = hf_hub_download("{where}", "{file}")',
-                'pipe = StableDiffusionPipeline.from_single_file(path, torch_dtype=torch.float16).to("cuda")',
+                f'pipe = {pipeline}.from_single_file(path, torch_dtype=torch.float16).to("cuda")',
                 generate, fence]
-    return [(f"In AUTOMATIC1111 put the file in `models/Lora/` and add `<lora:{Path(file).stem}:1>` to the prompt; "
-             "in ComfyUI put it in `models/loras/`. With 🧨 diffusers:"), "", fence + "python", "import torch",
-            "from diffusers import StableDiffusionPipeline", "",
-            f'pipe = StableDiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")',
+    where_else = (f"In AUTOMATIC1111 put the file in `models/Lora/` and add `<lora:{Path(file).stem}:1>` to the prompt; "
+                  "in ComfyUI put it in `models/loras/`. ") if format == "lora" else ""
+    return [where_else + "With 🧨 diffusers:", "", fence + "python", "import torch",
+            f"from diffusers import {pipeline}", "",
+            f'pipe = {pipeline}.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")',
             f'pipe.load_lora_weights("{where}", weight_name="{file}")', generate, fence]
 
 
@@ -394,7 +458,7 @@ def push_to_hub(
             grid_file = "grid.png"
             _save_grid(grid, folder / grid_file)
         card = model_card(session, name, config, base.info.source, grid_file,
-                          format=format, repo_id=repo_id, weights_file=weights_file)
+                          format=format, repo_id=repo_id, weights_file=weights_file, family=base.info.family)
         fileio.write_text(folder / "README.md", card)
 
         api = HfApi(endpoint=endpoint, token=token)

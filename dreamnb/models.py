@@ -36,8 +36,6 @@ _UNSUPPORTED_CLASSES = {
 }
 _REFINER_CLASS = "StableDiffusionXLImg2ImgPipeline"  # what the SDXL refiner is saved as
 _SUPPORTED = "Stable Diffusion 1.x, 2.x or XL"
-SDXL_NOT_BUILT = (f"Stable Diffusion XL model, which dreamnb recognises but cannot train, sample or export yet (only its "
-                  f"token check works); use a Stable Diffusion 1.x or 2.x model such as {DEFAULT_MODEL}.")
 _FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
 
 
@@ -266,6 +264,12 @@ def _check_source(source: str, *, token: str | None, local_files_only: bool | No
     return _CheckedSource(kind, path, shown, check_hub_model(source, token=token, local_files_only=local_files_only))
 
 
+def detect_family(source: str | os.PathLike, *, local_files_only: bool | None = None) -> str:
+    """'sdxl' or 'sd' (1.x/2.x) without loading the model: the check `load_base_model` starts with, so settings that
+    depend on the family (`config.preset_values`) can be chosen before the slow load."""
+    return _check_source(str(source), token=resolve_hf_token(), local_files_only=local_files_only).family
+
+
 def load_base_model(
     source: str | os.PathLike = DEFAULT_MODEL,
     *,
@@ -273,25 +277,19 @@ def load_base_model(
     placement: Placement | None = None,
     prediction_type: str | None = None,
     local_files_only: bool | None = None,
-    allow_sdxl: bool = False,
 ) -> BaseModel:
     """Load a base model as a StableDiffusionPipeline (SDXL: a StableDiffusionXLPipeline) plus what it is (family,
     prediction, size), on `placement` (default: `default_placement()`, the GPU in fp16 when there is one).
 
     `config` is only for single files: a diffusers folder or Hub id whose configs describe the file
     (diffusers guesses one from the weights when it is None). `prediction_type` overrides what was
-    detected (an SD 2.x file alone cannot say whether it is v-prediction). SDXL is refused with one sentence unless
-    `allow_sdxl` (what is built for it so far: the token check; training, sampling and export are not, issue 18).
+    detected (an SD 2.x file alone cannot say whether it is v-prediction).
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
     token = resolve_hf_token()
     placement = placement or default_placement()
     checked = _check_source(str(source), token=token, local_files_only=local_files_only)
     xl = checked.family == "sdxl"
-    if xl and not allow_sdxl:
-        raise ModelError(f"{checked.shown} is a {SDXL_NOT_BUILT}")
-    pipeline_class = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+    pipeline_class = family_pipeline_class(checked.family)
     common: dict[str, Any] = dict(dtype=placement.dtype)
     if not xl:  # SDXL's pipeline has no safety checker
         common.update(safety_checker=None, requires_safety_checker=False)
@@ -328,6 +326,14 @@ def load_base_model(
         pipe.vae.to(torch.float32)
     log.info("loaded %s on %s in %s (VAE in %s)", info.describe(), placement.device, placement.dtype, pipe.vae.dtype)
     return BaseModel(info=info, pipeline=pipe)
+
+
+def family_pipeline_class(family: str):
+    """The diffusers pipeline class of a model family ('sdxl', else SD 1.x/2.x): the one place it is chosen, for loading
+    the base model and for every pipeline built around it later (attempts, previews, LoRA files, export)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
 
 
 def check_hub_model(repo_id: str, *, token: str | None, local_files_only: bool | None = None) -> str:

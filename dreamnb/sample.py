@@ -5,8 +5,9 @@ An image here depends only on its own `SampleSettings`: each image gets its own
 inside a batch, and the settings written into the PNG (in AUTOMATIC1111's "parameters"
 format, which A1111, ComfyUI and civitai read) are enough to make it again.
 
-Loading the pipeline for an attempt is not done here: callers pass a ready
-`StableDiffusionPipeline` in whatever dtype (fp16/bf16/fp32) and on whatever device they chose.
+Loading the pipeline for an attempt is not done here: callers pass a ready `StableDiffusionPipeline` or
+`StableDiffusionXLPipeline` in whatever dtype (fp16/bf16/fp32) and on whatever device they chose; the
+native size (512/768 px, SDXL's 1024) is the pipeline's own.
 """
 from __future__ import annotations
 
@@ -187,17 +188,19 @@ def generate(
                 batch = [settings[i] for i in indices[start:start + batch_size]]
                 log.info("generating %d image(s): %d steps, %s, CFG %s, %dx%d",
                          len(batch), steps, scheduler, guidance, width, height)
-                images = pipe(
+                latents = pipe(
                     prompt=[s.prompt for s in batch],
-                    negative_prompt=[s.negative_prompt for s in batch],
+                    # None when there is none: each pipeline's own "no negative prompt" (SDXL's: zero embeddings)
+                    negative_prompt=[s.negative_prompt for s in batch] if any(s.negative_prompt for s in batch) else None,
                     num_inference_steps=steps,
                     guidance_scale=guidance,
                     width=width,
                     height=height,
                     # One generator per image: its noise depends on its own seed only.
                     generator=[torch.Generator(device=device).manual_seed(s.seed) for s in batch],
-                    output_type="pil",
+                    output_type="latent",
                 ).images
+                images = decode_latents(pipe, latents)
                 for i, s, image in zip(indices[start:start + batch_size], batch, images):
                     results[i] = Sample(image=image, settings=dataclasses.replace(s, width=width, height=height))
                 done += len(batch)
@@ -207,6 +210,25 @@ def generate(
         pipe.scheduler = old_scheduler
         pipe.set_progress_bar_config(**old_progress)
     return results  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents: torch.Tensor) -> list[Image.Image]:
+    """PIL images from a pipeline's final latents, as its own decoding step makes them, but with the latents cast to the
+    VAE's dtype first: dreamnb keeps SDXL's VAE in fp32 under an fp16 UNet (see models.load_base_model), and diffusers'
+    SDXL pipeline casts the latents for that only on Apple's MPS (elsewhere fp16 latents meet fp32 weights and fail)."""
+    vae = pipe.vae
+    latents = latents.to(vae.device, vae.dtype)
+    mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
+    if mean is not None and std is not None:  # VAEs that normalise their latents per channel
+        shape = (1, -1, 1, 1)
+        latents = latents * torch.tensor(std).view(shape).to(latents) / vae.config.scaling_factor + torch.tensor(mean).view(shape).to(latents)
+    else:
+        latents = latents / vae.config.scaling_factor
+    image = vae.decode(latents, return_dict=False)[0]
+    if getattr(pipe, "watermark", None) is not None:  # SDXL's invisible watermark, where the pipeline would add it
+        image = pipe.watermark.apply_watermark(image)
+    return pipe.image_processor.postprocess(image, output_type="pil")
 
 
 # --- AUTOMATIC1111 "parameters" text --------------------------------------------------------

@@ -171,34 +171,6 @@ def tiny_sdxl_pipeline(kind: str = "sdxl", seed: int = 0):
     )
 
 
-def sdxl_to_ldm(pipe) -> dict[str, torch.Tensor]:
-    """An SDXL (or refiner) pipeline in the original single-file layout that A1111, ComfyUI and diffusers'
-    `from_single_file` read: `model.diffusion_model.*` (UNet; its "text_time" embedding is `label_emb.0.*`),
-    `first_stage_model.*` (VAE), `conditioner.embedders.0.transformer.*` (CLIP ViT-L, Hugging Face names) and
-    `conditioner.embedders.1.model.*` (OpenCLIP bigG names, q/k/v fused, `text_projection` stored transposed);
-    the refiner has only the OpenCLIP one, as `conditioner.embedders.0.model.*`.
-
-    Built from dreamnb.convert's SD 1.x/2.x mappings, which are the same per component; it lives here, for the
-    tests, until export writes SDXL (then it belongs in dreamnb.convert).
-    """
-    from .convert import OPEN_CLIP_PREFIX, text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
-
-    state = {**unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config), **vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config)}
-    embedders = []
-    if pipe.text_encoder is not None:
-        clip = text_encoder_to_ldm(pipe.text_encoder.state_dict(), pipe.text_encoder.config, "clip")
-        embedders.append({k.replace("cond_stage_model.", "conditioner.embedders.0.", 1): v for k, v in clip.items()})
-    te2 = dict(pipe.text_encoder_2.state_dict())
-    projection = te2.pop("text_projection.weight")
-    prefix = f"conditioner.embedders.{len(embedders)}.model."
-    open_clip = text_encoder_to_ldm(te2, pipe.text_encoder_2.config, "open_clip")
-    embedders.append({prefix + k[len(OPEN_CLIP_PREFIX):]: v for k, v in open_clip.items()})
-    embedders[-1][prefix + "text_projection"] = projection.T  # OpenCLIP multiplies x @ P; a Linear computes x @ W.T
-    for part in embedders:
-        state.update(part)
-    return state
-
-
 def tiny_vae(seed: int, **config):
     """The tiny VAE (the real AutoencoderKL, 8× down), its latents scaled to unit variance on the sample images."""
     from diffusers import AutoencoderKL
@@ -234,14 +206,10 @@ def save_tiny_model(out_dir: str | Path, kind: str = "sd1", seed: int = 0, singl
     file_path = None
     if single_file:
         file_path = out_dir / f"tiny-{kind}.safetensors"
-        if kind in TINY_SDXL_KINDS:
-            from safetensors.torch import save_file
+        from .convert import save_single_file
 
-            save_file({k: v.detach().contiguous() for k, v in sdxl_to_ldm(pipe).items()}, str(file_path))
-        else:
-            from .convert import save_single_file
-
-            save_single_file(pipe.unet, pipe.vae, pipe.text_encoder, file_path, dtype=torch.float32)
+        save_single_file(pipe.unet, pipe.vae, pipe.text_encoder, file_path, dtype=torch.float32,
+                         text_encoder_2=getattr(pipe, "text_encoder_2", None))
     log.info("saved tiny %s model to %s", kind, folder)
     return TinyModelPaths(folder=folder, single_file=file_path)
 

@@ -35,7 +35,7 @@ from . import data, fileio
 from .config import ConfigError, TrainConfig, validate
 from .colab import gpu_has_bf16, gpu_memory_budget
 from .fast import BF16_OPTIMIZERS, AdamWBF16, GraphedStep, LossScaler
-from .models import SDXL_NOT_BUILT, BaseModel, load_base_model
+from .models import BaseModel, family_pipeline_class, load_base_model
 from .session import (CHECKPOINTS, FINAL, LORA_FILE, OPTIMIZER_FILE, Attempt, Session, add_attempt, attempt_weights_dir,
                       checkpoint_folders, drop_optimizer_state, open_session, reading, save_session, session_lock, split_ref,
                       update_attempt)
@@ -46,6 +46,14 @@ PHASES = ("text_encoder", "unet")  # in training order
 LOG_FIELDS = ["step", "phase", "loss", "lr", "elapsed_s"]  # log.csv's columns
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+# The parts training may change, by the names their weights are saved under (checkpoint key prefixes, final/'s folders,
+# the prefixes of diffusers' LoRA files); text_encoder_2 is SDXL's.
+TRAINED_PARTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def lora_targets(part: str) -> list[str]:
+    """The layers LoRA adapts in a part: the UNet's attention, or a CLIP text encoder's (both of SDXL's alike)."""
+    return UNET_LORA_TARGETS if part == "unet" else TEXT_LORA_TARGETS
 
 
 class TrainingError(RuntimeError):
@@ -107,8 +115,9 @@ class NoiseSchedule:
 
 
 def diffusion_loss(unet, latents, embeds, generator, schedule: NoiseSchedule, config: TrainConfig, n_instance: int,
-                   world: int = 1, rank: int = 0) -> torch.Tensor:
+                   world: int = 1, rank: int = 0, added_cond_kwargs: dict | None = None) -> torch.Tensor:
     """DreamBooth loss for one batch: rows [:n_instance] are the subject, the rest class images (prior).
+    `added_cond_kwargs`: SDXL's pooled prompts and size/crop numbers, row by row (None for SD 1.x/2.x).
     Data parallel: noise and timesteps are drawn for every process's rows (one seeded generator, the same on
     each) and each process keeps its own, so processes do not repeat each other's noise."""
     batch, device = latents.shape[0], latents.device
@@ -121,7 +130,7 @@ def diffusion_loss(unet, latents, embeds, generator, schedule: NoiseSchedule, co
     s = schedule.sqrt_one_minus_alpha[timesteps].view(-1, 1, 1, 1)
     noisy = a * latents + s * noise
     target = a * noise - s * latents if schedule.prediction_type == "v_prediction" else noise
-    pred = unet(noisy, timesteps, embeds).sample
+    pred = unet(noisy, timesteps, embeds, added_cond_kwargs=added_cond_kwargs).sample
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if config.min_snr_gamma:
         snr = schedule.snr[timesteps]
@@ -139,7 +148,8 @@ def diffusion_loss(unet, latents, embeds, generator, schedule: NoiseSchedule, co
 @dataclass
 class TrainingData:
     """What every step draws from, on the training device: latent distributions of the photos (and class
-    images) and their prompts as token ids."""
+    images), their prompts as token ids (`data.tokenize_all`: a row per photo, one row for the class prompt) and, for
+    SDXL, each image's size and crop numbers (`data.image_time_ids`)."""
 
     instance_mean: torch.Tensor
     instance_std: torch.Tensor
@@ -147,6 +157,17 @@ class TrainingData:
     class_mean: torch.Tensor | None = None
     class_std: torch.Tensor | None = None
     class_ids: torch.Tensor | None = None
+    instance_time_ids: torch.Tensor | None = None  # SDXL only, [photos, 6]
+    class_time_ids: torch.Tensor | None = None     # SDXL only, [class images, 6]
+
+    def added_cond_kwargs(self, pooled, rows, class_rows) -> dict | None:
+        """SDXL's extra UNet inputs for a batch (its rows of photos, then of class images); None for SD 1.x/2.x."""
+        if pooled is None:
+            return None
+        time_ids = self.instance_time_ids[rows]
+        if class_rows is not None:
+            time_ids = torch.cat([time_ids, self.class_time_ids[class_rows]])
+        return {"text_embeds": pooled, "time_ids": time_ids}
 
 
 @dataclass(frozen=True)
@@ -187,7 +208,7 @@ class TrainingModels:
     once, from the config and the GPU). The caller's base model is never changed: its VAE and pipeline are only read."""
 
     unet: Any
-    text_encoder: Any
+    text_encoders: data.PromptEncoder  # the text encoder (SDXL: both)
     device: torch.device
     weights_dtype: torch.dtype   # the copies' weights
     precision: Precision
@@ -279,11 +300,9 @@ def _train(session: Session, config: TrainConfig, base_model: BaseModel | str | 
     check_training_data(config, examples)
     if isinstance(base_model, (str, Path)):  # loaded before anything is written: a model that cannot be used changes nothing
         base_model = load_base_model(base_model, config=config_source)
-    if base_model.info.family == "sdxl":  # loaded for its token check (`allow_sdxl`); training it is not built yet
-        raise ConfigError(f"{base_model.info.source} is a {SDXL_NOT_BUILT}")
 
     precision = plan_precision(config)
-    accelerator = make_accelerator(config, precision)
+    accelerator = make_accelerator(config, precision, sdxl=base_model.info.family == "sdxl")
     session, name = (session, attempt) if resume else new_attempt(session, attempt, accelerator)
     attempt_dir = session.attempt_dir(name)
     if accelerator.is_main_process:
@@ -295,6 +314,10 @@ def _train(session: Session, config: TrainConfig, base_model: BaseModel | str | 
         save_session(session)
     if base_model.info.resolution != config.resolution:
         emit(TrainEvent("info", message=f"Training at {config.resolution} px; this base model was made for {base_model.info.resolution} px."))
+    smallest = data.smallest_side(examples)
+    if smallest < config.resolution:  # e.g. photos prepared at 512 px for an SDXL run at 1024
+        emit(TrainEvent("info", message=f"Some photos are {smallest} px, below the training size ({config.resolution} px), so they are "
+                                        f"enlarged and soften the result; prepare them again with --size {config.resolution}."))
 
     training_data = prepare_data(session, config, examples, base_model, accelerator, emit, progress)
     models = place_models(base_model, config, accelerator, precision)
@@ -307,13 +330,13 @@ def _train(session: Session, config: TrainConfig, base_model: BaseModel | str | 
     state = {"phase": PHASES[0], "phase_step": 0, "global_step": 0}
     if checkpoint is not None:  # a checkpoint holds every weight that differs from the base, the parent's included
         with reading(checkpoint, RESUME_ADVICE):
-            state = load_checkpoint_weights(checkpoint, models.unet, models.text_encoder, generator, config)
+            state = load_checkpoint_weights(checkpoint, models.unet, models.text_encoders, generator, config)
         truncate_log(attempt_dir, state["global_step"])
         emit(TrainEvent("info", message=f"Resuming {name} from step {state['global_step']}."))
     elif config.parent:
         parent_weights = attempt_weights_dir(session, config.parent)
         with reading(parent_weights, "continue from another checkpoint of that attempt"):
-            load_parent_weights(parent_weights, models.unet, models.text_encoder, config)
+            load_parent_weights(parent_weights, models.unet, models.text_encoders, config)
         emit(TrainEvent("info", message=f"Continuing from {config.parent}."))
     update_attempt(session, name, status="training", message="", base_model=base_model.info.source, parent=config.parent or None)
 
@@ -328,12 +351,12 @@ def _train(session: Session, config: TrainConfig, base_model: BaseModel | str | 
         for phase in PHASES:
             run_phase(run, phase)
         if accelerator.num_processes > 1:
-            emit(TrainEvent("info", message=ranks_agree_message(accelerator, models.unet, models.text_encoder)))
-        final_dir = save_final(accelerator, attempt_dir, models.unet, models.text_encoder, config)
+            emit(TrainEvent("info", message=ranks_agree_message(accelerator, models.unet, models.text_encoders)))
+        final_dir = save_final(accelerator, attempt_dir, models.unet, models.text_encoders, config, base_model.info.family)
         message = f"Finished {config.total_steps} steps; the trained model is in {final_dir}."
     except KeyboardInterrupt:
         status = "interrupted"
-        path = save_checkpoint(accelerator, attempt_dir, run.state, models.unet, models.text_encoder, run.optimizer, run.lr_scheduler, generator, config)
+        path = save_checkpoint(accelerator, attempt_dir, run.state, models.unet, models.text_encoders, run.optimizer, run.lr_scheduler, generator, config)
         message = f"Stopped at step {run.state['global_step']} of {config.total_steps}; saved {path.name}. Resume with --resume (or the Resume button)."
     except torch.cuda.OutOfMemoryError:
         status, message, out_of_memory = "failed", oom_message(config), True
@@ -413,7 +436,8 @@ def disk_estimate(config: TrainConfig, base_model: BaseModel) -> tuple[int, int]
     """Bytes a run takes on disk: (at most; once "free space" dropped its optimizer state). The weights it changes are
     saved in final/ and in up to `keep_checkpoints` checkpoints; the newest checkpoint also holds the optimizer state."""
     precision = plan_precision(config)
-    parts = [(base_model.unet, UNET_LORA_TARGETS)] + ([(base_model.text_encoder, TEXT_LORA_TARGETS)] if config.changes_text_encoder else [])
+    encoders = [base_model.text_encoder] + ([base_model.text_encoder_2] if base_model.text_encoder_2 is not None else [])
+    parts = [(base_model.unet, UNET_LORA_TARGETS)] + ([(e, TEXT_LORA_TARGETS) for e in encoders] if config.changes_text_encoder else [])
     if config.method == "lora":  # fp32 adapters, fp32 AdamW moments
         count = sum(config.lora_rank * (m.in_features + m.out_features) for model, targets in parts
                     for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name.endswith(tuple(targets)))
@@ -427,14 +451,19 @@ def disk_estimate(config: TrainConfig, base_model: BaseModel) -> tuple[int, int]
     return finished + count * optimizer_bytes + (count * weight_bytes if checkpoints == 0 else 0), finished
 
 
-def make_accelerator(config: TrainConfig, precision: Precision):
+def make_accelerator(config: TrainConfig, precision: Precision, sdxl: bool = False):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedDataParallelKwargs
 
     # A notebook trains attempt after attempt in one kernel, and accelerate keeps the first one's precision
     # ("restart your runtime") unless its state is cleared; the process group of `accelerate launch` stays.
     AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=precision.accelerate, gradient_accumulation_steps=config.gradient_accumulation_steps)
+    # SDXL reads the first text encoder's penultimate layer, so its last layer gets no gradient, which DDP would wait for
+    # (diffusers' SDXL script says the same); only told when that phase runs, since finding unused weights costs time.
+    unused = DistributedDataParallelKwargs(find_unused_parameters=sdxl and config.text_encoder_steps > 0)
+    return Accelerator(mixed_precision=precision.accelerate, gradient_accumulation_steps=config.gradient_accumulation_steps,
+                       kwargs_handlers=[unused])
 
 
 def new_attempt(session: Session, attempt: str | None, accelerator) -> tuple[Session, str]:
@@ -451,13 +480,16 @@ def prepare_data(session: Session, config: TrainConfig, examples: list[data.Exam
     (the GPU when there is one), before the trainer's copies take their memory."""
     info, device = base_model.info, accelerator.device
     model_key = f"{info.source}|{info.family}|{info.prediction_type}"
-    vae = base_model.vae
+    vae, tokenizers, sdxl = base_model.vae, prompt_tokenizers(base_model), info.family == "sdxl"
     scaling = vae.config.scaling_factor
-    mean, std = data.cached_latents(vae, [e.path for e in examples], config.resolution, session.cache_dir, model_key, flip=config.random_flip)
+    paths = [e.path for e in examples]
+    mean, std = data.cached_latents(vae, paths, config.resolution, session.cache_dir, model_key, flip=config.random_flip)
     captions = [e.caption or config.resolved_instance_prompt() for e in examples]
-    if config.random_flip:
-        captions = captions + captions
-    result = TrainingData((mean * scaling).to(device), (std * scaling).to(device), data.tokenize(base_model.tokenizer, captions).to(device))
+    if config.random_flip:  # the mirrored rows follow the originals (a mirrored centred crop is the same crop)
+        captions, paths = captions + captions, paths + paths
+    result = TrainingData((mean * scaling).to(device), (std * scaling).to(device), data.tokenize_all(tokenizers, captions).to(device))
+    if sdxl:
+        result.instance_time_ids = time_ids(paths, config.resolution, device)
     if config.with_prior_preservation:
         class_prompt = config.resolved_class_prompt()
         folder = data.class_images_dir(session.class_dir, model_key, class_prompt, config.resolution)
@@ -468,12 +500,24 @@ def prepare_data(session: Session, config: TrainConfig, examples: list[data.Exam
                                              progress=progress and accelerator.is_main_process)
         class_mean, class_std = data.cached_latents(vae, paths, config.resolution, session.cache_dir, model_key)
         result.class_mean, result.class_std = (class_mean * scaling).to(device), (class_std * scaling).to(device)
-        result.class_ids = data.tokenize(base_model.tokenizer, [class_prompt]).to(device)
+        result.class_ids = data.tokenize_all(tokenizers, [class_prompt]).to(device)
+        if sdxl:
+            result.class_time_ids = time_ids(paths, config.resolution, device)
     return result
 
 
+def prompt_tokenizers(base_model: BaseModel) -> list:
+    """The tokenizer of each text encoder, in `data.PromptEncoder`'s order."""
+    return [t for t in (base_model.tokenizer, base_model.tokenizer_2) if t is not None]
+
+
+def time_ids(paths: list[Path], resolution: int, device) -> torch.Tensor:
+    """SDXL's size and crop numbers of each image, a row each (fp32: the UNet embeds them as it does timesteps)."""
+    return torch.tensor([data.image_time_ids(p, resolution) for p in paths], dtype=torch.float32, device=device)
+
+
 def place_models(base_model: BaseModel, config: TrainConfig, accelerator, precision: Precision) -> TrainingModels:
-    """Copies of the UNet and text encoder on the training device, in the formats the optimizer needs, with LoRA
+    """Copies of the UNet and text encoder(s) on the training device, in the formats the optimizer needs, with LoRA
     adapters (seeded) when asked; every weight frozen until its phase makes it trainable."""
     device = accelerator.device
     use_graphs = resolve_cuda_graphs(config, accelerator, precision)
@@ -485,18 +529,20 @@ def place_models(base_model: BaseModel, config: TrainConfig, accelerator, precis
         weights_dtype = precision.compute_dtype
     else:
         weights_dtype = torch.float32
-    text_encoder = cast(copy.deepcopy(base_model.text_encoder), device, weights_dtype).requires_grad_(False)
+    encoders = [cast(copy.deepcopy(e), device, weights_dtype) for e in (base_model.text_encoder, base_model.text_encoder_2) if e is not None]
+    text_encoders = data.PromptEncoder(*encoders).requires_grad_(False)
     unet = cast(copy.deepcopy(base_model.unet), device, weights_dtype).requires_grad_(False)
     if device.type == "cuda":
         unet.to(memory_format=torch.channels_last)  # faster convolutions; before the optimizer sees the weights
     if config.method == "lora":
-        add_lora_adapters(unet, text_encoder, config)
+        add_lora_adapters(unet, text_encoders, config)
         unet.requires_grad_(False)  # each phase unfreezes only its own adapters
-        text_encoder.requires_grad_(False)
+        text_encoders.requires_grad_(False)
     if resolve_gradient_checkpointing(config, device):
         unet.enable_gradient_checkpointing()
-        text_encoder.gradient_checkpointing_enable()
-    return TrainingModels(unet, text_encoder, device, weights_dtype, precision, use_graphs)
+        for encoder in text_encoders.parts().values():
+            encoder.gradient_checkpointing_enable()
+    return TrainingModels(unet, text_encoders, device, weights_dtype, precision, use_graphs)
 
 
 def run_phase(run: Run, phase: str) -> None:
@@ -508,7 +554,7 @@ def run_phase(run: Run, phase: str) -> None:
     start_step = run.state["phase_step"] if phase == run.state["phase"] else 0
     if start_step >= phase_steps:
         return
-    trainable = models.text_encoder if phase == "text_encoder" else models.unet
+    trainable = models.text_encoders if phase == "text_encoder" else models.unet
     params = set_trainable(trainable, config)
     if models.use_graphs and accelerator.num_processes > 1:
         broadcast_weights(params)
@@ -538,13 +584,13 @@ def run_phase(run: Run, phase: str) -> None:
             running_loss.zero_()
             steps_since_log = 0
         if checkpoint_due:
-            path = save_checkpoint(accelerator, run.attempt_dir, run.state, models.unet, models.text_encoder, run.optimizer,
+            path = save_checkpoint(accelerator, run.attempt_dir, run.state, models.unet, models.text_encoders, run.optimizer,
                                    run.lr_scheduler, run.generator, config)
             run.emit(TrainEvent("checkpoint", step=step, total_steps=config.total_steps, path=str(path)))
         if config.sample_every and step % config.sample_every == 0:
             if accelerator.is_main_process:
                 with models.autocast():
-                    images, path = make_previews(config, step, models.unet, models.text_encoder, run.base_model, run.attempt_dir, models.device)
+                    images, path = make_previews(config, step, models.unet, models.text_encoders, run.base_model, run.attempt_dir, models.device)
                 run.emit(TrainEvent("sample", step=step, total_steps=config.total_steps, phase=phase, images=images, path=str(path)))
             accelerator.wait_for_everyone()
         if run.stop.is_set():
@@ -561,14 +607,14 @@ def run_phase(run: Run, phase: str) -> None:
 
 def make_step(run: Run, phase: str, trainable, params) -> Callable[[], torch.Tensor]:
     """One optimizer step as a function returning its loss: replayed from a CUDA graph, or eager through accelerate
-    (loss scaling, gradient accumulation, DDP). In the UNet phase the text encoder is frozen, so every prompt is
-    embedded once and the text encoder leaves the GPU."""
+    (loss scaling, gradient accumulation, DDP). In the UNet phase the text encoders are frozen, so every prompt is
+    embedded once and the text encoders leave the GPU."""
     config, accelerator, models, batches = run.config, run.accelerator, run.models, run.data
     if phase == "unet":
         with torch.no_grad(), models.autocast():
-            instance_embeds = data.encode_prompts(models.text_encoder, batches.instance_ids).to(models.weights_dtype)
-            class_embeds = None if batches.class_ids is None else data.encode_prompts(models.text_encoder, batches.class_ids).to(models.weights_dtype)
-        models.text_encoder.to("cpu")  # frees GPU memory for the UNet phase
+            instance_prompts = encode_for_unet(models, batches.instance_ids)
+            class_prompts = None if batches.class_ids is None else encode_for_unet(models, batches.class_ids)
+        models.text_encoders.to("cpu")  # frees GPU memory for the UNet phase
     model, optimizer = trainable, run.optimizer
     if not models.use_graphs:  # both are on the device already: no placement (it would copy the optimizer's state there and back)
         model, optimizer = accelerator.prepare(trainable, run.optimizer, device_placement=[False, False])
@@ -578,16 +624,12 @@ def make_step(run: Run, phase: str, trainable, params) -> Callable[[], torch.Ten
         latents, rows, class_rows = draw_batch(run.generator, batches.instance_mean, batches.instance_std, batches.class_mean,
                                                batches.class_std, config, accelerator)
         if phase == "unet":
-            embeds = instance_embeds[rows]
-            if class_rows is not None:
-                embeds = torch.cat([embeds, class_embeds.expand(len(class_rows), -1, -1)])
+            embeds, pooled = cached_batch_prompts(instance_prompts, class_prompts, rows, class_rows)
         else:
-            ids = batches.instance_ids[rows]
-            if class_rows is not None:
-                ids = torch.cat([ids, batches.class_ids.expand(len(class_rows), -1)])
-            embeds = model(ids)[0]
+            embeds, pooled = model(with_class_rows(batches.instance_ids[rows], batches.class_ids, class_rows))
         return diffusion_loss(models.unet if phase == "text_encoder" else model, latents, embeds, run.generator, run.schedule, config,
-                              len(rows), accelerator.num_processes, accelerator.process_index)
+                              len(rows), accelerator.num_processes, accelerator.process_index,
+                              added_cond_kwargs=batches.added_cond_kwargs(pooled, rows, class_rows))
 
     if models.use_graphs:
         def graph_body() -> torch.Tensor:
@@ -623,6 +665,26 @@ def make_step(run: Run, phase: str, trainable, params) -> Callable[[], torch.Ten
     return eager_step
 
 
+def encode_for_unet(models: TrainingModels, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(embeds, pooled) of prompts, in the training weights' format, computed once for the UNet phase."""
+    embeds, pooled = models.text_encoders(ids)
+    return embeds.to(models.weights_dtype), None if pooled is None else pooled.to(models.weights_dtype)
+
+
+def cached_batch_prompts(prompts, class_prompts, rows, class_rows) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A batch's (embeds, pooled) from `encode_for_unet`'s: each drawn photo's, then the class prompt's per class image."""
+    (embeds, pooled), (class_embeds, class_pooled) = prompts, class_prompts or (None, None)
+    embeds = with_class_rows(embeds[rows], class_embeds, class_rows)
+    return embeds, None if pooled is None else with_class_rows(pooled[rows], class_pooled, class_rows)
+
+
+def with_class_rows(instance_rows: torch.Tensor, shared: torch.Tensor | None, class_rows) -> torch.Tensor:
+    """A batch's rows of something per photo, then `shared` (the class prompt's one row) again for each class image."""
+    if class_rows is None:
+        return instance_rows
+    return torch.cat([instance_rows, shared.expand(len(class_rows), *shared.shape[1:])])
+
+
 def log_loss(run: Run, phase: str, mean_loss: float) -> None:
     """Stop on a NaN; else record the loss in log.csv, the progress bar and a step event."""
     if not math.isfinite(mean_loss):
@@ -642,41 +704,60 @@ def log_loss(run: Run, phase: str, mean_loss: float) -> None:
 # Pieces of the loop
 
 @torch.no_grad()
-def make_previews(config: TrainConfig, step: int, unet, text_encoder, base_model: BaseModel, attempt_dir: Path, device) -> tuple[list[Any], Path]:
+def make_previews(config: TrainConfig, step: int, unet, text_encoders: data.PromptEncoder, base_model: BaseModel, attempt_dir: Path,
+                  device) -> tuple[list[Any], Path]:
     """Preview images of the model as it is at `step`, saved as samples/step-N.png. The prompts and seed are
     the same every time, so previews side by side show what training changed. Uses no training randomness
-    (resume stays exact), the text encoder where it currently is (the CPU during the UNet phase) and the base
+    (resume stays exact), the text encoders where they currently are (the CPU during the UNet phase) and the base
     model's VAE where it lives, in its own format."""
-    from diffusers import StableDiffusionPipeline
-
     from .grid import make_grid
-    from .sample import set_scheduler
+    from .sample import decode_latents, set_scheduler
 
     prompts = config.resolved_sample_prompts()
-    embeds = data.encode_prompts(text_encoder, data.tokenize(base_model.tokenizer, prompts + [""])).to(device, unet.dtype)
-    vae = base_model.vae
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=base_model.tokenizer, unet=unet, scheduler=base_model.pipeline.scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    embeds, pooled = text_encoders(data.tokenize_all(prompt_tokenizers(base_model), prompts + [""]))
+    embeds, pooled = embeds.to(device, unet.dtype), None if pooled is None else pooled.to(device, unet.dtype)
+    pipe = preview_pipeline(base_model, unet)
     set_scheduler(pipe, "dpm++")
     pipe.set_progress_bar_config(disable=True)
     was_training = unet.training
     unet.eval()
     try:
         latents = torch.cat([
-            pipe(prompt_embeds=embeds[i:i + 1], negative_prompt_embeds=embeds[-1:], num_inference_steps=25, guidance_scale=7.5,
+            pipe(**preview_prompt_kwargs(pipe, embeds, pooled, i), num_inference_steps=25, guidance_scale=7.5,
                  height=config.resolution, width=config.resolution, generator=torch.Generator().manual_seed(config.seed),
                  output_type="latent").images
             for i in range(len(prompts))
         ])
     finally:
         unet.train(was_training)
-    decoded = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
-    images = pipe.image_processor.postprocess(decoded.float(), output_type="pil")
+    images = decode_latents(pipe, latents)
     grid = make_grid([[image] for image in images], prompts, [f"step {step}"])
     path = attempt_dir / "samples" / f"step-{step:06d}.png"
     path.parent.mkdir(exist_ok=True)
     fileio.save_with(path, lambda tmp: grid.save(tmp, format="PNG"))
     return images, path
+
+
+def preview_pipeline(base_model: BaseModel, unet):
+    """The base model's pipeline class around the training UNet, with no text encoder (prompts come embedded)."""
+    pipeline_class = family_pipeline_class(base_model.info.family)
+    common = dict(vae=base_model.vae, tokenizer=base_model.tokenizer, unet=unet, scheduler=base_model.pipeline.scheduler, text_encoder=None)
+    if base_model.info.family == "sdxl":
+        return pipeline_class(**common, text_encoder_2=None, tokenizer_2=base_model.tokenizer_2, add_watermarker=False,
+                              force_zeros_for_empty_prompt=base_model.pipeline.config.force_zeros_for_empty_prompt)
+    return pipeline_class(**common, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def preview_prompt_kwargs(pipe, embeds, pooled, i: int) -> dict:
+    """Prompt `i` and the empty negative prompt (the last row) as a pipeline takes them embedded. SDXL's own pipeline
+    makes an empty negative prompt zeros (force_zeros_for_empty_prompt), so previews do too."""
+    if pooled is None:
+        return dict(prompt_embeds=embeds[i:i + 1], negative_prompt_embeds=embeds[-1:])
+    negative, negative_pooled = embeds[-1:], pooled[-1:]
+    if pipe.config.force_zeros_for_empty_prompt:
+        negative, negative_pooled = torch.zeros_like(negative), torch.zeros_like(negative_pooled)
+    return dict(prompt_embeds=embeds[i:i + 1], pooled_prompt_embeds=pooled[i:i + 1], negative_prompt_embeds=negative,
+                negative_pooled_prompt_embeds=negative_pooled)
 
 
 def cast(model, device, dtype):
@@ -714,16 +795,18 @@ def resolve_gradient_checkpointing(config: TrainConfig, device: torch.device) ->
     return gpu_memory_budget(device) / 2**30 < needed_gb * 1.2
 
 
-def add_lora_adapters(unet, text_encoder, config: TrainConfig) -> None:
+def add_lora_adapters(unet, text_encoders: data.PromptEncoder, config: TrainConfig) -> None:
     """Adapters drawn from the run's seed (peft draws them from the global generator): the same seed, the same LoRA.
+    Each text encoder (SDXL: both, with the same targets) gets its own, saved under its own name.
     The global generators are left as they were."""
     devices = [unet.device] if unet.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)
         add_lora(unet, config.lora_rank, config.lora_alpha, UNET_LORA_TARGETS)
         if config.changes_text_encoder:
-            add_lora(text_encoder, config.lora_rank, config.lora_alpha, TEXT_LORA_TARGETS)
-    for model in (unet, text_encoder):  # adapters are trained and kept in fp32, also over a bf16 base
+            for encoder in text_encoders.parts().values():
+                add_lora(encoder, config.lora_rank, config.lora_alpha, TEXT_LORA_TARGETS)
+    for model in (unet, text_encoders):  # adapters are trained and kept in fp32, also over a bf16 base
         for name, param in model.named_parameters():
             if "lora_" in name:
                 param.data = param.data.float()
@@ -947,21 +1030,28 @@ def trainable_state(model, config: TrainConfig) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def save_checkpoint(accelerator, attempt_dir: Path, state: dict, unet, text_encoder, optimizer, lr_scheduler, generator, config: TrainConfig) -> Path:
+def model_parts(unet, text_encoders: data.PromptEncoder) -> dict[str, torch.nn.Module]:
+    """The models a run may change, by the names their weights are saved under: unet, text_encoder (SDXL: and
+    text_encoder_2), as checkpoint key prefixes and as final/'s folders and LoRA key prefixes."""
+    return {"unet": unet, **text_encoders.parts()}
+
+
+def save_checkpoint(accelerator, attempt_dir: Path, state: dict, unet, text_encoders, optimizer, lr_scheduler, generator, config: TrainConfig) -> Path:
     from safetensors.torch import save_file
 
     path = attempt_dir / CHECKPOINTS / f"step-{state['global_step']:06d}"
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return path
-    unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+    parts = model_parts(accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoders))
     with fileio.atomic_dir(path) as tmp:
         weights: dict[str, torch.Tensor] = {}  # every weight that differs from the base model's
         inherited = bool(config.parent)
-        if state["phase"] == "unet" or inherited:
-            weights.update({f"unet.{k}": v for k, v in trainable_state(unet, config).items()})
-        if config.changes_text_encoder and (state["phase"] == "unet" or state["phase_step"] > 0 or inherited):
-            weights.update({f"text_encoder.{k}": v for k, v in trainable_state(text_encoder, config).items()})
+        unet_changed = state["phase"] == "unet" or inherited
+        text_changed = config.changes_text_encoder and (state["phase"] == "unet" or state["phase_step"] > 0 or inherited)
+        for name, model in parts.items():
+            if unet_changed if name == "unet" else text_changed:
+                weights.update({f"{name}.{k}": v for k, v in trainable_state(model, config).items()})
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
         if optimizer is not None:
             torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}, tmp / OPTIMIZER_FILE)
@@ -988,11 +1078,11 @@ RESUME_ADVICE = ("so the attempt cannot be resumed from it; continue it as a new
                  "(--from NAME@STEP) or start a new one")
 
 
-def load_checkpoint_weights(checkpoint: Path, unet, text_encoder, generator, config: TrainConfig) -> dict:
+def load_checkpoint_weights(checkpoint: Path, unet, text_encoders, generator, config: TrainConfig) -> dict:
     """Weights, random generator and step of a checkpoint; its optimizer file is opened (not read) to check it is whole."""
     from safetensors.torch import load_file
 
-    load_weights(load_file(str(checkpoint / "weights.safetensors")), unet, text_encoder, config)
+    load_weights(load_file(str(checkpoint / "weights.safetensors")), unet, text_encoders, config)
     generator.set_state(load_file(str(checkpoint / "rng.safetensors"))["generator"])
     state = json.loads((checkpoint / "state.json").read_text())
     if state["phase"] not in PHASES or not all(isinstance(state[k], int) for k in ("phase_step", "global_step")):
@@ -1002,10 +1092,11 @@ def load_checkpoint_weights(checkpoint: Path, unet, text_encoder, generator, con
     return state
 
 
-def load_weights(weights: dict[str, torch.Tensor], unet, text_encoder, config: TrainConfig) -> None:
-    """`unet.*` and `text_encoder.*` weights (whole models, or LoRA adapters in peft's names) into the models."""
-    for prefix, model in (("unet.", unet), ("text_encoder.", text_encoder)):
-        part = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+def load_weights(weights: dict[str, torch.Tensor], unet, text_encoders, config: TrainConfig) -> None:
+    """`unet.*`, `text_encoder.*` (and `text_encoder_2.*`) weights (whole models, or LoRA adapters in peft's names)
+    into the models."""
+    for name, model in model_parts(unet, text_encoders).items():
+        part = {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")}
         if not part:
             continue
         if config.method == "lora":
@@ -1016,7 +1107,7 @@ def load_weights(weights: dict[str, torch.Tensor], unet, text_encoder, config: T
             model.load_state_dict(part)
 
 
-def load_parent_weights(weights_dir: Path, unet, text_encoder, config: TrainConfig) -> None:
+def load_parent_weights(weights_dir: Path, unet, text_encoders, config: TrainConfig) -> None:
     """The weights of the attempt being continued: a checkpoint's, or its final/ (diffusers folders, or a LoRA file in
     diffusers' names, turned back into peft's)."""
     from safetensors.torch import load_file
@@ -1028,13 +1119,14 @@ def load_parent_weights(weights_dir: Path, unet, text_encoder, config: TrainConf
 
         saved = load_file(str(weights_dir / LORA_FILE))
         weights = {}
-        for prefix, to_peft in (("unet.", convert_unet_state_dict_to_peft), ("text_encoder.", convert_state_dict_to_peft)):
-            part = to_peft({k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)})
-            weights.update({prefix + k: v for k, v in part.items()})
+        for name in model_parts(unet, text_encoders):
+            to_peft = convert_unet_state_dict_to_peft if name == "unet" else convert_state_dict_to_peft
+            part = to_peft({k[len(name) + 1:]: v for k, v in saved.items() if k.startswith(name + ".")})
+            weights.update({f"{name}.{k}": v for k, v in part.items()})
     else:
-        weights = {f"{part}.{k}": v for part in ("unet", "text_encoder")
-                   for file in sorted((weights_dir / part).glob("*.safetensors")) for k, v in load_file(str(file)).items()}
-    load_weights(weights, unet, text_encoder, config)
+        weights = {f"{name}.{k}": v for name in model_parts(unet, text_encoders)
+                   for file in sorted((weights_dir / name).glob("*.safetensors")) for k, v in load_file(str(file)).items()}
+    load_weights(weights, unet, text_encoders, config)
 
 
 def load_checkpoint_optimizer(checkpoint: Path, optimizer, lr_scheduler) -> None:
@@ -1051,32 +1143,34 @@ def load_checkpoint_optimizer(checkpoint: Path, optimizer, lr_scheduler) -> None
     lr_scheduler.load_state_dict(saved["lr_scheduler"])
 
 
-def save_final(accelerator, attempt_dir: Path, unet, text_encoder, config: TrainConfig) -> Path:
-    """final/: unet/ (and text_encoder/ when trained) as diffusers folders, or one LoRA file."""
+def save_final(accelerator, attempt_dir: Path, unet, text_encoders, config: TrainConfig, family: str) -> Path:
+    """final/: unet/ (and text_encoder/, SDXL: text_encoder_2/, when trained) as diffusers folders, or one LoRA file."""
     path = attempt_dir / FINAL
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return path
-    unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+    parts = model_parts(accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoders))
+    trained = {name: model for name, model in parts.items() if name == "unet" or config.changes_text_encoder}
     with fileio.atomic_dir(path) as tmp:
         if config.method == "lora":
-            from diffusers import StableDiffusionPipeline
-            from diffusers.utils import convert_state_dict_to_diffusers
-
-            from peft import LoraConfig
-
-            def metadata(targets):  # stored in the file so loaders apply alpha/rank, not alpha = rank
-                return LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=targets).to_dict()
-
-            te_layers = convert_state_dict_to_diffusers(trainable_state(text_encoder, config)) if config.changes_text_encoder else None
-            StableDiffusionPipeline.save_lora_weights(
-                tmp, unet_lora_layers=convert_state_dict_to_diffusers(trainable_state(unet, config)),
-                text_encoder_lora_layers=te_layers, safe_serialization=True,
-                unet_lora_adapter_metadata=metadata(UNET_LORA_TARGETS),
-                text_encoder_lora_adapter_metadata=metadata(TEXT_LORA_TARGETS) if te_layers else None,
-            )
+            adapters = {name: trainable_state(model, config) for name, model in trained.items()}
+            save_lora_file(tmp, adapters, config.lora_rank, config.lora_alpha, family)
         else:
-            unet.save_pretrained(tmp / "unet", safe_serialization=True)
-            if config.changes_text_encoder:
-                text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+            for name, model in trained.items():
+                model.save_pretrained(tmp / name, safe_serialization=True)
     return path
+
+
+def save_lora_file(folder: Path, adapters: dict[str, dict[str, torch.Tensor]], rank: int, alpha: int, family: str) -> None:
+    """LORA_FILE from each part's adapters (peft's names), through diffusers' own writer (the family's pipeline): keys
+    unet.*, text_encoder.* (text_encoder_2.*) in diffusers' names, each part's LoRA settings stored beside them so
+    loaders apply alpha/rank, not alpha = rank. Training's final/ and export's checkpoint files are written here."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    from peft import LoraConfig
+
+    layers = {}
+    for name, state in adapters.items():
+        layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(state)
+        layers[f"{name}_lora_adapter_metadata"] = LoraConfig(r=rank, lora_alpha=alpha, target_modules=lora_targets(name)).to_dict()
+    family_pipeline_class(family).save_lora_weights(folder, safe_serialization=True, **layers)

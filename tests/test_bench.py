@@ -39,3 +39,23 @@ def test_data_parallel_comparison_runs_two_processes_and_resumes_their_checkpoin
     assert "efficiency" in rows[1][7]
     assert "b@2: All 2 processes ended with the same weights." in done.stdout
     assert "b: the 2-process run's checkpoint resumed in 1 process (Resuming attempt-1 from step 20.) and finished 30 steps." in done.stdout
+
+
+def test_sdxl_configurations_run_on_the_tiny_sdxl_model(tmp_path):
+    """xl-lora16, xl-t4 (prior preservation, the T4 projection from counted FLOPs) and xl-sample, on the tiny SDXL."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--tiny", "--workdir", str(tmp_path), "--configs", "xl-lora16,xl-t4,xl-sample",
+         "--unet-steps", "30", "--te-steps", "0"],
+        capture_output=True, text=True, timeout=1800,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "built the model" in done.stdout and "text_encoder_2" in done.stdout
+    rows = {line.split("|")[1].strip(): line.split("|") for line in done.stdout.splitlines() if line.startswith("| xl-")}
+    for name in ("xl-lora16", "xl-t4"):
+        assert 0 < float(rows[name][3]) < 10, rows[name]  # s/step measured
+    assert abs(float(rows["xl-t4"][4]) * float(rows["xl-t4"][3]) - 2) < 0.1  # images/s: 1 photo + 1 class image a step
+    assert "xl-t4 on a T4, a projection: a UNet step at batch 2" in done.stdout  # prior preservation on, as shipped
+    sampling = re.search(r"\| 1 image \| ([0-9.]+) s \| ([0-9.]+) s \|", done.stdout)
+    assert sampling and float(sampling.group(1)) > 0 and float(sampling.group(2)) > 0
+    difference = re.search(r"same seed\) \| ([0-9.]+) \|", done.stdout)
+    assert difference and float(difference.group(1)) < 1.0  # dreamnb's generate and diffusers' pipeline paint the same image

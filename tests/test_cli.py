@@ -72,3 +72,12 @@ def test_prepare_train_sample_and_list_from_the_command_line(tmp_path, tiny_sd1)
     assert done.stdout.strip() == f"{hub.endpoint}/someone/zwx" and hub.repos["someone/zwx"]["visibility"] == "private"
     assert "README.md" in hub.files and any(f.endswith(".safetensors") for f in hub.files)
     assert GOOD_TOKEN not in done.stdout + done.stderr
+
+
+def test_export_offers_every_format_the_core_exports():
+    from dreamnb.cli import build_parser
+    from dreamnb.export import FORMATS
+
+    export = build_parser()._subparsers._group_actions[0].choices["export"]
+    choices = next(a.choices for a in export._actions if a.dest == "format")
+    assert tuple(choices) == FORMATS

@@ -1,5 +1,6 @@
 """SDXL's foundation: tiny SDXL models load from every source kind, the refiner/SD3/Flux are refused,
-training refuses SDXL (not built yet), and the token check reads both SDXL tokenizers."""
+training accepts SDXL (its own tests: test_sdxl_train.py, test_sdxl_export.py), and the token check reads both SDXL
+tokenizers."""
 import json
 import shutil
 from types import SimpleNamespace
@@ -10,7 +11,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dreamnb.config import TrainConfig
-from dreamnb.errors import UserError
 from dreamnb.models import ModelError, Placement, classify_checkpoint, describe_pipeline, load_base_model
 from dreamnb.tiny import save_tiny_model
 from dreamnb.tokens import check_token
@@ -18,13 +18,12 @@ from test_cli import dreamnb
 from test_models import _hub_cache, _run, _same_weights
 
 SDXL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
-TRAINING_REFUSED = "which dreamnb recognises but cannot train, sample or export yet"
 REFINER = "the SDXL refiner is not a base model for training"
 
 
 @pytest.fixture(scope="module")
 def base_sdxl(tiny_sdxl):
-    return load_base_model(tiny_sdxl.folder, allow_sdxl=True)
+    return load_base_model(tiny_sdxl.folder)
 
 
 @pytest.fixture(scope="module")
@@ -64,19 +63,17 @@ def test_single_file_has_the_sdxl_key_layout(tiny_sdxl):
 
 # --- loading ---------------------------------------------------------------------------------------
 
-def test_sdxl_folder_loads_as_sdxl(base_sdxl, base_sd1, tiny_sdxl):
+def test_sdxl_folder_loads_as_sdxl(base_sdxl, base_sd1):
     info = base_sdxl.info
     assert (info.source_kind, info.family, info.prediction_type) == ("folder", "sdxl", "epsilon")
     assert info.resolution == 64  # 8x8 latents, as the real 128x128 give 1024 px (below)
     assert type(base_sdxl.pipeline).__name__ == "StableDiffusionXLPipeline"
     assert "Stable Diffusion XL" in info.describe()
     assert base_sd1.text_encoder_2 is None and base_sd1.tokenizer_2 is None
-    with pytest.raises(ModelError, match=TRAINING_REFUSED):  # where SDXL is not built yet: one sentence
-        load_base_model(tiny_sdxl.folder)
 
 
 def test_sdxl_single_file_loads_the_same_weights(tiny_sdxl, base_sdxl):
-    from_file = load_base_model(tiny_sdxl.single_file, config=tiny_sdxl.folder, allow_sdxl=True)
+    from_file = load_base_model(tiny_sdxl.single_file, config=tiny_sdxl.folder)
     assert (from_file.info.source_kind, from_file.info.family) == ("single_file", "sdxl")
     for part in SDXL_PARTS:
         assert _same_weights(getattr(base_sdxl, part), getattr(from_file, part)), part
@@ -85,7 +82,7 @@ def test_sdxl_single_file_loads_the_same_weights(tiny_sdxl, base_sdxl):
 def test_sdxl_hub_id_loads_from_the_cache_offline(tiny_sdxl, tmp_path):
     cache = _hub_cache(tmp_path / "hub", "dreamnb-test/tiny-sdxl", tiny_sdxl.folder)
     code = ("import json; from dreamnb.models import load_base_model; "
-            "m = load_base_model('dreamnb-test/tiny-sdxl', allow_sdxl=True); "
+            "m = load_base_model('dreamnb-test/tiny-sdxl'); "
             "print(json.dumps([m.info.source_kind, m.info.family, type(m.pipeline).__name__]))")
     done = _run(code, {"HF_HUB_CACHE": str(cache)})
     assert done.returncode == 0, done.stderr
@@ -108,12 +105,12 @@ def test_real_sdxl_config_is_described_as_1024_px():
 
 def test_sdxl_vae_stays_fp32_in_fp16_unless_it_is_the_fp16_fix(tiny_sdxl, tmp_path):
     fp16 = Placement(torch.device("cpu"), torch.float16)
-    model = load_base_model(tiny_sdxl.folder, placement=fp16, allow_sdxl=True)
+    model = load_base_model(tiny_sdxl.folder, placement=fp16)
     assert (model.unet.dtype, model.text_encoder_2.dtype, model.vae.dtype) == (torch.float16, torch.float16, torch.float32)
     fixed = shutil.copytree(tiny_sdxl.folder, tmp_path / "fp16-fix")
     config_path = fixed / "vae" / "config.json"
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "force_upcast": False}))
-    assert load_base_model(fixed, placement=fp16, allow_sdxl=True).vae.dtype == torch.float16
+    assert load_base_model(fixed, placement=fp16).vae.dtype == torch.float16
 
 
 # --- refused ---------------------------------------------------------------------------------------
@@ -149,26 +146,16 @@ def test_sd3_flux_and_refiner_keys_are_refused(tmp_path, keys, message):
     assert "model.safetensors" in str(err.value) and "\n" not in str(err.value)
 
 
-# --- training is not built yet -----------------------------------------------------------------------
+# --- training works (tests/test_sdxl_train.py); the front door takes an SDXL model given as a folder -------------
 
-def test_train_refuses_sdxl_in_one_sentence(photo_session, tiny_sdxl, base_sdxl):
-    from dreamnb.session import open_session
+def test_train_accepts_sdxl_given_as_a_folder(photo_session, tiny_sdxl):
     from dreamnb.train import train
 
-    config = TrainConfig.from_preset("face", "lora", token="ohwx", class_word="person")
-    for model in (base_sdxl, tiny_sdxl.folder):
-        with pytest.raises(UserError, match=TRAINING_REFUSED) as err:
-            train(photo_session, config, model, progress=False)
-        assert "\n" not in str(err.value)
-    assert open_session(photo_session.path).attempts == []  # refused before an attempt was made
-
-
-def test_cli_train_refuses_sdxl_with_exit_2(photo_session, tiny_sdxl):
-    done = dreamnb("train", "--session", photo_session.path, "--model", tiny_sdxl.folder, "--token", "ohwx",
-                   "--class-word", "person")
-    assert done.returncode == 2, done.stderr
-    assert TRAINING_REFUSED in done.stderr and "Traceback" not in done.stderr
-    assert done.stderr.strip().count("\n") == 0
+    config = TrainConfig.from_preset("face", family="sdxl", token="ohwx", class_word="person", resolution=64, unet_steps=1,
+                                     with_prior_preservation=False)
+    result = train(photo_session, config, tiny_sdxl.folder, progress=False)
+    assert result.status == "finished", result.message
+    assert (result.final_dir / "pytorch_lora_weights.safetensors").is_file()
 
 
 # --- token check with both tokenizers ----------------------------------------------------------------

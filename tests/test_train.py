@@ -98,9 +98,9 @@ def test_prior_preservation_trains_each_step_on_class_images_under_the_class_pro
 
     batches = []
 
-    def recording_loss(unet, latents, embeds, generator, schedule, config, n_instance, *processes):
+    def recording_loss(unet, latents, embeds, generator, schedule, config, n_instance, *processes, **conditioning):
         batches.append((latents.detach().clone(), embeds.detach().clone(), n_instance))
-        return real_loss(unet, latents, embeds, generator, schedule, config, n_instance, *processes)
+        return real_loss(unet, latents, embeds, generator, schedule, config, n_instance, *processes, **conditioning)
 
     real_loss = train_module.diffusion_loss
     monkeypatch.setattr(train_module, "diffusion_loss", recording_loss)
@@ -148,7 +148,7 @@ def test_data_parallel_processes_draw_their_own_noise_and_timesteps(base_sd1):
     def unet_inputs(rows, world, rank):
         seen = []
 
-        def unet(noisy, timesteps, embeds):
+        def unet(noisy, timesteps, embeds, added_cond_kwargs=None):
             seen.append((noisy, timesteps))
             return dataclasses.make_dataclass("Out", ["sample"])(torch.zeros_like(noisy))
 

@@ -3,7 +3,7 @@
     env      = dreamnb.ui.setup(session_root)
     model    = dreamnb.ui.choose_model(base_model)
     session  = dreamnb.ui.choose_session(env, session_name, model=model)
-    photos   = dreamnb.ui.photos(session, instance_images, size=resolution)
+    photos   = dreamnb.ui.photos(session, instance_images, model=model)
     token    = dreamnb.ui.token_check(model, token)
     training = dreamnb.ui.train(session, model, token=token, class_word=class_word, preset=preset)
     grid     = dreamnb.ui.compare(session, model)
@@ -85,11 +85,12 @@ def choose_session(root: Any = None, name: str = "", *, model: Any = None, auto:
     return view
 
 
-def photos(session: Any, instance_images: str | Path | Sequence[str | Path] | None = None, *, size: int = 512,
-           crop: str = "smart", preset: str = "face", token: Any = None, auto: bool = False) -> PhotosView:
-    """Upload or point at photos, prepare them, see crops, rejections and advice, edit captions.
+def photos(session: Any, instance_images: str | Path | Sequence[str | Path] | None = None, *, size: int | None = None,
+           crop: str = "smart", preset: str = "face", token: Any = None, model: Any = None, auto: bool = False) -> PhotosView:
+    """Upload or point at photos, prepare them, see crops, rejections and advice, edit captions. `size` None: the
+    training size of `model`'s family (SDXL 1024, else 512), following the model the base model section loads.
     `auto` prepares `instance_images` at once (and fails when the session then has no photos)."""
-    view = show(PhotosView(session, instance_images, size=size, crop=crop, preset=preset, token=token))
+    view = show(PhotosView(session, instance_images, size=size, crop=crop, preset=preset, token=token, model=model))
     if auto:
         if view.sources:
             view.prepare(raise_errors=True)
@@ -103,10 +104,11 @@ def token_check(model: Any = None, default: str = "", *, delay: float = 0.4) -> 
     return show(TokenView(model, default, delay=delay))
 
 
-def train(session: Any, model: Any, *, token: Any = None, preset: str = "face", method: str = "full",
+def train(session: Any, model: Any, *, token: Any = None, preset: str = "face", method: str | None = None,
           attempt: str | None = None, start_from: str | None = None, auto: bool = False, **settings: Any) -> TrainView:
     """The settings form (from TrainConfig), Train / Stop / Resume and the live view. `settings` are
-    TrainConfig fields the form starts from (None keeps the preset's value). `start_from` ('attempt-1' or a
+    TrainConfig fields the form starts from (None keeps the preset's value for the base model's family, e.g. SDXL's
+    1024 px; `method` None: 'lora' for SDXL, else 'full'). `start_from` ('attempt-1' or a
     checkpoint 'attempt-1@500') trains more on top of that attempt: its settings, with `settings` on top, and
     steps that are steps more. `auto` trains at once."""
     view = show(TrainView(session, model, token=token, preset=preset, method=method, attempt=attempt,
@@ -147,7 +149,7 @@ def playground(session: Any, model: Any, *, attempt: str | None = None, prompt: 
 def export(session: Any, model: Any, *, attempt: str | None = None, format: str = "diffusers", out: str | Path | None = None,
            force: bool = False, fp16: bool = True, repo_id: str = "", private: bool = True, auto: bool = False) -> ExportView:
     """Export an attempt or one of its checkpoints ('attempt-1@500') as a diffusers folder, a single .safetensors
-    or a LoRA, or push it to the Hub; `auto` exports at once, and pushes too when `repo_id` is given."""
+    or a LoRA (kohya's layout 'lora', or diffusers' 'lora-diffusers'), or push it to the Hub; `auto` exports at once, and pushes too when `repo_id` is given."""
     view = show(ExportView(session, model, attempt=attempt, format=format, out=out or None, force=force, fp16=fp16,
                            repo_id=repo_id, private=private))
     if auto:

@@ -270,6 +270,25 @@ def loaded_model(model: Any):
     return getattr(model, "loaded", None)
 
 
+def model_family(model: Any) -> str:
+    """The loaded base model's family ('sd1', 'sd2', 'sdxl'); 'sd1' while none is loaded yet."""
+    return getattr(getattr(loaded_model(model), "info", None), "family", None) or "sd1"
+
+
+def training_size(model: Any, preset: str = "face") -> int:
+    """The training resolution the presets give the loaded base model's family (512 until a model is loaded)."""
+    from ..config import TrainConfig
+
+    return TrainConfig.from_preset(preset, family=model_family(model)).resolution
+
+
+def follow_model(model: Any, listener: Callable[[Any], Any]) -> None:
+    """Call `listener(base_model)` whenever the base model section (a ModelView) loads a model; nothing for a
+    model given directly."""
+    if callable(getattr(model, "on_load", None)):
+        model.on_load(listener)
+
+
 def resolve_session(session: Any):
     """A Session from a Session, a SessionView (once opened) or a session folder."""
     from ..session import Session, open_session

@@ -2,7 +2,8 @@
 
 Defaults, ranges, choices and explanations all come from the dataclass (one source of truth), so a new
 setting in `config.py` shows up here by itself. Changing the preset or method refills the values that
-presets set; every change is validated with `config.validate`, whose sentence is shown beside the form.
+presets set, for the base model's family (`family`: SDXL has its own, see `config.preset_values`); every change is
+validated with `config.validate`, whose sentence is shown beside the form.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any, Callable
 
 import ipywidgets as W
 
-from ..config import PRESETS, ConfigError, TrainConfig, preset_values, validate
+from ..config import METHODS, PRESETS, ConfigError, TrainConfig, preset_values, validate
 from .base import ERROR_STYLE, OK_STYLE, row
 
 # Shown up front, in this order; every other field goes under "More settings".
@@ -40,9 +41,17 @@ def label_for(name: str) -> str:
     return LABELS.get(name, name.replace("_", " ").capitalize())
 
 
-def _preset_keys() -> set[str]:
-    """Every field some preset (or method) sets: what a preset change refills."""
-    return {key for p in PRESETS for m in ("full", "lora") for key in preset_values(p, m)}
+FAMILIES = ("sd1", "sdxl")  # the families `config.preset_values` tells apart (SD 2.x takes SD 1.x's values)
+
+
+def _preset_keys(family: str = "sd1") -> set[str]:
+    """Every field some preset (or method) sets for this model family: what a preset change refills."""
+    return {key for p in PRESETS for m in METHODS for key in preset_values(p, m, family)}
+
+
+def family_keys() -> set[str]:
+    """Every field some preset sets for some model family: what a change of base model family refills."""
+    return set().union(*(_preset_keys(f) for f in FAMILIES))
 
 
 def widget_for(field: dataclasses.Field, kind: type, value: Any) -> W.Widget:
@@ -66,8 +75,10 @@ def widget_for(field: dataclasses.Field, kind: type, value: Any) -> W.Widget:
 class ConfigForm:
     """Widgets for a TrainConfig. `.config` is the current TrainConfig; `.problem` the validation sentence."""
 
-    def __init__(self, config: TrainConfig | None = None, *, main_fields: tuple[str, ...] = MAIN_FIELDS) -> None:
+    def __init__(self, config: TrainConfig | None = None, *, main_fields: tuple[str, ...] = MAIN_FIELDS,
+                 family: str = "sd1") -> None:
         config = config or TrainConfig()
+        self.family = family  # the base model's (`ModelInfo.family`): which presets' values a preset change refills
         hints = typing.get_type_hints(TrainConfig)
         self.fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
         self.widgets: dict[str, W.Widget] = {}
@@ -144,11 +155,15 @@ class ConfigForm:
 
     def _refill(self, preset: str, method: str) -> None:
         """Every field presets set goes to the new preset's value (or the default); the user's own stay."""
-        fresh = TrainConfig.from_preset(preset, method)
+        fresh = TrainConfig.from_preset(preset, method, family=self.family)
+        self.set_values({name: getattr(fresh, name) for name in _preset_keys(self.family) if name not in self.kept()})
+
+    def kept(self) -> set[str]:
+        """The fields a refill leaves alone: the user's own (a typed class word too)."""
         kept = set(KEPT_ON_PRESET_CHANGE)
         if self.widgets["class_word"].value.strip():
             kept.add("class_word")
-        self.set_values({name: getattr(fresh, name) for name in _preset_keys() if name not in kept})
+        return kept
 
     def _show_method_fields(self) -> None:
         lora = self.widgets["method"].value == "lora"

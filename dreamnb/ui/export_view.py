@@ -1,7 +1,8 @@
 """Export: save an attempt, or one of its checkpoints, for other tools (diffusers folder, one .safetensors for
-A1111/ComfyUI, a LoRA), or push it to the Hugging Face Hub. The view picks and names; `dreamnb.export` does the work."""
+A1111/ComfyUI, a LoRA in kohya's or diffusers' layout), or push it to the Hugging Face Hub. The view picks and names; `dreamnb.export` does the work."""
 from __future__ import annotations
 
+import html
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,11 +14,18 @@ from ..session import Session
 from .attempt_picker import AttemptPicker
 from .base import View, as_path, resolve_model, resolve_session, row
 
-FORMATS = {
-    "diffusers": "a diffusers folder: load it with StableDiffusionPipeline.from_pretrained",
+# One line per format of `dreamnb.export.FORMATS` (which decides what there is; a format without a line here shows
+# only its name).
+FORMAT_WORDS = {
+    "diffusers": "a diffusers folder: load it with from_pretrained (StableDiffusionPipeline, or StableDiffusionXLPipeline for SDXL)",
     "safetensors": "one .safetensors file for AUTOMATIC1111, ComfyUI or civitai",
-    "lora": "small LoRA weights (an attempt trained with the 'lora' method)",
+    "lora": "small LoRA weights in the kohya layout, for AUTOMATIC1111, ComfyUI and civitai (an attempt trained with the 'lora' method)",
+    "lora-diffusers": "the same LoRA weights in diffusers' own layout, for pipe.load_lora_weights (an attempt trained with the 'lora' method)",
 }
+
+
+def format_words(format: str) -> str:
+    return FORMAT_WORDS.get(format, format)
 
 
 class ExportView(View):
@@ -28,8 +36,8 @@ class ExportView(View):
                  repo_id: str = "", private: bool = True,
                  exporter: Callable[..., Any] = core_export.export_attempt, pusher: Callable[..., Any] = core_export.push_to_hub) -> None:
         super().__init__()
-        if format not in FORMATS:
-            raise UserError(f"Unknown export format {format!r}; choose one of {', '.join(FORMATS)}.")
+        if format not in core_export.FORMATS:
+            raise UserError(f"Unknown export format {format!r}; choose one of {', '.join(core_export.FORMATS)}.")
         self._session, self._model = session, model
         self._export, self._push = exporter, pusher
         self.path: Path | None = None
@@ -39,7 +47,7 @@ class ExportView(View):
         self.attempt, self.step = self.picker.attempt, self.picker.step
         self.refresh_button = W.Button(description="", icon="refresh", tooltip="List the attempts and checkpoints again",
                                        layout=W.Layout(width="40px"))
-        self.format = W.Dropdown(options=list(FORMATS), value=format, layout=W.Layout(width="160px"))
+        self.format = W.Dropdown(options=list(core_export.FORMATS), value=format, layout=W.Layout(width="160px"))
         self.format_help = W.HTML()
         self.out_text = W.Text(value=str(out or ""), placeholder="empty: the session's exports/ folder",
                                layout=W.Layout(width="420px"))
@@ -58,7 +66,7 @@ class ExportView(View):
             row(W.HBox([self.picker.widget, self.refresh_button]),
                 "Which trained attempt to export: 'final' is the end of training, a step an earlier checkpoint.", "Attempt"),
             row(self.format, "", "Format"), row(self.format_help, "", " "),
-            row(self.out_text, "diffusers: a new folder; safetensors and lora: a .safetensors file or an existing folder. Empty: the session's exports/ folder.", "Save to"),
+            row(self.out_text, "diffusers: a new folder; the others: a .safetensors file or an existing folder. Empty: the session's exports/ folder.", "Save to"),
             row(W.VBox([self.force, self.fp16]), "", " "),
             self.export_button,
             row(self.repo_id, "Needs a Hugging Face token with write access (see the base model section).", "Hub repository"),
@@ -109,6 +117,6 @@ class ExportView(View):
         return resolve_session(self._session), self.picker.ref
 
     def _show_format(self) -> None:
-        self.format_help.value = f"<i>{FORMATS[self.format.value]}</i>"
+        self.format_help.value = f"<i>{html.escape(format_words(self.format.value))}</i>"
         # fp16 only applies to the single file; the diffusers folder and the LoRA keep the trained precision
         self.fp16.layout.display = "" if self.format.value == "safetensors" else "none"

@@ -3,20 +3,34 @@
 The token box never shows, keeps or saves the token: its value is moved into this kernel's HF_TOKEN
 (where `models.resolve_hf_token` and huggingface_hub look) and the box is emptied at once, so the
 token is not in the notebook file or its saved widget state.
+
+The "Start from" list offers the usual base models, each with a line on what it means for training; views of
+later sections that depend on the model (the train form's defaults, image sizes) register with `on_load` and
+follow the model each time one is loaded.
 """
 from __future__ import annotations
 
 import html
-
+import logging
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import ipywidgets as W
 
 from ..errors import UserError
-from ..models import DEFAULT_MODEL, BaseModel, ModelError, load_base_model, resolve_hf_token, source_kind
+from ..models import DEFAULT_MODEL, SDXL_MODEL, BaseModel, ModelError, load_base_model, resolve_hf_token, source_kind
 from .base import View, row
+
+log = logging.getLogger(__name__)
+
+OTHER = ""  # the "Start from" choice for a model typed in the box
+# The base models offered by name: (label, what choosing it means), by source.
+CHOICES = {
+    DEFAULT_MODEL: ("Stable Diffusion 1.5", "512 px; trains fastest and fits a free Colab T4; most tutorials use it."),
+    SDXL_MODEL: ("Stable Diffusion XL", "Better images at 1024 px; needs more GPU memory and time, so it trains a LoRA by "
+                                        "default (whether it fits a free T4 is not measured yet)."),
+}
 
 KIND_WORDS = {
     "hub": "a model on the Hugging Face Hub (downloaded once, then cached)",
@@ -35,7 +49,12 @@ class ModelView(View):
         self._loader = loader
         self.loaded: BaseModel | None = None
         self._token_from_box = False  # the box applied a token since the last button press
-        self.source_text = W.Text(value=str(default or DEFAULT_MODEL), layout=W.Layout(width="420px"))
+        self._listeners: list[Callable[[BaseModel], Any]] = []  # views of later sections that follow the model
+        self.source_text = W.Text(value=str(default or DEFAULT_MODEL), placeholder="a Hub id, a folder, a .safetensors file or a link",
+                                  layout=W.Layout(width="420px"))
+        self.choice = W.Dropdown(options=[(label, source) for source, (label, _) in CHOICES.items()] + [("Another model (type it below)", OTHER)],
+                                 value=self._choice_for(self.source_text.value), layout=W.Layout(width="260px"))
+        self.choice_help = W.HTML()
         self.kind = W.HTML()
         self.config_text = W.Text(value=str(config or ""), placeholder="only for a single file; usually empty",
                                   layout=W.Layout(width="420px"))
@@ -44,13 +63,17 @@ class ModelView(View):
         self.token_button = W.Button(description="Use this token", icon="key")
         self.token_state = W.HTML()
         self.load_button = W.Button(description="Load model", button_style="primary", icon="download")
-        self.source_text.observe(lambda _: self._show_kind(), names="value")
+        self.source_text.observe(lambda _: self._source_typed(), names="value")
+        self.choice.observe(lambda _: self._choice_picked(), names="value")
         self.token_box.observe(self._on_token_typed, names="value")
         self.token_button.on_click(lambda _: self._on_token_button())
         self.load_button.on_click(lambda _: self.load())
         self._show_kind()
+        self._show_choice()
         self._show_token_state()
         self.widget = W.VBox([
+            row(self.choice, "A well-known base model to start from, or another one typed below.", "Start from"),
+            row(self.choice_help, "", " "),
             row(self.source_text, "A Hub id like stable-diffusion-v1-5/stable-diffusion-v1-5, a folder, a .safetensors file, or a link to one (civitai download link, Google Drive share, https; a civitai key is read from the CIVITAI_TOKEN secret).", "Base model"),
             row(self.kind, "", " "),
             row(self.config_text, "For a single file: a diffusers folder or Hub id whose configs describe it (SD 2.x files need one).", "Config (optional)"),
@@ -75,16 +98,23 @@ class ModelView(View):
         def load() -> BaseModel:
             if not self.source:
                 raise ModelError(f"The base model is empty; type a Hub id such as {DEFAULT_MODEL}, a folder or a .safetensors file.")
-            self.show_status(f"Loading {self.source}… (a first download of SD 1.5 takes a few minutes)")
+            self.show_status(f"Loading {self.source}… (a first download takes a few minutes: about 4 GB for SD 1.5, "
+                             "7 GB for SDXL)")
             model = self._loader(self.source, config=self.config_text.value.strip() or None)
             self.loaded = model
             self.show_status(f"Loaded: {model.info.describe()}.", ok=True)
+            self._tell_listeners(model)
             return model
 
         result = self._act(load, raise_errors=raise_errors, busy=[self.load_button])
         if result is None:
             self.show_status("")
         return result
+
+    def on_load(self, listener: Callable[[BaseModel], Any]) -> None:
+        """Call `listener(base_model)` after each successful load; a listener that fails is logged, never turned into
+        a failed load."""
+        self._listeners.append(listener)
 
     def use_token(self) -> None:
         token = self.token_box.value.strip()
@@ -112,6 +142,33 @@ class ModelView(View):
         if already_applied and not self.token_box.value:
             return
         self.use_token()
+
+    def _tell_listeners(self, model: BaseModel) -> None:
+        for listener in self._listeners:
+            try:
+                listener(model)
+            except Exception:  # a later section's view must not make the load look failed
+                log.warning("a view could not follow the newly loaded base model", exc_info=True)
+
+    # --- "Start from" and the box follow each other ------------------------------------------------
+    @staticmethod
+    def _choice_for(source: str) -> str:
+        return source.strip() if source.strip() in CHOICES else OTHER
+
+    def _choice_picked(self) -> None:
+        # "Another model" empties the box for typing; a typed source is already "another model", so it is never lost
+        if self._choice_for(self.source_text.value) != self.choice.value:
+            self.source_text.value = self.choice.value
+        self._show_choice()
+
+    def _source_typed(self) -> None:
+        self._show_kind()
+        self.choice.value = self._choice_for(self.source_text.value)
+        self._show_choice()
+
+    def _show_choice(self) -> None:
+        words = CHOICES[self.choice.value][1] if self.choice.value in CHOICES else "Any Stable Diffusion 1.x, 2.x or XL model: type it below."
+        self.choice_help.value = f"<i>{html.escape(words)}</i>"
 
     # --- display ---------------------------------------------------------------------------------
     def _show_kind(self) -> None:

@@ -20,7 +20,7 @@ from ..errors import UserError
 from ..grid import make_grid
 from ..images import PrepareReport, caption_warnings, prepare_photos, prepared_files, remove_photo
 from ..session import session_lock
-from .base import HELP_STYLE, Results, View, current_text, png_bytes, resolve_session, row
+from .base import HELP_STYLE, Results, View, current_text, follow_model, png_bytes, resolve_session, row, training_size
 
 THUMBNAIL_PX = 128
 SHEET_COLUMNS = 8
@@ -66,8 +66,8 @@ def report_markdown(report: PrepareReport) -> str:
 class PhotosView(View):
     """Prepare photos into the session; `.report` is the last `PrepareReport`, `.photos` the prepared set."""
 
-    def __init__(self, session: Any, instance_images: Any = None, *, size: int = 512, crop: str = "smart",
-                 preset: str = "face", token: Any = None,
+    def __init__(self, session: Any, instance_images: Any = None, *, size: int | None = None, crop: str = "smart",
+                 preset: str = "face", token: Any = None, model: Any = None,
                  preparer: Callable[..., PrepareReport] = prepare_photos) -> None:
         super().__init__()
         self._session = session
@@ -79,7 +79,9 @@ class PhotosView(View):
                                      placeholder="/content/drive/MyDrive/photos  (a folder or .zip; one per line)",
                                      layout=W.Layout(width="420px"))
         self.crop = W.Dropdown(options=list(CROP_MODES), value=crop, layout=W.Layout(width="120px"))
-        self.size = W.BoundedIntText(value=size, min=64, max=2048, step=64, layout=W.Layout(width="120px"))
+        self._auto_size = None if size else training_size(model, preset)  # the model's, while the cell gave none
+        self.size = W.BoundedIntText(value=size or self._auto_size, min=64, max=2048, step=64, layout=W.Layout(width="120px"))
+        follow_model(model, self._model_loaded)
         self.preset = W.Dropdown(options=list(PRESETS), value=preset, layout=W.Layout(width="120px"))
         self.prepare_button = W.Button(description="Prepare photos", button_style="primary", icon="images")
         self.progress = W.IntProgress(value=0, min=0, max=1, layout=W.Layout(width="300px", visibility="hidden"))
@@ -208,6 +210,12 @@ class PhotosView(View):
         if not photo.is_file():
             raise UserError(f"{name} is no longer in the session; press Prepare again or pick another photo.")
         return photo
+
+    def _model_loaded(self, base: Any) -> None:
+        """A newly loaded base model brings its own training size (SDXL: 1024), unless the cell or the user chose one."""
+        if self._auto_size is not None and self.size.value == self._auto_size:
+            self._auto_size = training_size(base, self.preset.value)
+            self.size.value = self._auto_size
 
     def _show_caption(self) -> None:
         name = self.caption_photo.value

@@ -24,7 +24,7 @@ from ..models import BaseModel
 from ..sample import SCHEDULERS, Sample, SampleSettings, expand_prompt, generate, save_png
 from ..session import Session, attempt_weights_dir
 from .attempt_picker import BASE, FINAL, AttemptPicker, ref_of
-from .base import HELP_STYLE, Results, View, loaded_model, resolve_model, resolve_session, row
+from .base import HELP_STYLE, Results, View, follow_model, loaded_model, resolve_model, resolve_session, row
 from .compare_view import readable_cell_size
 
 RANDOM = "random"
@@ -76,7 +76,8 @@ class PlaygroundView(View):
         self.samples: list[Sample] = []
         self.paths: list[Path] = []
         self.seeds: list[int] = []
-        size = size or native_size(model)
+        self._auto_size = None if size else native_size(model)  # the size the model gave, while the cell gave none
+        size = size or self._auto_size
         self.picker = AttemptPicker(attempt, act=self._act)  # the attempt named in the cell, else the newest finished
         self.attempt, self.step = self.picker.attempt, self.picker.step
         self.refresh_button = W.Button(description="", icon="refresh", tooltip="List the attempts and checkpoints again",
@@ -115,6 +116,7 @@ class PlaygroundView(View):
             row(self.compile_unet, COMPILE_UNET_HELP, "Compile"),
             self.generate_button, self.status, self.error, self.out,
         ])
+        follow_model(model, self._model_loaded)
         try:
             self.refresh()
         except UserError:  # the session is opened in an earlier cell later on; Generate refreshes then
@@ -155,6 +157,12 @@ class PlaygroundView(View):
         return result
 
     # --- internals -------------------------------------------------------------------------------
+    def _model_loaded(self, base: BaseModel) -> None:
+        """A newly loaded base model brings its own size, unless the cell or the user chose one."""
+        if self._auto_size is not None and self.width.value == self.height.value == self._auto_size:
+            self._auto_size = native_size(base)
+            self.width.value = self.height.value = self._auto_size
+
     def _show_filled(self) -> None:
         """The prompt as the model will read it, under the box."""
         try:

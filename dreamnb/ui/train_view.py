@@ -8,6 +8,8 @@ When a run ends, its loss curve (from log.csv) and newest previews move from the
 of the cell (`base.Results`), where a saved or reopened notebook still shows them.
 "Start from" an attempt (or one of its checkpoints) fills the form with its settings (`continue_config`) and
 trains more steps on top of its weights, as a new attempt that records where it came from.
+The form's defaults follow the base model's family (`config.preset_values`: SDXL trains at 1024 px with LoRA), also
+when the model is loaded after this cell ran: the base model section tells the view (`ModelView.on_load`).
 """
 from __future__ import annotations
 
@@ -22,14 +24,14 @@ from typing import Any, Callable
 import ipywidgets as W
 
 from .. import colab
-from ..config import TrainConfig
+from ..config import TrainConfig, default_method
 from ..errors import UserError
 from ..session import Session, describe_size, split_ref
 from ..train import TrainEvent, TrainResult, continue_config, disk_estimate, read_log, train
 from .attempt_picker import BASE, AttemptPicker
-from .base import (HELP_STYLE, Results, StepFailed, View, current_text, loaded_model, png_bytes, resolve_model,
-                   resolve_session, row)
-from .config_form import ConfigForm
+from .base import (HELP_STYLE, Results, StepFailed, View, current_text, follow_model, loaded_model, model_family,
+                   png_bytes, resolve_model, resolve_session, row)
+from .config_form import ConfigForm, family_keys
 
 log = logging.getLogger(__name__)
 
@@ -139,19 +141,36 @@ class LiveView:
         self.samples.children = [W.HTML(f"<b>Samples at step {step}</b>"), *tiles]
 
 
+def model_note(family: str, preset: str = "face") -> str:
+    """One line on why the defaults differ for this model family (the values are `config.preset_values`'); '' for SD 1.x/2.x."""
+    if family != "sdxl":
+        return ""
+    config = TrainConfig.from_preset(preset, family=family)
+    parts = [f"{config.resolution} px, the size it paints at"]
+    if default_method(family) == "lora":
+        parts.append("LoRA, small add-on weights (a full fine-tune of its 2.6B-weight UNet needs far more GPU memory)")
+    if config.text_encoder_steps == 0:
+        parts.append("the UNet only, as its two text encoders already tell a rare token apart")
+    return f"Stable Diffusion XL: {'; '.join(parts)}."
+
+
 class TrainView(View):
     """What to start from + settings form + Train / Stop / Resume + live view. `.config` is the form's TrainConfig,
     `.result` the last run. `start_from`: None or 'base' for the base model, or 'attempt-1' / 'attempt-1@500' to train
     more on top of that attempt (its settings, with `settings` on top)."""
 
     def __init__(self, session: Any, model: Any, *, token: Any = None, attempt: str | None = None,
-                 preset: str = "face", method: str = "full", start_from: str | None = None,
+                 preset: str = "face", method: str | None = None, start_from: str | None = None,
                  trainer: Callable[..., TrainResult] = train, in_colab: bool | None = None, **settings: Any) -> None:
         super().__init__()
         self._session, self._model, self._trainer = session, model, trainer
         token_text = current_text(token).strip()
-        self.form = ConfigForm(TrainConfig.from_preset(preset, method, token=token_text or None, **settings))
+        family = model_family(model)
+        self.form = ConfigForm(TrainConfig.from_preset(preset, method, family=family, token=token_text or None, **settings),
+                               family=family)
+        self._method = method  # the cell's own method; None: the model family's default
         self._settings = {name: value for name, value in settings.items() if value is not None}  # the cell's own
+        self.model_note = W.HTML()  # why the defaults are what they are for this base model (SDXL)
         self._build_start_from(start_from)
         self.disk_line = W.HTML()  # the disk a run takes, under the form
         self._build_disconnect(colab.in_colab() if in_colab is None else in_colab)
@@ -174,11 +193,14 @@ class TrainView(View):
         self.form.on_check(lambda problem: setattr(self.train_button, "disabled", problem is not None or self.running))
         self.form.on_check(lambda _: self._show_disk())
         self.form.check()
+        self._show_model_note()
+        follow_model(model, self._model_loaded)  # the base model section: follow the model it loads later
         self.results = Results("loss curve", "previews")  # of the last run, once it has ended
         self.widget = W.VBox([
             row(W.HBox([self.start_from.widget, self.start_from_refresh]), "The untrained base model, or a trained "
                 "attempt ('final') or one of its checkpoints, to train more on top of it.", "Start from"),
             self.start_note,
+            self.model_note,
             self.form.widget,
             self.disk_line,
             row(self.attempt_text, "A name for this try, so you can compare attempts later.", "Attempt name"),
@@ -328,6 +350,28 @@ class TrainView(View):
             return self.form.config
         changed = {name: value for name, value in self.form.values.items() if value != self._parent_values[name]}
         return continue_config(session, self._filled_from, **changed)
+
+    def use_family(self, family: str) -> None:
+        """Refill the settings presets set for a base model of `family` ('sd1', 'sd2', 'sdxl'), keeping the cell's own
+        values and the user's token and class word; the base model section calls it when a model is loaded."""
+        if family == self.form.family:
+            return
+        fresh = TrainConfig.from_preset(self.form.values["preset"], self._method, family=family, **self._settings)
+        values = {name: getattr(fresh, name) for name in family_keys() | {"method"} if name not in self.form.kept()}
+        self.form.family = family
+        if self._filled_from == BASE:
+            self.form.set_values(values)
+        else:  # the form shows an attempt's settings: the new defaults wait until the base model is picked again
+            self._base_values.update(values)
+        self._show_model_note()
+
+    def _model_loaded(self, base: Any) -> None:
+        self.use_family(model_family(base))
+        self.form.check()  # the disk estimate needs the loaded model
+
+    def _show_model_note(self) -> None:
+        note = model_note(self.form.family, self.form.values["preset"])
+        self.model_note.value = f'<span style="{HELP_STYLE}">{html.escape(note)}</span>' if note else ""
 
     def _show_disk(self) -> None:
         """The disk the run will take with the settings as they are now (once the base model is loaded)."""

@@ -15,11 +15,11 @@ from .gpu_util import dreamnb, record
 TOKEN = "squidarth"
 
 
-def readme_flow(model, photos, work, *train_args, export_format="safetensors"):
+def readme_flow(model, photos, work, *train_args, export_format="safetensors", prepare_args=()):
     """check-token → prepare → train → compare base attempt-1 → export, as the README writes them."""
     session = work / "sessions" / "me"
     dreamnb("check-token", TOKEN, cwd=work)
-    dreamnb("prepare", photos, "--session", session, cwd=work)
+    dreamnb("prepare", photos, "--session", session, *prepare_args, cwd=work)
     trained, train_s = dreamnb("train", "--session", session, "--model", model, "--token", TOKEN, "--class-word", "person",
                                *train_args, cwd=work)
     _, compare_s = dreamnb("compare", "--session", session, "--attempts", "base", "attempt-1", "--out", work / "grid.png", cwd=work)
@@ -32,15 +32,16 @@ def readme_flow(model, photos, work, *train_args, export_format="safetensors"):
     return session, out, trained.stderr, dict(train_s=round(train_s, 1), compare_s=round(compare_s, 1), export_s=round(export_s, 1))
 
 
-def sample_with_diffusers(model_folder, exported, kind):
+def sample_with_diffusers(model_folder, exported, kind, xl=False):
     """What a user does with the export: diffusers loads it (single file, or the LoRA onto the base) and samples."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    pipeline_class, extra = (StableDiffusionXLPipeline, {}) if xl else (StableDiffusionPipeline, dict(safety_checker=None))
     if kind == "safetensors":
-        pipe = StableDiffusionPipeline.from_single_file(str(exported), config=str(model_folder), local_files_only=True,
-                                                        torch_dtype=torch.float16, safety_checker=None)
+        pipe = pipeline_class.from_single_file(str(exported), config=str(model_folder), local_files_only=True,
+                                               torch_dtype=torch.float16, **extra)
     else:
-        pipe = StableDiffusionPipeline.from_pretrained(model_folder, torch_dtype=torch.float16, safety_checker=None)
+        pipe = pipeline_class.from_pretrained(model_folder, torch_dtype=torch.float16, **extra)
         pipe.load_lora_weights(str(exported))
     pipe.to("cuda")
     image = pipe(f"photo of {TOKEN} person", num_inference_steps=5, generator=torch.Generator("cuda").manual_seed(0),
@@ -60,6 +61,20 @@ def test_the_readme_flow_on_the_tiny_model(tiny_sd1, photos_512, tmp_path, prese
     assert "Optimizer" in log and ("bf16 mixed precision" in log), log
     sample_with_diffusers(tiny_sd1.folder, exported, fmt)
     record(f"readme flow, tiny model, --preset {preset}{' --lora' if lora else ''}", **seconds)
+
+
+def test_the_readme_flow_with_sdxl_on_the_tiny_model(tiny_sdxl, photos_512, tmp_path):
+    """SDXL through the same commands: the face preset's SDXL values (LoRA, 1024 px, the UNet only), class images made
+    by the SDXL pipeline on the GPU (its VAE in fp32 beside an fp16 UNet), compare, and the kohya-format LoRA, which
+    diffusers' SDXL pipeline loads and samples with."""
+    session, exported, log, seconds = readme_flow(tiny_sdxl.folder, photos_512, tmp_path, "--preset", "face",
+                                                  export_format="lora", prepare_args=("--size", "1024"))
+    assert "class images" in log and "on cuda" in log and "bf16 mixed precision" in log, log
+    config = json.loads((session / "attempts" / "attempt-1" / "config.json").read_text())
+    assert (config["method"], config["resolution"], config["text_encoder_steps"]) == ("lora", 1024, 0)
+    sample_with_diffusers(tiny_sdxl.folder, exported, "lora", xl=True)
+    optimizer_line = next(line for line in log.splitlines() if "Optimizer" in line)
+    record("readme flow, tiny SDXL, --preset face (LoRA, 1024 px)", **seconds, trainer=optimizer_line.strip())
 
 
 def test_after_a_bf16_run_the_base_model_samples_the_same_images(photo_session, gpu_base):
