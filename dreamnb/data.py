@@ -136,11 +136,6 @@ def tokenize_all(tokenizers: list, prompts: list[str]) -> torch.Tensor:
     return torch.stack([tokenize(tokenizer, prompts) for tokenizer in tokenizers], dim=1)
 
 
-def encode_prompts(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
-    """The text encoder's last hidden state, which is what the SD UNet cross-attends to."""
-    return text_encoder(input_ids.to(text_encoder.device))[0]
-
-
 class PromptEncoder(torch.nn.Module):
     """The one owner of how prompts become the UNet's conditioning: the model's text encoder(s) as one module, token ids
     from `tokenize_all` in, (embeds, pooled) out. SD 1.x/2.x: embeds are the encoder's last hidden state and pooled is

@@ -308,8 +308,8 @@ class FastUNetForward:
     `compiled`, it runs torch.compile's fused kernels (inside the graphs on a GPU): sampling was 1.4× faster on an
     H200, after compiling for about 45 s per batch size the first time (seconds once cached on disk).
 
-    Falls back to the plain forward for anything unusual (gradients, extra conditioning), and for
-    good if compiling fails."""
+    SDXL's `added_cond_kwargs` (pooled prompt, size/crop numbers: tensors) are graph inputs like the others. Falls back
+    to the plain forward for anything unusual (gradients, other extra arguments), and for good if compiling fails."""
 
     def __init__(self, unet, *, graphs: bool, compiled: bool):
         self.unet = unet
@@ -319,22 +319,26 @@ class FastUNetForward:
         self.compile_failed = False
         self.graphs: dict[tuple, tuple] = {}
 
-    def __call__(self, sample, timestep, encoder_hidden_states, *args, return_dict: bool = True, **kwargs):
-        unusual = args or any(v is not None for v in kwargs.values()) or torch.is_grad_enabled()
+    def __call__(self, sample, timestep, encoder_hidden_states, *args, return_dict: bool = True, added_cond_kwargs=None, **kwargs):
+        added = added_cond_kwargs or {}
+        unusual = (args or any(v is not None for v in kwargs.values()) or torch.is_grad_enabled()
+                   or not all(isinstance(v, torch.Tensor) for v in added.values()))
         if unusual:
-            return self.forward(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
-        timestep = torch.as_tensor(timestep, device=sample.device)
+            return self.forward(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict,
+                                added_cond_kwargs=added_cond_kwargs, **kwargs)
+        names = tuple(sorted(added))
+        inputs = (sample, torch.as_tensor(timestep, device=sample.device), encoder_hidden_states, *(added[n] for n in names))
         if self.use_graphs and sample.is_cuda:
-            key = (tuple(sample.shape), sample.dtype, tuple(encoder_hidden_states.shape), tuple(timestep.shape), timestep.dtype)
+            key = (names, *((tuple(t.shape), t.dtype) for t in inputs))
             if key not in self.graphs:
-                self.graphs[key] = self._capture(sample, timestep, encoder_hidden_states)
-            graph, inputs, output = self.graphs[key]
-            for static, value in zip(inputs, (sample, timestep, encoder_hidden_states)):
+                self.graphs[key] = self._capture(names, inputs)
+            graph, static_inputs, output = self.graphs[key]
+            for static, value in zip(static_inputs, inputs):
                 static.copy_(value)
             graph.replay()
             result = output.clone()  # schedulers keep past outputs; the next replay overwrites `output`
         else:
-            result = self._run(sample, timestep, encoder_hidden_states)
+            result = self._run(names, inputs)
         if not return_dict:
             return (result,)
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
@@ -347,26 +351,29 @@ class FastUNetForward:
         unet = copy.deepcopy(self.unet, memo)
         return type(unet).forward.__get__(unet)
 
-    def _run(self, sample, timestep, encoder_hidden_states) -> torch.Tensor:
+    def _run(self, names: tuple[str, ...], inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The UNet on (sample, timestep, encoder_hidden_states, *the added conditioning named `names`)."""
+        sample, timestep, encoder_hidden_states, *added = inputs
+        extra = {"added_cond_kwargs": dict(zip(names, added))} if names else {}
         if self.compiled:
             try:
-                return _compiled_unet_forward(COMPILE_BACKEND)(self.unet, sample, timestep, encoder_hidden_states, return_dict=False)[0]
+                return _compiled_unet_forward(COMPILE_BACKEND)(self.unet, sample, timestep, encoder_hidden_states, return_dict=False, **extra)[0]
             except Exception as err:  # a build without a working compiler: sample as before
                 log.warning("Compiling the UNet failed (%s); sampling without it.", str(err).splitlines()[0] if str(err) else type(err).__name__)
                 self.compiled, self.compile_failed = False, True
-        return self.forward(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+        return self.forward(sample, timestep, encoder_hidden_states, return_dict=False, **extra)[0]
 
-    def _capture(self, sample, timestep, encoder_hidden_states):
-        inputs = tuple(t.clone() for t in (sample, timestep, encoder_hidden_states))
+    def _capture(self, names: tuple[str, ...], inputs: tuple[torch.Tensor, ...]):
+        static_inputs = tuple(t.clone() for t in inputs)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._run(*inputs)  # warm-up: kernels picked (and compiled), workspaces allocated
+            self._run(names, static_inputs)  # warm-up: kernels picked (and compiled), workspaces allocated
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            output = self._run(*inputs)
-        return graph, inputs, output
+            output = self._run(names, static_inputs)
+        return graph, static_inputs, output
 
 
 def enable_fast_sampling(pipe, *, cuda_graphs: bool = True, compile_unet: bool = False) -> None:

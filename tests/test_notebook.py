@@ -72,24 +72,29 @@ def inject_parameters(nb, values: dict) -> None:
     cell.source += "\n# injected by the test\n" + "\n".join(f"{k} = {v!r}" for k, v in values.items())
 
 
-def test_notebook_runs_headless_from_top_to_bottom(tmp_path, tiny_sd1):
+def run_headless(tmp_path, **parameters):
+    """The notebook executed top to bottom with `auto_run`, as papermill would, on three subject photos; the sessions
+    go to tmp_path/sessions. Returns the executed notebook (also saved as executed.ipynb, for a look when a test fails)."""
     from nbclient import NotebookClient
 
     photos = tmp_path / "my photos"
     photos.mkdir()
     for i in range(3):
         subject_photo(i, 96).save(photos / f"me-{i}.jpg", quality=95)
-    root = tmp_path / "sessions"
     nb = read_notebook()
-    inject_parameters(nb, dict(
-        base_model=str(tiny_sd1.folder), session_root=str(root), session_name="nb-test", instance_images=str(photos),
-        token="zwx", class_word="thing", preset="object", unet_steps=16, unet_lr=1e-3, text_encoder_steps=4,
-        text_encoder_lr=1e-4, with_prior_preservation=False, resolution=64, checkpoint_every=0,
-        compare_prompts=["photo of {token} {class}", "photo of a {class}"], compare_seeds=[1], sample_steps=3,
-        export_format="safetensors", auto_run=True,
-    ))
+    inject_parameters(nb, dict(session_root=str(tmp_path / "sessions"), instance_images=str(photos), token="zwx",
+                               class_word="thing", preset="object", with_prior_preservation=False, resolution=64,
+                               checkpoint_every=0, auto_run=True, **parameters))
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    nbformat.write(nb, tmp_path / "executed.ipynb")  # for a look when the test fails
+    nbformat.write(nb, tmp_path / "executed.ipynb")
+    return nb
+
+
+def test_notebook_runs_headless_from_top_to_bottom(tmp_path, tiny_sd1):
+    root = tmp_path / "sessions"
+    nb = run_headless(tmp_path, base_model=str(tiny_sd1.folder), session_name="nb-test", unet_steps=16, unet_lr=1e-3,
+                      text_encoder_steps=4, text_encoder_lr=1e-4, compare_seeds=[1], sample_steps=3, export_format="safetensors",
+                      compare_prompts=["photo of {token} {class}", "photo of a {class}"])
 
     # every section showed its widgets, and none failed
     for cell in code_cells(nb):

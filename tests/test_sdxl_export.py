@@ -153,6 +153,26 @@ def test_lora_attempt_samples_differently_from_the_base_and_the_same_twice(sdxl_
     assert torch.equal(unet_output(base_sdxl.pipeline), unet_output(fresh_pipeline(base_sdxl)))
 
 
+def test_compiled_sdxl_sampling_feeds_the_added_conditioning_through(base_sdxl, monkeypatch):
+    """SDXL's pooled prompt and size/crop numbers go through the fast path's own forward (compiled here with a light
+    backend; on a GPU the same inputs are the CUDA graph's), not the plain fallback: same images, one compiled graph."""
+    from torch._dynamo.utils import counters
+
+    from dreamnb import fast
+
+    pipe = fresh_pipeline(base_sdxl)
+    batch = [settings(seed=1), settings(seed=2, negative_prompt="blurry")]
+    plain = pixels(generate(pipe, batch, progress=False))
+    monkeypatch.setattr(fast, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = pixels(generate(pipe, batch, progress=False, compile_unet=True))
+    assert isinstance(pipe.unet.forward, fast.FastUNetForward) and not pipe.unet.forward.compile_failed
+    assert counters["stats"]["unique_graphs"] == 1
+    for a, b in zip(plain, compiled):
+        assert (a - b).abs().max() <= 1
+
+
 def test_negative_prompt_changes_an_sdxl_image(base_sdxl):
     plain, negative = generate(base_sdxl.pipeline, [settings(1), settings(1, negative_prompt="blurry")], progress=False)
     assert negative.settings.negative_prompt == "blurry"

@@ -125,30 +125,14 @@ def test_notebook_runs_headless_with_a_tiny_sdxl_model(tmp_path, tiny_sdxl):
     defaults (LoRA, UNet only) where the parameters leave them open, and the LoRA is exported in diffusers' layout."""
     import json
 
-    import nbformat
-    from nbclient import NotebookClient
+    from test_notebook import code_cells, run_headless
 
-    from conftest import subject_photo
-    from test_notebook import code_cells, inject_parameters, read_notebook
-
-    photos = tmp_path / "my photos"
-    photos.mkdir()
-    for i in range(3):
-        subject_photo(i, 96).save(photos / f"me-{i}.jpg", quality=95)
-    root = tmp_path / "sessions"
-    nb = read_notebook()
-    inject_parameters(nb, dict(
-        base_model=str(tiny_sdxl.folder), session_root=str(root), session_name="xl", instance_images=str(photos),
-        token="zwx", class_word="thing", preset="object", unet_steps=8, unet_lr=1e-3, with_prior_preservation=False,
-        resolution=64, checkpoint_every=0, sample_every=0, compare_prompts=["photo of {token} {class}"], compare_seeds=[1],
-        sample_steps=2, export_format="lora-diffusers", auto_run=True,
-    ))
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    nbformat.write(nb, tmp_path / "executed.ipynb")  # for a look when the test fails
-
+    nb = run_headless(tmp_path, base_model=str(tiny_sdxl.folder), session_name="xl", unet_steps=8, unet_lr=1e-3, sample_every=0,
+                      compare_prompts=["photo of {token} {class}"], compare_seeds=[1], sample_steps=2,
+                      export_format="lora-diffusers")
     for cell in code_cells(nb):
         assert not [o for o in cell.outputs if o.output_type == "error"], cell.source
-    session_dir = root / "xl"
+    session_dir = tmp_path / "sessions" / "xl"
     state = json.loads((session_dir / "session.json").read_text())
     assert [(a["name"], a["status"]) for a in state["attempts"]] == [("attempt-1", "finished")]
     config = json.loads((session_dir / "attempts" / "attempt-1" / "config.json").read_text())

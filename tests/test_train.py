@@ -94,7 +94,7 @@ def test_class_images_are_made_once_by_the_base_model_and_reused(photo_session, 
 def test_prior_preservation_trains_each_step_on_class_images_under_the_class_prompt(photo_session, base_sd1, monkeypatch):
     """Every UNet step sees the subject under the instance prompt and a class image under the class prompt,
     the class part weighted by prior_loss_weight."""
-    from dreamnb.data import encode_prompts, tokenize
+    from dreamnb.data import PromptEncoder, tokenize_all
 
     batches = []
 
@@ -111,7 +111,7 @@ def test_prior_preservation_trains_each_step_on_class_images_under_the_class_pro
     class_latents = cached_latents(base_sd1.vae, sorted(folder.glob("*.png")), 64, photo_session.cache_dir, "eval")[0]
     subject_latents = instance_latents(photo_session, base_sd1)
     with torch.no_grad():
-        prompts = encode_prompts(base_sd1.text_encoder, tokenize(base_sd1.tokenizer, ["photo of zwx thing", "photo of a thing"]))
+        prompts = PromptEncoder(base_sd1.text_encoder)(tokenize_all([base_sd1.tokenizer], ["photo of zwx thing", "photo of a thing"]))[0]
     scaled = class_latents * base_sd1.vae.config.scaling_factor
 
     def nearest(row, pool):

@@ -94,10 +94,20 @@ def test_fused_triton_update_rounds_the_exact_update_to_a_bf16_neighbour():
 
 
 def test_graphed_sampling_gives_the_same_images(gpu_base):
+    graphed_sampling_matches_eager(gpu_base.pipeline)
+
+
+def test_graphed_sdxl_sampling_gives_the_same_images(tiny_sdxl):
+    """SDXL's pooled prompt and size/crop numbers are graph inputs too (its VAE in fp32 beside the fp16 UNet)."""
+    from dreamnb.models import load_base_model
+
+    graphed_sampling_matches_eager(load_base_model(tiny_sdxl.folder).pipeline)
+
+
+def graphed_sampling_matches_eager(pipe):
     from dreamnb.fast import FastUNetForward
     from dreamnb.sample import SampleSettings, generate
 
-    pipe = gpu_base.pipeline
     settings = [SampleSettings(prompt="photo of zwx thing", seed=s, num_inference_steps=5) for s in (1, 2, 3)]
     eager = generate(pipe, settings, progress=False, cuda_graphs=False)
     graphed = generate(pipe, settings, progress=False, cuda_graphs=True)
