@@ -30,7 +30,7 @@ from . import __version__, fileio
 from .attempts import attempt_config, attempt_pipeline
 from .config import TrainConfig
 from .errors import UserError
-from .models import BaseModel, ModelError, family_pipeline_class, resolve_hf_token, source_kind
+from .models import FAMILY_NAMES, BaseModel, ModelError, family_pipeline_class, resolve_hf_token, source_kind
 from .session import FINAL, LORA_FILE, Session, attempt_weights_dir, canonical_ref, session_lock
 from .train import TRAINED_PARTS, save_lora_file
 
@@ -168,15 +168,12 @@ def check_overwrite(out: Path, format: str, force: bool) -> None:
         raise ExportError(f"{out} exists and is not a file, so it is not replaced; choose another path.")
 
 
-_FAMILY_TITLES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
-
-
 def describe(session: Session, attempt: str, config: dict, base_source: str, *, family: str = "sd1") -> dict[str, str]:
     """What the exported weights are, as the string metadata a .safetensors file holds."""
     return {
         "dreamnb_version": __version__,
         "base_model": base_model_name(base_source),
-        "base_model_family": _FAMILY_TITLES.get(family, family),
+        "base_model_family": FAMILY_NAMES.get(family, family),
         "token": str(config.get("token", "")),
         "class_word": str(config.get("class_word", "")),
         "instance_prompt": instance_prompt(config),
@@ -363,7 +360,7 @@ def model_card(
     lines = [
         "---", data.to_yaml(), "---", "",
         f"# {title} (DreamBooth, attempt {attempt_name})", "",
-        (f"{_FAMILY_TITLES.get(family, 'Stable Diffusion')} taught a new subject with DreamBooth by dreamnb {__version__}. "
+        (f"{FAMILY_NAMES.get(family, 'Stable Diffusion')} taught a new subject with DreamBooth by dreamnb {__version__}. "
          f"Write **`{token}`** in a prompt to get it, e.g. `{prompt}`."), "",
         f"- Base model: `{base_name}`",
         f"- Token: `{token}`",

@@ -36,7 +36,7 @@ _UNSUPPORTED_CLASSES = {
 }
 _REFINER_CLASS = "StableDiffusionXLImg2ImgPipeline"  # what the SDXL refiner is saved as
 _SUPPORTED = "Stable Diffusion 1.x, 2.x or XL"
-_FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
+FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
 
 
 class ModelError(UserError):
@@ -52,7 +52,7 @@ class ModelInfo:
     resolution: int        # native image size: 512 or 768 for SD 1.x/2.x, 1024 for SDXL
 
     def describe(self) -> str:
-        family = _FAMILY_NAMES[self.family]
+        family = FAMILY_NAMES[self.family]
         return f"{family}, {self.prediction_type}, {self.resolution} px ({self.source_kind}: {self.source})"
 
 
