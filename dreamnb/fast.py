@@ -183,6 +183,13 @@ class LossScaler:
             self.value *= 2
         return True
 
+    def state_dict(self) -> dict:
+        """What a resume needs to go on exactly: the scale, and the clean updates counted towards its next doubling."""
+        return {"value": self.value, "clean_steps": self.clean_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value, self.clean_steps = float(state["value"]), int(state["clean_steps"])
+
 
 _BLOCK = 4096
 _KERNEL: list = []

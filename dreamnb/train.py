@@ -243,6 +243,7 @@ class Run:
     losses: list[tuple[int, float]] = field(default_factory=list)
     optimizer: Any = None
     lr_scheduler: Any = None
+    loss_scaler: LossScaler | None = None  # the phase's own loss scaling (fp16 math over bf16 weights), else None
 
 
 def train(
@@ -356,7 +357,8 @@ def _train(session: Session, config: TrainConfig, base_model: BaseModel | str | 
         message = f"Finished {config.total_steps} steps; the trained model is in {final_dir}."
     except KeyboardInterrupt:
         status = "interrupted"
-        path = save_checkpoint(accelerator, attempt_dir, run.state, models.unet, models.text_encoders, run.optimizer, run.lr_scheduler, generator, config)
+        path = save_checkpoint(accelerator, attempt_dir, run.state, models.unet, models.text_encoders, run.optimizer, run.lr_scheduler,
+                               generator, config, run.loss_scaler)
         message = f"Stopped at step {run.state['global_step']} of {config.total_steps}; saved {path.name}. Resume with --resume (or the Resume button)."
     except torch.cuda.OutOfMemoryError:
         status, message, out_of_memory = "failed", oom_message(config), True
@@ -561,9 +563,10 @@ def run_phase(run: Run, phase: str) -> None:
     lr = config.text_encoder_lr if phase == "text_encoder" else config.unet_lr
     run.optimizer = make_optimizer(params, lr, models.precision.optimizer, models.device, run.generator)
     run.lr_scheduler = make_lr_scheduler(run.optimizer, config, phase_steps)
+    run.loss_scaler = LossScaler() if models.precision.scales_loss_itself else None
     if start_step:
         with reading(run.checkpoint, RESUME_ADVICE):
-            load_checkpoint_optimizer(run.checkpoint, run.optimizer, run.lr_scheduler)
+            load_checkpoint_optimizer(run.checkpoint, run.optimizer, run.lr_scheduler, run.loss_scaler)
     step_fn = make_step(run, phase, trainable, params)
     run.emit(TrainEvent("phase", step=run.state["global_step"], total_steps=config.total_steps, phase=phase,
                         message=f"{phase.replace('_', ' ')} phase: {phase_steps} steps at lr {lr:g}"))
@@ -585,7 +588,7 @@ def run_phase(run: Run, phase: str) -> None:
             steps_since_log = 0
         if checkpoint_due:
             path = save_checkpoint(accelerator, run.attempt_dir, run.state, models.unet, models.text_encoders, run.optimizer,
-                                   run.lr_scheduler, run.generator, config)
+                                   run.lr_scheduler, run.generator, config, run.loss_scaler)
             run.emit(TrainEvent("checkpoint", step=step, total_steps=config.total_steps, path=str(path)))
         if config.sample_every and step % config.sample_every == 0:
             if accelerator.is_main_process:
@@ -645,7 +648,7 @@ def make_step(run: Run, phase: str, trainable, params) -> Callable[[], torch.Ten
         compute = models.precision.compute_dtype
         return GraphedStep(graph_body, optimizer, autocast_dtype=compute if compute != torch.float32 else None)
 
-    scaler = LossScaler() if models.precision.scales_loss_itself else None
+    scaler = run.loss_scaler
 
     def eager_step() -> torch.Tensor:
         total = torch.zeros((), device=models.device)
@@ -1036,7 +1039,8 @@ def model_parts(unet, text_encoders: data.PromptEncoder) -> dict[str, torch.nn.M
     return {"unet": unet, **text_encoders.parts()}
 
 
-def save_checkpoint(accelerator, attempt_dir: Path, state: dict, unet, text_encoders, optimizer, lr_scheduler, generator, config: TrainConfig) -> Path:
+def save_checkpoint(accelerator, attempt_dir: Path, state: dict, unet, text_encoders, optimizer, lr_scheduler, generator, config: TrainConfig,
+                    loss_scaler: LossScaler | None = None) -> Path:
     from safetensors.torch import save_file
 
     path = attempt_dir / CHECKPOINTS / f"step-{state['global_step']:06d}"
@@ -1054,7 +1058,10 @@ def save_checkpoint(accelerator, attempt_dir: Path, state: dict, unet, text_enco
                 weights.update({f"{name}.{k}": v for k, v in trainable_state(model, config).items()})
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
         if optimizer is not None:
-            torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}, tmp / OPTIMIZER_FILE)
+            resume_state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
+            if loss_scaler is not None:
+                resume_state["loss_scaler"] = loss_scaler.state_dict()
+            torch.save(resume_state, tmp / OPTIMIZER_FILE)
         save_file({"generator": generator.get_state()}, str(tmp / "rng.safetensors"))
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
         (tmp / "state.json").write_text(json.dumps(state))
@@ -1129,8 +1136,8 @@ def load_parent_weights(weights_dir: Path, unet, text_encoders, config: TrainCon
     load_weights(weights, unet, text_encoders, config)
 
 
-def load_checkpoint_optimizer(checkpoint: Path, optimizer, lr_scheduler) -> None:
-    """The optimizer's and schedule's state. A learning rate that is a tensor on the GPU (fused AdamW's and AdamWBF16's,
+def load_checkpoint_optimizer(checkpoint: Path, optimizer, lr_scheduler, loss_scaler: LossScaler | None = None) -> None:
+    """The optimizer's and schedule's state, and the loss scale where the trainer scales the loss. A learning rate that is a tensor on the GPU (fused AdamW's and AdamWBF16's,
     read by a replayed CUDA graph) stays that same tensor, given the saved value: loading would otherwise put a CPU
     tensor in its place, which the graph never reads, and the schedule would change nothing."""
     saved = torch.load(checkpoint / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
@@ -1141,6 +1148,8 @@ def load_checkpoint_optimizer(checkpoint: Path, optimizer, lr_scheduler) -> None
             tensor.copy_(torch.as_tensor(group["lr"]))
             group["lr"] = tensor
     lr_scheduler.load_state_dict(saved["lr_scheduler"])
+    if loss_scaler is not None and "loss_scaler" in saved:  # older checkpoints have none: the scale starts afresh
+        loss_scaler.load_state_dict(saved["loss_scaler"])
 
 
 def save_final(accelerator, attempt_dir: Path, unet, text_encoders, config: TrainConfig, family: str) -> Path:

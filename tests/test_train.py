@@ -188,6 +188,32 @@ def test_stop_and_resume_gives_the_same_weights_as_a_straight_run(photo_session,
     assert log_steps == list(range(1, 11))
 
 
+def test_the_loss_scale_resumes_where_it_stopped(photo_session, base_sd1, monkeypatch):
+    """Where the trainer scales the loss itself (fp16 math over bf16 weights: a T4), the scale and the clean updates
+    counted towards its next doubling are in the checkpoint, so a resumed run scales as a straight one does. On the
+    CPU (fp32) the scaling changes no weight, so the scalers themselves are compared; they double every 2 steps here."""
+    from dreamnb import fast
+
+    scalers = []
+
+    class RecordedScaler(fast.LossScaler):
+        def __init__(self):
+            super().__init__(growth_interval=2)
+            scalers.append(self)
+
+    monkeypatch.setattr(train_module, "LossScaler", RecordedScaler)
+    monkeypatch.setattr(train_module.Precision, "scales_loss_itself", property(lambda self: True))
+    config = quick_config(text_encoder_steps=0, unet_steps=7, log_every=1)
+    train(photo_session, config, base_sd1, progress=False, attempt="straight")
+    assert scalers[-1].state_dict() == {"value": 2.0 ** 16 * 8, "clean_steps": 7}
+    stop = threading.Event()
+    train(photo_session, config, base_sd1, progress=False, attempt="resumed", stop=stop,
+          callback=lambda e: stop.set() if e.kind == "step" and e.step == 5 else None)
+    assert scalers[-1].state_dict() == {"value": 2.0 ** 16 * 4, "clean_steps": 5}
+    assert train(photo_session, TrainConfig(), base_sd1, progress=False, attempt="resumed", resume=True).status == "finished"
+    assert scalers[-1].state_dict() == {"value": 2.0 ** 16 * 8, "clean_steps": 7}
+
+
 def test_checkpoint_write_killed_midway_leaves_the_previous_one_intact(photo_session, tiny_sd1):
     script = textwrap.dedent(f"""
         import os, torch
