@@ -555,8 +555,7 @@ def generate_class_images(workdir: Path, count: int, tiny: bool, xl: bool = Fals
     if len(list(folder.glob("*.png"))) >= count:
         return
     base = load_base_model(model_paths(workdir, xl)[0])
-    ensure_class_images(base.pipeline, folder, "photo of a person", count, 64 if tiny else 1024 if xl else 512,
-                        batch_size=4 if xl else 10)
+    ensure_class_images(base.pipeline, folder, "photo of a person", count, 64 if tiny else 1024 if xl else 512)
 
 
 # --- the table -------------------------------------------------------------------------------------------

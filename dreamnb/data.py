@@ -84,6 +84,12 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def images_per_batch(resolution: int) -> int:
+    """How many images the VAE encodes, or class images are made, at once: 4 at 512 px, 1 at 1024 (SDXL's VAE runs in
+    fp32 there, 2 GB a layer for 4 images: too much beside the model on a 15 GB T4)."""
+    return max(1, 4 * 512**2 // resolution**2)
+
+
 @torch.no_grad()
 def cached_latents(
     vae,
@@ -93,7 +99,6 @@ def cached_latents(
     model_key: str,
     *,
     flip: bool = False,
-    batch_size: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) of the VAE's latent distribution for each image, [N, 4, h, w] on the CPU in fp32.
 
@@ -112,6 +117,7 @@ def cached_latents(
     if flip:
         images += [img.flip(-1) for img in images]
     means, stds = [], []
+    batch_size = images_per_batch(resolution)
     for start in range(0, len(images), batch_size):
         batch = torch.stack(images[start : start + batch_size]).to(device, dtype)
         dist = vae.encode(batch).latent_dist
@@ -179,7 +185,6 @@ def ensure_class_images(
     count: int,
     resolution: int,
     *,
-    batch_size: int = 4,
     num_inference_steps: int = 25,
     progress: bool = False,
 ) -> list[Path]:
@@ -191,6 +196,7 @@ def ensure_class_images(
     wanted = [folder / f"class-{i:04d}.png" for i in range(count)]
     missing = [i for i, p in enumerate(wanted) if not p.exists()]
     pipe.set_progress_bar_config(disable=True)
+    batch_size = images_per_batch(resolution)
     with tqdm(total=len(missing), disable=not (progress and missing), desc="class images", unit="image") as bar:
         for start in range(0, len(missing), batch_size):
             indices = missing[start : start + batch_size]

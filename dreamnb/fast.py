@@ -383,6 +383,13 @@ class FastUNetForward:
         return graph, static_inputs, output
 
 
+def drop_sampling_graphs(unet) -> None:
+    """Forget the sampling graphs recorded on `unet` (they point at its weights' memory, about to move) and free
+    their memory pools; the next sampling records new ones."""
+    if isinstance(unet.forward, FastUNetForward):
+        unet.forward.graphs.clear()
+
+
 def enable_fast_sampling(pipe, *, cuda_graphs: bool = True, compile_unet: bool = False) -> None:
     """Make `pipe`'s UNet replay CUDA graphs on a GPU (`cuda_graphs`) and run torch.compile's kernels
     (`compile_unet`); with neither, the plain forward runs. On a GPU the UNet's weights go channels_last

@@ -225,7 +225,7 @@ def decode_latents(pipe, latents: torch.Tensor) -> list[Image.Image]:
         latents = latents * torch.tensor(std).view(shape).to(latents) / vae.config.scaling_factor + torch.tensor(mean).view(shape).to(latents)
     else:
         latents = latents / vae.config.scaling_factor
-    image = vae.decode(latents, return_dict=False)[0]
+    image = torch.cat([vae.decode(row[None], return_dict=False)[0] for row in latents])  # one at a time: ~3 GB each at 1024 px in fp32
     if getattr(pipe, "watermark", None) is not None:  # SDXL's invisible watermark, where the pipeline would add it
         image = pipe.watermark.apply_watermark(image)
     return pipe.image_processor.postprocess(image, output_type="pil")

@@ -17,6 +17,7 @@ import copy
 import csv
 import errno
 import io
+import itertools
 import json
 import logging
 import math
@@ -321,6 +322,27 @@ def _train(session: Session, config: TrainConfig, base_model: BaseModel | str | 
                                         f"enlarged and soften the result; prepare them again with --size {config.resolution}."))
 
     training_data = prepare_data(session, config, examples, base_model, accelerator, emit, progress)
+    with base_model.parked() as parked:
+        if parked:
+            emit(TrainEvent("info", message="The base model waits on the CPU while training, leaving the GPU's memory to training."))
+        run = start_run(session, name, config, base_model, accelerator, precision, training_data, checkpoint, emit, stop, progress)
+        status, message, final_dir, out_of_memory = run_training(run)
+        steps_done, losses, elapsed = run.state["global_step"], run.losses, time.time() - run.started
+        if out_of_memory:  # the failed step's tensors are gone with its traceback; the copies go now, before the base returns
+            run = None
+            accelerator.free_memory()
+    update_attempt(session, name, status=status, steps_done=steps_done, message=message)
+    emit(TrainEvent("done" if status == "finished" else ("stopped" if status == "interrupted" else "error"),
+                    step=steps_done, total_steps=config.total_steps, message=message,
+                    path=str(final_dir) if final_dir else None, elapsed_s=elapsed))
+    return TrainResult(attempt=name, status=status, steps_done=steps_done, total_steps=config.total_steps,
+                       final_dir=final_dir, message=message, losses=losses)
+
+
+def start_run(session: Session, name: str, config: TrainConfig, base_model: BaseModel, accelerator, precision: Precision,
+              training_data: TrainingData, checkpoint: Path | None, emit, stop: threading.Event, progress: bool) -> Run:
+    """The trainer's copies of the models, the random generator, and the weights and step to start from: a checkpoint
+    (resume), a parent attempt's weights (continue), or the base model's."""
     models = place_models(base_model, config, accelerator, precision)
     emit(TrainEvent("info", message=f"Optimizer {precision.optimizer}, {precision.compute} mixed precision, "
                                     f"CUDA graphs {'on' if models.use_graphs else 'off'}, weights in {str(models.weights_dtype)[6:]}."))
@@ -329,6 +351,7 @@ def _train(session: Session, config: TrainConfig, base_model: BaseModel | str | 
     generator = torch.cuda.default_generators[device.index or 0] if models.use_graphs else torch.Generator(device=device)
     generator.manual_seed(config.seed)
     state = {"phase": PHASES[0], "phase_step": 0, "global_step": 0}
+    attempt_dir = session.attempt_dir(name)
     if checkpoint is not None:  # a checkpoint holds every weight that differs from the base, the parent's included
         with reading(checkpoint, RESUME_ADVICE):
             state = load_checkpoint_weights(checkpoint, models.unet, models.text_encoders, generator, config)
@@ -340,46 +363,41 @@ def _train(session: Session, config: TrainConfig, base_model: BaseModel | str | 
             load_parent_weights(parent_weights, models.unet, models.text_encoders, config)
         emit(TrainEvent("info", message=f"Continuing from {config.parent}."))
     update_attempt(session, name, status="training", message="", base_model=base_model.info.source, parent=config.parent or None)
-
     run = Run(config=config, accelerator=accelerator, attempt_dir=attempt_dir, base_model=base_model, models=models,
               data=training_data, schedule=NoiseSchedule.from_scheduler(base_model.pipeline.scheduler, device),
               generator=generator, checkpoint=checkpoint, emit=emit, stop=stop, state=state, started=time.time(),
               bar=_progress_bar(progress and accelerator.is_main_process, config.total_steps, state["global_step"]),
               first_step=state["global_step"])
     emit(TrainEvent("start", step=run.first_step, total_steps=config.total_steps, message=f"Training {name} on {device}"))
-    status, final_dir, out_of_memory = "finished", None, False
+    return run
+
+
+def run_training(run: Run) -> tuple[str, str, Path | None, bool]:
+    """Every phase, then the final weights; or a checkpoint at Stop. Returns the status, its message, the final
+    weights' folder and whether the GPU ran out of memory."""
+    config, accelerator, models = run.config, run.accelerator, run.models
     try:
         for phase in PHASES:
             run_phase(run, phase)
         if accelerator.num_processes > 1:
-            emit(TrainEvent("info", message=ranks_agree_message(accelerator, models.unet, models.text_encoders)))
-        final_dir = save_final(accelerator, attempt_dir, models.unet, models.text_encoders, config, base_model.info.family)
-        message = f"Finished {config.total_steps} steps; the trained model is in {final_dir}."
+            run.emit(TrainEvent("info", message=ranks_agree_message(accelerator, models.unet, models.text_encoders)))
+        final_dir = save_final(accelerator, run.attempt_dir, models.unet, models.text_encoders, config, run.base_model.info.family)
+        return "finished", f"Finished {config.total_steps} steps; the trained model is in {final_dir}.", final_dir, False
     except KeyboardInterrupt:
-        status = "interrupted"
-        path = save_checkpoint(accelerator, attempt_dir, run.state, models.unet, models.text_encoders, run.optimizer, run.lr_scheduler,
-                               generator, config, run.loss_scaler)
-        message = f"Stopped at step {run.state['global_step']} of {config.total_steps}; saved {path.name}. Resume with --resume (or the Resume button)."
+        path = save_checkpoint(accelerator, run.attempt_dir, run.state, models.unet, models.text_encoders, run.optimizer,
+                               run.lr_scheduler, run.generator, config, run.loss_scaler)
+        return ("interrupted", f"Stopped at step {run.state['global_step']} of {config.total_steps}; saved {path.name}. "
+                               "Resume with --resume (or the Resume button).", None, False)
     except torch.cuda.OutOfMemoryError:
-        status, message, out_of_memory = "failed", oom_message(config), True
+        return "failed", oom_message(config), None, True
     except TrainingError as err:
-        status, message = "failed", str(err)
+        return "failed", str(err), None, False
     except OSError as err:
         if err.errno != errno.ENOSPC:
             raise
-        status, message = "failed", disk_full_message(attempt_dir)
+        return "failed", disk_full_message(run.attempt_dir), None, False
     finally:
         run.bar.close()
-    steps_done, losses, elapsed = run.state["global_step"], run.losses, time.time() - run.started
-    if out_of_memory:  # outside the except: its traceback no longer holds the step's tensors
-        run = models = None
-        accelerator.free_memory()
-    update_attempt(session, name, status=status, steps_done=steps_done, message=message)
-    emit(TrainEvent("done" if status == "finished" else ("stopped" if status == "interrupted" else "error"),
-                    step=steps_done, total_steps=config.total_steps, message=message,
-                    path=str(final_dir) if final_dir else None, elapsed_s=elapsed))
-    return TrainResult(attempt=name, status=status, steps_done=steps_done, total_steps=config.total_steps,
-                       final_dir=final_dir, message=message, losses=losses)
 
 
 def read_attempt_config(attempt_dir: Path) -> TrainConfig:
@@ -531,9 +549,9 @@ def place_models(base_model: BaseModel, config: TrainConfig, accelerator, precis
         weights_dtype = precision.compute_dtype
     else:
         weights_dtype = torch.float32
-    encoders = [cast(copy.deepcopy(e), device, weights_dtype) for e in (base_model.text_encoder, base_model.text_encoder_2) if e is not None]
+    encoders = [copy_to(e, device, weights_dtype) for e in (base_model.text_encoder, base_model.text_encoder_2) if e is not None]
     text_encoders = data.PromptEncoder(*encoders).requires_grad_(False)
-    unet = cast(copy.deepcopy(base_model.unet), device, weights_dtype).requires_grad_(False)
+    unet = copy_to(base_model.unet, device, weights_dtype).requires_grad_(False)
     if device.type == "cuda":
         unet.to(memory_format=torch.channels_last)  # faster convolutions; before the optimizer sees the weights
     if config.method == "lora":
@@ -761,6 +779,16 @@ def preview_prompt_kwargs(pipe, embeds, pooled, i: int) -> dict:
         negative, negative_pooled = torch.zeros_like(negative), torch.zeros_like(negative_pooled)
     return dict(prompt_embeds=embeds[i:i + 1], pooled_prompt_embeds=pooled[i:i + 1], negative_prompt_embeds=negative,
                 negative_pooled_prompt_embeds=negative_pooled)
+
+
+def copy_to(model, device, dtype):
+    """A copy of `model` on `device`, its floating-point tensors in `dtype`, made tensor by tensor: the model is never
+    copied whole where it is (the base waits on the CPU while training, and RAM is short on Colab)."""
+    memo: dict[int, Any] = {}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        moved = tensor.detach().to(device, dtype if tensor.is_floating_point() else None, copy=True)
+        memo[id(tensor)] = torch.nn.Parameter(moved, tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else moved
+    return copy.deepcopy(model, memo)
 
 
 def cast(model, device, dtype):
