@@ -294,8 +294,7 @@ def run_dreamnb(name: str, workdir: Path, tiny: bool, unet_steps: int, te_steps:
     if name in CLASS_IMAGES and not resume:  # the 20 class images generated once (c: the reference's too), where
         from dreamnb.data import class_images_dir  # the trainer looks for them
 
-        folder = class_images_dir(session.class_dir, f"{base.info.source}|{base.info.family}|{base.info.prediction_type}",
-                                  config.resolved_class_prompt(), config.resolution)
+        folder = class_images_dir(session.class_dir, base.info.cache_key, config.resolved_class_prompt(), config.resolution)
         folder.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(sorted((workdir / CLASS_IMAGES[name]).glob("*.png"))):
             shutil.copy(image, folder / f"class-{i:04d}.png")

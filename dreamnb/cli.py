@@ -28,6 +28,9 @@ class UsageError(UserError):
     """Bad command-line input: exit 2 with the message."""
 
 
+VAE_HELP = config_module.VAE_HELP + " Default: the one the attempt was trained with, else the model's own."
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreamnb", description="Teach Stable Diffusion a face, a pet, an object or a style (DreamBooth).")
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
@@ -53,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session", required=True)
     p.add_argument("--model", help="base model: Hub id, diffusers folder or .safetensors/.ckpt file (default: the session's)")
     p.add_argument("--model-config", help="for a single-file model: a diffusers folder or Hub id with its configs")
+    p.add_argument("--vae", metavar="SOURCE", help=VAE_HELP)
     p.add_argument("--token", help=config_module.help_for("token"))
     p.add_argument("--class-word", help=config_module.help_for("class_word"))
     p.add_argument("--preset", choices=config_module.PRESETS, help=config_module.help_for("preset") + " (default: face)")
@@ -92,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--compile", action="store_true", help=config_module.COMPILE_UNET_HELP)
         p.add_argument("--model", help="base model (default: the session's)")
         p.add_argument("--model-config")
+        p.add_argument("--vae", metavar="SOURCE", help=VAE_HELP)
         p.add_argument("--out", required=True, help="PNG file for the grid")
 
     p = sub.add_parser("export", help="save an attempt for diffusers, A1111/ComfyUI, or as a LoRA")
@@ -107,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing export")
     p.add_argument("--model")
     p.add_argument("--model-config")
+    p.add_argument("--vae", metavar="SOURCE", help=VAE_HELP)
 
     p = sub.add_parser("sessions", help="list sessions and their attempts")
     p.add_argument("--root", help="where sessions live (default: Drive on Colab, else ./dreamnb-sessions)")
@@ -211,8 +217,9 @@ def cmd_train(args) -> Any:
     if not args.resume and not args.parent and not args.token:
         raise UsageError("--token is required: the rare word that will mean your subject (see `dreamnb check-token`).")
     config = train_config_from_args(args, session, model) if not args.resume else TrainConfig()
+    vae = _trained_vae(args, session, [args.attempt] if args.resume else [args.parent] if args.parent else [])
     speaks = is_main_process()  # under `accelerate launch` (several GPUs) one process reports
-    result = train(session, config, model, attempt=args.attempt, resume=args.resume, config_source=args.model_config,
+    result = train(session, config, model, attempt=args.attempt, resume=args.resume, config_source=args.model_config, vae=vae,
                    callback=_print_train_event if speaks and not args.json else None, progress=speaks and not args.json)
     if not speaks:
         raise SystemExit(1 if result.status == "failed" else 0)
@@ -234,14 +241,25 @@ def _print_train_event(event) -> None:
             print(text, file=sys.stderr)
 
 
-def _session_base(args, session, placement=None):
-    """The session's base model (or --model), where `load_base_model` places it unless `placement` is given."""
+def _trained_vae(args, session, refs: list[str | None]) -> str | None:
+    """--vae, else the VAE the first of these attempts (None: the latest; 'base' is none) was trained with, so an attempt
+    is resumed, continued, sampled and exported with the VAE it learned on; None: the model's own."""
+    if args.vae:
+        return args.vae
+    attempts = [session.attempt(ref) for ref in refs if ref != "base"]
+    return attempts[0].vae if attempts else None
+
+
+def _session_base(args, session, refs: list[str | None], placement=None):
+    """The session's base model (or --model) with the VAE of the attempts `refs` (see `_trained_vae`), where
+    `load_base_model` places it unless `placement` is given."""
     from .models import load_base_model
 
     source = args.model or session.base_model
     if not source:
         raise UsageError("The session has no base model recorded; give --model.")
-    return load_base_model(source, config=args.model_config or session.extra.get("model_config"), placement=placement)
+    return load_base_model(source, config=args.model_config or session.extra.get("model_config"), placement=placement,
+                           vae=_trained_vae(args, session, refs))
 
 
 def _grid(session, base, names: list[str], args):
@@ -260,7 +278,7 @@ def cmd_sample(args) -> Any:
 
     session = open_session(args.session)
     name = canonical_ref(session, args.attempt)  # a wrong name or step is reported before the model loads
-    base = _session_base(args, session)
+    base = _session_base(args, session, [name])
     grid = _grid(session, base, [name], args)
     save_with(args.out, lambda tmp: grid.save(tmp, format="PNG"))
     print(args.out)
@@ -272,7 +290,7 @@ def cmd_compare(args) -> Any:
 
     session = open_session(args.session)
     names = [canonical_ref(session, a) for a in args.attempts]
-    base = _session_base(args, session)
+    base = _session_base(args, session, names)
     grid = _grid(session, base, names, args)
     save_with(args.out, lambda tmp: grid.save(tmp, format="PNG"))
     print(args.out)
@@ -292,7 +310,7 @@ def cmd_export(args) -> Any:
     # fp16 files are written from the base where it lives; fp32 and diffusers folders (which keep the trained
     # precision) from an fp32 copy on the CPU, so no weight passes through fp16 on its way out
     keeps_precision = args.fp32 or args.format == "diffusers"
-    base = _session_base(args, session, Placement(torch.device("cpu"), torch.float32) if keeps_precision else None)
+    base = _session_base(args, session, [args.attempt], Placement(torch.device("cpu"), torch.float32) if keeps_precision else None)
     if write_locally:
         print(export.export_attempt(session, base, args.attempt, args.format, args.out, force=args.force, fp16=not args.fp32))
     if args.push:

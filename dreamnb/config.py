@@ -127,6 +127,10 @@ class TrainConfig:
 # A sampling knob, not a training one; here so the CLI and the widgets say the same thing.
 COMPILE_UNET_HELP = ("GPU: compile the UNet with torch.compile, about 1.4× faster sampling once each batch size has "
                      "waited about a minute to compile (seconds when cached); pays off over many grids.")
+# A base-model knob (models.load_base_model's `vae`), likewise.
+SDXL_FP16_VAE = "madebyollin/sdxl-vae-fp16-fix"  # SDXL's VAE fine-tuned to stay within fp16's range
+VAE_HELP = (f"Another VAE (the part that turns pictures into the model's compact latents and back), e.g. {SDXL_FP16_VAE}: "
+            "SDXL's own VAE runs in fp32 (slower, more memory); this one stays in fp16.")
 
 
 def help_for(name: str) -> str:

@@ -7,20 +7,26 @@ model, a damaged download, a folder that is not a diffusers model, a Hub id whil
 Whether a source is SDXL or SD 1.x/2.x is decided once, before loading, by `_check_source` (from
 model_index.json's `_class_name` or the checkpoint's keys); it picks the pipeline class, and the
 loaded model carries it on as `ModelInfo.family`.
+
+Another VAE can replace the model's own (`load_base_model(vae=...)`), above all madebyollin/sdxl-vae-fp16-fix: SDXL's
+own VAE overflows in fp16 and is kept in fp32, this one stays in fp16. It is checked like the model, before the load.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import math
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .config import SDXL_FP16_VAE
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -51,10 +57,19 @@ class ModelInfo:
     family: str            # "sd1" | "sd2" | "sdxl"
     prediction_type: str   # "epsilon" | "v_prediction"
     resolution: int        # native image size: 512 or 768 for SD 1.x/2.x, 1024 for SDXL
+    vae: str | None = None  # another VAE used instead of the model's own, as given; None: its own
 
     def describe(self) -> str:
         family = FAMILY_NAMES[self.family]
-        return f"{family}, {self.prediction_type}, {self.resolution} px ({self.source_kind}: {self.source})"
+        vae = f", VAE {self.vae}" if self.vae else ""
+        return f"{family}, {self.prediction_type}, {self.resolution} px ({self.source_kind}: {self.source}{vae})"
+
+    @property
+    def cache_key(self) -> str:
+        """What latents and class images made with this model are keyed by: another model, prediction or VAE makes
+        other ones. Without a VAE of its own choosing the key is the one caches had before a VAE could be chosen."""
+        key = f"{self.source}|{self.family}|{self.prediction_type}"
+        return f"{key}|vae={self.vae}" if self.vae else key
 
 
 @dataclass(frozen=True)
@@ -185,17 +200,22 @@ def check_folder(path: Path) -> str:
     index = path / "model_index.json"
     if not index.is_file():
         raise ModelError(f"{path} is a folder but not a diffusers model (it has no model_index.json); give the folder that contains model_index.json, or a .safetensors file.")
-    try:
-        class_name = json.loads(index.read_text()).get("_class_name")
-    except ValueError as err:
-        raise ModelError(f"{index} is damaged ({err}); download the model again.") from err
-    family = _check_pipeline_class(class_name, str(path))
+    family = _check_pipeline_class(_class_name(index), str(path))
     parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler") + (("text_encoder_2", "tokenizer_2") if family == "sdxl" else ())
     missing = [part for part in parts if not (path / part).is_dir()]
     if missing:
         what = "Stable Diffusion XL" if family == "sdxl" else "Stable Diffusion"
         raise ModelError(f"{path} lacks the {', '.join(missing)} part(s) of a {what} model; download the whole model folder again.")
     return family
+
+
+def _class_name(config_file: Path) -> str | None:
+    """The `_class_name` a diffusers config (model_index.json, config.json) names; a ModelError when it is damaged."""
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError as err:
+        raise ModelError(f"{config_file} is damaged ({_short(err)}); download the model again.") from err
+    return config.get("_class_name") if isinstance(config, dict) else None
 
 
 def read_checkpoint_keys(path: Path) -> tuple[list[str], dict[str, tuple[int, ...]]]:
@@ -301,17 +321,20 @@ def load_base_model(
     placement: Placement | None = None,
     prediction_type: str | None = None,
     local_files_only: bool | None = None,
+    vae: str | os.PathLike | None = None,
 ) -> BaseModel:
     """Load a base model as a StableDiffusionPipeline (SDXL: a StableDiffusionXLPipeline) plus what it is (family,
     prediction, size), on `placement` (default: `default_placement()`, the GPU in fp16 when there is one).
 
     `config` is only for single files: a diffusers folder or Hub id whose configs describe the file
     (diffusers guesses one from the weights when it is None). `prediction_type` overrides what was
-    detected (an SD 2.x file alone cannot say whether it is v-prediction).
+    detected (an SD 2.x file alone cannot say whether it is v-prediction). `vae` is another VAE to use instead of
+    the model's own: a Hub id such as madebyollin/sdxl-vae-fp16-fix, a diffusers folder of one, or a single file.
     """
     token = resolve_hf_token()
     placement = placement or default_placement()
     checked = _check_source(str(source), token=token, local_files_only=local_files_only)
+    checked_vae = _check_vae_source(str(vae), token=token, local_files_only=local_files_only) if vae else None
     xl = checked.family == "sdxl"
     pipeline_class = family_pipeline_class(checked.family)
     common: dict[str, Any] = dict(dtype=placement.dtype)
@@ -341,6 +364,10 @@ def load_base_model(
     if prediction_type is not None and pipe.scheduler.config.get("prediction_type") != prediction_type:
         pipe.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config, prediction_type=prediction_type)
     info = describe_pipeline(pipe, source, checked.kind)
+    if checked_vae is not None:  # before `to`: the model's own VAE never reaches the GPU
+        other = _load_vae(checked_vae, pipe.vae, placement.dtype, token=token, local_files_only=local_files_only)
+        _check_vae_fits(other, pipe, info, checked_vae.shown)
+        pipe.vae, info.vae = other, checked_vae.shown
     pipe.to(placement.device)
     if xl and placement.dtype == torch.float16 and pipe.vae.config.get("force_upcast", True):
         # SDXL's own VAE overflows in fp16 (NaN latents, black images); diffusers marks such a VAE `force_upcast`
@@ -362,11 +389,19 @@ def family_pipeline_class(family: str):
 
 def check_hub_model(repo_id: str, *, token: str | None, local_files_only: bool | None = None) -> str:
     """Fetch only model_index.json first: fails fast (offline, gated, wrong kind) before gigabytes move. 'sdxl' or 'sd'."""
+    index = _hub_file(repo_id, "model_index.json", token=token, local_files_only=local_files_only,
+                      missing=f"{repo_id} on the Hugging Face Hub is not a diffusers model (no model_index.json); give a diffusers model id, or download its .safetensors file and give that path.")
+    return _check_pipeline_class(json.loads(index.read_text()).get("_class_name"), repo_id)
+
+
+def _hub_file(repo_id: str, filename: str, *, token: str | None, local_files_only: bool | None, missing: str) -> Path:
+    """One small file of a Hub repository (downloaded, or from the cache), or a ModelError saying why not; `missing` is
+    the sentence for a repository without that file."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub import errors as hf_errors
 
     try:
-        index = hf_hub_download(repo_id, "model_index.json", token=token, local_files_only=bool(local_files_only))
+        return Path(hf_hub_download(repo_id, filename, token=token, local_files_only=bool(local_files_only)))
     except hf_errors.GatedRepoError as err:
         raise ModelError(f"{repo_id} is gated: accept its licence on its Hugging Face page, then set HF_TOKEN (or add it to Colab's secrets).") from err
     except hf_errors.RepositoryNotFoundError as err:
@@ -374,10 +409,76 @@ def check_hub_model(repo_id: str, *, token: str | None, local_files_only: bool |
     except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled) as err:  # before EntryNotFoundError: a subclass
         raise ModelError(f"Cannot download {repo_id} (no connection to the Hugging Face Hub) and it is not in the local cache; connect to the internet, or give a local diffusers folder or .safetensors file.") from err
     except hf_errors.EntryNotFoundError as err:
-        raise ModelError(f"{repo_id} on the Hugging Face Hub is not a diffusers model (no model_index.json); give a diffusers model id, or download its .safetensors file and give that path.") from err
+        raise ModelError(missing) from err
     except OSError as err:  # connection errors that huggingface_hub did not wrap
         raise ModelError(f"Cannot download {repo_id} ({_short(err)}); check the internet connection, or give a local diffusers folder or .safetensors file.") from err
-    return _check_pipeline_class(json.loads(Path(index).read_text()).get("_class_name"), repo_id)
+
+
+# --- another VAE ------------------------------------------------------------------------------------
+
+@dataclass
+class _CheckedVae:
+    """What `_check_vae_source` found out before the load."""
+
+    kind: str   # "hub" | "folder" | "single_file" (a URL's too, once downloaded)
+    where: str  # the Hub id, or the local folder or file
+    shown: str  # the source as shown and saved (a URL without any token in it)
+
+
+def _check_vae_source(source: str, *, token: str | None, local_files_only: bool | None) -> _CheckedVae:
+    """Check another VAE before anything loads: a folder or Hub id must hold an AutoencoderKL's config.json, a single
+    file (or a link to one) a VAE's weights."""
+    kind = source_kind(source)
+    path, shown = Path(source).expanduser(), source
+    if kind == "url":
+        from .download import download_model, shown_url
+
+        kind, path, shown = "single_file", download_model(source), shown_url(source)
+    if kind == "single_file":
+        if not any("decoder." in key for key in read_checkpoint_keys(path)[0]):
+            raise ModelError(f"{path.name} holds no VAE weights (no decoder); give a VAE's .safetensors file, its diffusers folder or a Hub id such as {SDXL_FP16_VAE}.")
+        return _CheckedVae(kind, str(path), shown)
+    if kind == "folder":
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise ModelError(f"{path} is a folder but not a diffusers VAE (it has no config.json); give a VAE's own folder (a model's vae/ folder is one), or a .safetensors file.")
+    else:
+        config_file = _hub_file(source, "config.json", token=token, local_files_only=local_files_only,
+                                missing=f"{source} on the Hugging Face Hub is not a diffusers VAE (no config.json); give a VAE's id such as {SDXL_FP16_VAE}, or download its .safetensors file and give that path.")
+    class_name = _class_name(config_file)
+    if class_name != "AutoencoderKL":
+        raise ModelError(f"{shown} is {'a ' + class_name if class_name else 'not a diffusers model'}, not a VAE (AutoencoderKL); give a VAE such as {SDXL_FP16_VAE}.")
+    return _CheckedVae(kind, str(path) if kind == "folder" else source, shown)
+
+
+def _load_vae(checked: _CheckedVae, own, dtype: torch.dtype, *, token: str | None, local_files_only: bool | None):
+    """Another VAE, in `dtype`. A single file says nothing about its settings, so it takes those of the model's `own` VAE:
+    its scaling, and whether fp16 overflows it (the fp16-fix VAE given as a file is therefore kept in fp32 under SDXL;
+    give it by Hub id or folder to keep it in fp16)."""
+    from diffusers import AutoencoderKL
+
+    if checked.kind == "single_file":
+        with tempfile.TemporaryDirectory() as config_dir:
+            own.save_config(config_dir)
+            return _load(lambda: AutoencoderKL.from_single_file(checked.where, config=config_dir, dtype=dtype), checked.shown, "a VAE")
+    hub = dict(token=token, local_files_only=bool(local_files_only)) if checked.kind == "hub" else {}
+    return _load(lambda: AutoencoderKL.from_pretrained(checked.where, dtype=dtype, **hub), checked.shown, "a VAE")
+
+
+def _check_vae_fits(vae, pipe, info: ModelInfo, shown: str) -> None:
+    """Another VAE must make the latents the model's UNet was trained on, as the model's own VAE (still `pipe.vae`)
+    does: as many channels, as many times smaller, at the same scale (SD 1.x's and SDXL's VAEs differ only in scale)."""
+    new, own, channels = vae.config, pipe.vae.config, pipe.unet.config.in_channels
+    advice = (f"give a VAE made for {FAMILY_NAMES[info.family]}" + (f" such as {SDXL_FP16_VAE}" if info.family == "sdxl" else "")
+              + ", or none to keep the model's own")
+    if new.latent_channels != channels:
+        raise ModelError(f"The VAE {shown} makes latents of {new.latent_channels} channels but {info.source}'s UNet takes {channels}; {advice}.")
+    if len(new.block_out_channels) != len(own.block_out_channels):
+        raise ModelError(f"The VAE {shown} makes latents {2 ** (len(new.block_out_channels) - 1)}x smaller than the image but "
+                         f"{info.source}'s own {2 ** (len(own.block_out_channels) - 1)}x; {advice}.")
+    if not math.isclose(new.scaling_factor, own.scaling_factor, rel_tol=1e-3):
+        raise ModelError(f"The VAE {shown} scales its latents by {new.scaling_factor} but {info.source}'s own by "
+                         f"{own.scaling_factor}, so it was made for another kind of model; {advice}.")
 
 
 def _load(load, source: str, what: str):

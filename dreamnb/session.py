@@ -69,6 +69,7 @@ class Attempt:
     steps_done: int = 0
     message: str = ""
     base_model: str | None = None  # what it was trained from, so a resume from another model is refused
+    vae: str | None = None         # the VAE it was trained with, when not the model's own (refused likewise)
     parent: str | None = None      # the attempt it continues, as NAME@STEP; None: it started from the base model
 
 

@@ -258,13 +258,15 @@ def train(
     stop: threading.Event | None = None,
     progress: bool = True,
     config_source: str | None = None,
+    vae: str | None = None,
 ) -> TrainResult:
     """Train one attempt. `base_model` is a loaded BaseModel (left untouched: trainable parts are
-    copied) or a source string. With `resume`, continue the named (or latest) attempt from its
-    newest checkpoint. `stop` (e.g. the notebook's Stop button) ends the run with a checkpoint."""
+    copied) or a source string, loaded with `config_source` and `vae` (see `load_base_model`). With `resume`,
+    continue the named (or latest) attempt from its newest checkpoint. `stop` (e.g. the notebook's Stop button)
+    ends the run with a checkpoint."""
     emit, stop = callback or (lambda event: None), stop or threading.Event()
     with session_lock(session.path, "training"), interrupts_as_stop(stop, emit):
-        return _train(session, config, base_model, attempt, resume, emit, stop, progress, config_source)
+        return _train(session, config, base_model, attempt, resume, emit, stop, progress, config_source, vae)
 
 
 @contextlib.contextmanager
@@ -290,18 +292,19 @@ def interrupts_as_stop(stop: threading.Event, emit: Callable[[TrainEvent], None]
 
 
 def _train(session: Session, config: TrainConfig, base_model: BaseModel | str | Path, attempt: str | None, resume: bool,
-           emit: Callable[[TrainEvent], None], stop: threading.Event, progress: bool, config_source: str | None) -> TrainResult:
-    if resume:  # an attempt always continues with the settings it started with, from the same base model
+           emit: Callable[[TrainEvent], None], stop: threading.Event, progress: bool, config_source: str | None,
+           vae: str | None) -> TrainResult:
+    if resume:  # an attempt always continues with the settings it started with, from the same base model and VAE
         attempt = session.attempt(attempt).name
         config = read_attempt_config(session.attempt_dir(attempt))
-        check_resumable(session, attempt, base_model)
-    elif config.parent:  # it starts from an attempt's weights, which were trained from one base model
-        check_same_base(session.attempt(config.parent), base_model, "continue it")
+        check_resumable(session, attempt, base_model, vae)
+    elif config.parent:  # it starts from an attempt's weights, which were trained from one base model and VAE
+        check_same_base(session.attempt(config.parent), base_model, "continue it", vae)
     validate(config)
     examples = data.list_examples(session.instance_dir)
     check_training_data(config, examples)
     if isinstance(base_model, (str, Path)):  # loaded before anything is written: a model that cannot be used changes nothing
-        base_model = load_base_model(base_model, config=config_source)
+        base_model = load_base_model(base_model, config=config_source, vae=vae)
 
     precision = plan_precision(config)
     accelerator = make_accelerator(config, precision, sdxl=base_model.info.family == "sdxl")
@@ -362,7 +365,8 @@ def start_run(session: Session, name: str, config: TrainConfig, base_model: Base
         with reading(parent_weights, "continue from another checkpoint of that attempt"):
             load_parent_weights(parent_weights, models.unet, models.text_encoders, config)
         emit(TrainEvent("info", message=f"Continuing from {config.parent}."))
-    update_attempt(session, name, status="training", message="", base_model=base_model.info.source, parent=config.parent or None)
+    update_attempt(session, name, status="training", message="", base_model=base_model.info.source, vae=base_model.info.vae,
+                   parent=config.parent or None)
     run = Run(config=config, accelerator=accelerator, attempt_dir=attempt_dir, base_model=base_model, models=models,
               data=training_data, schedule=NoiseSchedule.from_scheduler(base_model.pipeline.scheduler, device),
               generator=generator, checkpoint=checkpoint, emit=emit, stop=stop, state=state, started=time.time(),
@@ -409,21 +413,28 @@ def read_attempt_config(attempt_dir: Path) -> TrainConfig:
                           "so start a new one (its checkpoints stay where they are).") from err
 
 
-def check_resumable(session: Session, name: str, base_model: BaseModel | str | Path) -> None:
-    """There must be a checkpoint to resume, and the base model must be the one the attempt started from."""
+def check_resumable(session: Session, name: str, base_model: BaseModel | str | Path, vae: str | None = None) -> None:
+    """There must be a checkpoint to resume, and the base model and VAE must be those the attempt started from."""
     attempt = session.attempt(name)
     if attempt.status == "finished":
         raise ConfigError(f"Attempt {name!r} has finished ({attempt.steps_done} steps); there is nothing to resume.")
     if latest_checkpoint(session.attempt_dir(name)) is None:
         raise ConfigError(f"Attempt {name!r} has no checkpoint to resume from (it stopped before its first one); start a new attempt.")
-    check_same_base(attempt, base_model, "resume it")
+    check_same_base(attempt, base_model, "resume it", vae)
 
 
-def check_same_base(attempt: Attempt, base_model: BaseModel | str | Path, what: str) -> None:
-    source = base_model.info.source if isinstance(base_model, BaseModel) else str(base_model)
-    if attempt.base_model and not _same_source(attempt.base_model, source):
+def check_same_base(attempt: Attempt, base_model: BaseModel | str | Path, what: str, vae: str | None = None) -> None:
+    """`base_model` must be the model the attempt was trained from, with the same VAE (its latents are what the attempt
+    learned on). `vae`: the VAE a source string will be loaded with; a loaded BaseModel says its own."""
+    source, vae = (base_model.info.source, base_model.info.vae) if isinstance(base_model, BaseModel) else (str(base_model), vae)
+    if not attempt.base_model:  # not recorded (it never started, or an old session)
+        return
+    if not _same_source(attempt.base_model, source):
         raise ConfigError(f"Attempt {attempt.name!r} was trained from {attempt.base_model}, not {source}; {what} with that "
                           "model (--model), or start a new attempt.")
+    if not (attempt.vae == vae or (attempt.vae and vae and _same_source(attempt.vae, vae))):  # None: the model's own
+        raise ConfigError(f"Attempt {attempt.name!r} was trained with {_vae_words(attempt.vae)}, not {_vae_words(vae)}; "
+                          f"{what} with that VAE (--vae), or start a new attempt.")
 
 
 def continue_config(session: Session, parent: str, **overrides: Any) -> TrainConfig:
@@ -443,6 +454,10 @@ def continue_config(session: Session, parent: str, **overrides: Any) -> TrainCon
     values = parent_config.to_dict() | {"text_encoder_steps": 0} | given
     values.update(parent=f"{attempt.name}@{step}", parent_trained_text_encoder=parent_config.changes_text_encoder)
     return TrainConfig.from_dict(values)
+
+
+def _vae_words(vae: str | None) -> str:
+    return f"the VAE {vae}" if vae else "the model's own VAE"
 
 
 def _same_source(a: str, b: str) -> bool:
@@ -499,7 +514,7 @@ def prepare_data(session: Session, config: TrainConfig, examples: list[data.Exam
     """Latents of the photos and class images, cached on disk; class images are made by the base model where it lives
     (the GPU when there is one), before the trainer's copies take their memory."""
     info, device = base_model.info, accelerator.device
-    model_key = f"{info.source}|{info.family}|{info.prediction_type}"
+    model_key = info.cache_key
     vae, tokenizers, sdxl = base_model.vae, prompt_tokenizers(base_model), info.family == "sdxl"
     scaling = vae.config.scaling_factor
     paths = [e.path for e in examples]

@@ -133,8 +133,8 @@ def test_model_view_loads_the_typed_source_and_reports_what_it_is(tmp_path):
     calls = []
     info = SimpleNamespace(describe=lambda: "Stable Diffusion 1.x, epsilon, 64 px")
 
-    def loader(source, config=None):
-        calls.append((source, config))
+    def loader(source, config=None, vae=None):
+        calls.append((source, config, vae))
         return SimpleNamespace(info=info)
 
     view = ui.ModelView("some/model", loader=loader)
@@ -145,7 +145,7 @@ def test_model_view_loads_the_typed_source_and_reports_what_it_is(tmp_path):
     assert "folder" in view.kind.value
     view.config_text.value = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     view.load_button.click()
-    assert calls == [(str(tmp_path), "stable-diffusion-v1-5/stable-diffusion-v1-5")]
+    assert calls == [(str(tmp_path), "stable-diffusion-v1-5/stable-diffusion-v1-5", None)]
     assert view.base_model.info is info and "Stable Diffusion 1.x" in view.status_text and view.error_text == ""
 
 

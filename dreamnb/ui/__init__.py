@@ -69,9 +69,10 @@ def setup(session_root: str | Path | None = None, *, auto: bool = False) -> Setu
     return view
 
 
-def choose_model(default: str | Path = DEFAULT_MODEL, *, config: str | Path | None = None, auto: bool = False) -> ModelView:
-    """The base model form; `auto` loads `default` at once."""
-    view = show(ModelView(default, config=config))
+def choose_model(default: str | Path = DEFAULT_MODEL, *, config: str | Path | None = None, vae: str | Path | None = None,
+                 auto: bool = False) -> ModelView:
+    """The base model form (`vae`: another VAE, see `load_base_model`); `auto` loads `default` at once."""
+    view = show(ModelView(default, config=config, vae=vae))
     if auto:
         view.load(raise_errors=True)
     return view

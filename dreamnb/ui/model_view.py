@@ -6,7 +6,8 @@ token is not in the notebook file or its saved widget state.
 
 The "Start from" list offers the usual base models, each with a line on what it means for training; views of
 later sections that depend on the model (the train form's defaults, image sizes) register with `on_load` and
-follow the model each time one is loaded.
+follow the model each time one is loaded. Another VAE (above all SDXL's fp16-fix) can be given, except for SD 1.5:
+a typed model may be SDXL.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any, Callable
 
 import ipywidgets as W
 
+from ..config import SDXL_FP16_VAE, VAE_HELP
 from ..errors import UserError
 from ..models import DEFAULT_MODEL, SDXL_MODEL, BaseModel, ModelError, load_base_model, resolve_hf_token, source_kind
 from .base import View, row
@@ -43,7 +45,7 @@ KIND_WORDS = {
 class ModelView(View):
     """Pick and load the base model; `.base_model` is the loaded `BaseModel`."""
 
-    def __init__(self, default: str | Path = DEFAULT_MODEL, *, config: str | Path | None = None,
+    def __init__(self, default: str | Path = DEFAULT_MODEL, *, config: str | Path | None = None, vae: str | Path | None = None,
                  loader: Callable[..., BaseModel] = load_base_model) -> None:
         super().__init__()
         self._loader = loader
@@ -58,6 +60,9 @@ class ModelView(View):
         self.kind = W.HTML()
         self.config_text = W.Text(value=str(config or ""), placeholder="only for a single file; usually empty",
                                   layout=W.Layout(width="420px"))
+        self.vae_text = W.Text(value=str(vae or ""), placeholder=f"usually empty; {SDXL_FP16_VAE} for SDXL",
+                               layout=W.Layout(width="420px"))
+        self.vae_row = row(self.vae_text, VAE_HELP, "VAE (optional)")
         # continuous_update=False: the value arrives once, on Enter or leaving the box, not per keystroke
         self.token_box = W.Password(placeholder="hf_…", continuous_update=False, layout=W.Layout(width="300px"))
         self.token_button = W.Button(description="Use this token", icon="key")
@@ -77,6 +82,7 @@ class ModelView(View):
             row(self.source_text, "A Hub id like stable-diffusion-v1-5/stable-diffusion-v1-5, a folder, a .safetensors file, or a link to one (civitai download link, Google Drive share, https; a civitai key is read from the CIVITAI_TOKEN secret).", "Base model"),
             row(self.kind, "", " "),
             row(self.config_text, "For a single file: a diffusers folder or Hub id whose configs describe it (SD 2.x files need one).", "Config (optional)"),
+            self.vae_row,
             row(W.HBox([self.token_box, self.token_button]), "For gated or private models, and for pushing to the Hub (write access); kept in this runtime only, never saved.", "Hugging Face token"),
             row(self.token_state, "", " "),
             self.load_button, self.status, self.error, self.out,
@@ -86,6 +92,11 @@ class ModelView(View):
     @property
     def source(self) -> str:
         return self.source_text.value.strip()
+
+    @property
+    def vae(self) -> str | None:
+        """The VAE typed in its box while the box is shown; None: the model's own."""
+        return (self.vae_text.value.strip() or None) if self.vae_row.layout.display != "none" else None
 
     @property
     def base_model(self) -> BaseModel:
@@ -100,7 +111,7 @@ class ModelView(View):
                 raise ModelError(f"The base model is empty; type a Hub id such as {DEFAULT_MODEL}, a folder or a .safetensors file.")
             self.show_status(f"Loading {self.source}… (a first download takes a few minutes: about 4 GB for SD 1.5, "
                              "7 GB for SDXL)")
-            model = self._loader(self.source, config=self.config_text.value.strip() or None)
+            model = self._loader(self.source, config=self.config_text.value.strip() or None, vae=self.vae)
             self.loaded = model
             self.show_status(f"Loaded: {model.info.describe()}.", ok=True)
             self._tell_listeners(model)
@@ -169,6 +180,7 @@ class ModelView(View):
     def _show_choice(self) -> None:
         words = CHOICES[self.choice.value][1] if self.choice.value in CHOICES else "Any Stable Diffusion 1.x, 2.x or XL model: type it below."
         self.choice_help.value = f"<i>{html.escape(words)}</i>"
+        self.vae_row.layout.display = "none" if self.choice.value == DEFAULT_MODEL else ""
 
     # --- display ---------------------------------------------------------------------------------
     def _show_kind(self) -> None:
