@@ -258,7 +258,7 @@ def _session_base(args, session, refs: list[str | None], placement=None):
     source = args.model or session.base_model
     if not source:
         raise UsageError("The session has no base model recorded; give --model.")
-    return load_base_model(source, config=args.model_config or session.extra.get("model_config"), placement=placement,
+    return load_base_model(source, config=args.model_config or session.base_model_config, placement=placement,
                            vae=_trained_vae(args, session, refs))
 
 

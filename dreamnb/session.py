@@ -83,6 +83,7 @@ class Session:
     path: Path
     name: str
     base_model: str | None = None
+    base_model_config: str | None = None  # for a single-file base model: the configs it was loaded with (--model-config)
     created: str = field(default_factory=_now)
     attempts: list[Attempt] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # keys from newer versions, kept untouched
@@ -125,6 +126,7 @@ class Session:
             "format": FORMAT_VERSION,
             "name": self.name,
             "base_model": self.base_model,
+            "base_model_config": self.base_model_config,
             "created": self.created,
             "attempts": [dataclasses.asdict(a) for a in self.attempts],
         }
@@ -232,11 +234,11 @@ def session_from_dict(path: Path, data: Any) -> Session:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise ValueError(f"an attempt entry is {json.dumps(entry)[:60]}, not one with a name")
         attempts.append(Attempt(**{k: v for k, v in entry.items() if k in attempt_fields}))
-    for key in ("name", "base_model", "created"):
+    for key in ("name", "base_model", "base_model_config", "created"):
         if data.get(key) is not None and not isinstance(data[key], str):
             raise ValueError(f"its {key} is {data[key]!r}, not text")
     return Session(path=path, name=data.pop("name", None) or path.name, base_model=data.pop("base_model", None),
-                   created=data.pop("created", None) or _now(), attempts=attempts, extra=data)
+                   base_model_config=data.pop("base_model_config", None), created=data.pop("created", None) or _now(), attempts=attempts, extra=data)
 
 
 def _repair_hint(path: Path) -> str:

@@ -315,7 +315,7 @@ def _train(session: Session, config: TrainConfig, base_model: BaseModel | str | 
     checkpoint = latest_checkpoint(attempt_dir) if resume else None
 
     if session.base_model is None:
-        session.base_model = base_model.info.source
+        session.base_model, session.base_model_config = base_model.info.source, str(config_source) if config_source else None
         save_session(session)
     if base_model.info.resolution != config.resolution:
         emit(TrainEvent("info", message=f"Training at {config.resolution} px; this base model was made for {base_model.info.resolution} px."))

@@ -37,7 +37,9 @@ def test_prepare_train_sample_and_list_from_the_command_line(tmp_path, tiny_sd1)
     report = json.loads(done.stdout)
     assert report["accepted"] == 3 and report["rejected"] == 0 and report["photos_in_set"] == 3
 
-    done = dreamnb("train", "--session", session, "--model", tiny_sd1.folder, "--token", "zwx", "--class-word", "thing",
+    # a single file with the folder of its configs: later commands load the session's model with them too
+    done = dreamnb("train", "--session", session, "--model", tiny_sd1.single_file, "--model-config", tiny_sd1.folder,
+                   "--token", "zwx", "--class-word", "thing",
                    "--preset", "object", "--no-prior", "--unet-steps", "12", "--te-steps", "2", "--resolution", "64",
                    "--set", "unet_lr=1e-3", "--set", "log_every=4", "--json")
     assert done.returncode == 0, done.stderr
