@@ -172,6 +172,9 @@ _SDXL_OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 
+PRESET_FAMILIES = ("sd1", "sdxl")  # the model families `preset_values` tells apart (SD 2.x takes SD 1.x's values)
+
+
 def default_method(family: str = "sd1") -> str:
     """'lora' for SDXL (a full fine-tune of its 2.6B-weight UNet does not fit a T4's 15 GB), else 'full'."""
     return "lora" if family == "sdxl" else "full"

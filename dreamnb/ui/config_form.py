@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import ipywidgets as W
 
-from ..config import METHODS, PRESETS, ConfigError, TrainConfig, preset_values, validate
+from ..config import METHODS, PRESET_FAMILIES, PRESETS, ConfigError, TrainConfig, preset_values, validate
 from .base import ERROR_STYLE, OK_STYLE, row
 
 # Shown up front, in this order; every other field goes under "More settings".
@@ -41,9 +41,6 @@ def label_for(name: str) -> str:
     return LABELS.get(name, name.replace("_", " ").capitalize())
 
 
-FAMILIES = ("sd1", "sdxl")  # the families `config.preset_values` tells apart (SD 2.x takes SD 1.x's values)
-
-
 def _preset_keys(family: str = "sd1") -> set[str]:
     """Every field some preset (or method) sets for this model family: what a preset change refills."""
     return {key for p in PRESETS for m in METHODS for key in preset_values(p, m, family)}
@@ -51,7 +48,7 @@ def _preset_keys(family: str = "sd1") -> set[str]:
 
 def family_keys() -> set[str]:
     """Every field some preset sets for some model family: what a change of base model family refills."""
-    return set().union(*(_preset_keys(f) for f in FAMILIES))
+    return set().union(*(_preset_keys(f) for f in PRESET_FAMILIES))
 
 
 def widget_for(field: dataclasses.Field, kind: type, value: Any) -> W.Widget:
