@@ -806,12 +806,6 @@ def copy_to(model, device, dtype):
     return copy.deepcopy(model, memo)
 
 
-def cast(model, device, dtype):
-    """`torch.nn.Module.to`: diffusers' own `to` warns about float32-only modules even when a model
-    has none (SD's UNet and VAE have none), which users would read as a problem."""
-    return torch.nn.Module.to(model, device, dtype)
-
-
 def check_training_data(config: TrainConfig, examples: list[data.Example]) -> None:
     if not examples:
         raise ConfigError("The session has no prepared photos; add some first with `dreamnb prepare PHOTOS --session DIR`.")
