@@ -82,7 +82,7 @@ def export_attempt(
         config = attempt_config(session, name)
         is_lora = config.get("method") == "lora"
 
-        origin = describe(session, name, config, base.info.source, family=base.info.family)
+        origin = describe(session, name, config, base.info.source, family=base.info.family, vae=base.info.vae)
         if format in LORA_FORMATS:
             if format == "lora":
                 state, metadata = kohya_lora(lora_weights_file(weights_dir), config, base, name, origin)
@@ -168,9 +168,12 @@ def check_overwrite(out: Path, format: str, force: bool) -> None:
         raise ExportError(f"{out} exists and is not a file, so it is not replaced; choose another path.")
 
 
-def describe(session: Session, attempt: str, config: dict, base_source: str, *, family: str = "sd1") -> dict[str, str]:
-    """What the exported weights are, as the string metadata a .safetensors file holds."""
+def describe(session: Session, attempt: str, config: dict, base_source: str, *, family: str = "sd1",
+             vae: str | None = None) -> dict[str, str]:
+    """What the exported weights are, as the string metadata a .safetensors file holds (`vae`: the VAE trained with,
+    when not the base model's own)."""
     return {
+        **({"vae": vae} if vae else {}),
         "dreamnb_version": __version__,
         "base_model": base_model_name(base_source),
         "base_model_family": FAMILY_NAMES.get(family, family),
@@ -336,6 +339,7 @@ def model_card(
     repo_id: str | None = None,
     weights_file: str | None = None,
     family: str = "sd1",
+    vae: str | None = None,
 ) -> str:
     """README.md text for the Hub: YAML front matter, what the token means, the settings that
     matter, how to load the model (with the pipeline class of the base's `family`), and the sample grid
@@ -363,6 +367,7 @@ def model_card(
         (f"{FAMILY_NAMES.get(family, 'Stable Diffusion')} taught a new subject with DreamBooth by dreamnb {__version__}. "
          f"Write **`{token}`** in a prompt to get it, e.g. `{prompt}`."), "",
         f"- Base model: `{base_name}`",
+        *([f"- VAE: `{vae}`, trained with and used instead of the base model's own"] if vae else []),
         f"- Token: `{token}`",
         f"- Class word: `{class_word}`" if class_word else "- Class word: none (a style)",
         f"- Instance prompt: `{prompt}`",
@@ -455,7 +460,7 @@ def push_to_hub(
             grid_file = "grid.png"
             _save_grid(grid, folder / grid_file)
         card = model_card(session, name, config, base.info.source, grid_file,
-                          format=format, repo_id=repo_id, weights_file=weights_file, family=base.info.family)
+                          format=format, repo_id=repo_id, weights_file=weights_file, family=base.info.family, vae=base.info.vae)
         fileio.write_text(folder / "README.md", card)
 
         api = HfApi(endpoint=endpoint, token=token)

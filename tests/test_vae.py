@@ -6,11 +6,13 @@ import re
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 import dreamnb.ui as ui
 from dreamnb.config import ConfigError, TrainConfig
 from dreamnb.convert import vae_to_ldm
+from dreamnb.export import model_card
 from dreamnb.models import DEFAULT_MODEL, SDXL_MODEL, ModelError, ModelInfo, Placement, load_base_model
 from dreamnb.session import open_session
 from dreamnb.train import continue_config, train
@@ -154,6 +156,15 @@ def test_cli_vae_reaches_the_model_and_later_commands_use_the_attempts(tmp_path,
     done = dreamnb("-v", "sample", "--session", session, "--prompt", "zwx", "--seed", "1", "--steps", "2", "--out", tmp_path / "s.png")
     assert done.returncode == 0, done.stderr
     assert f"VAE {sd1_vae})" in done.stderr
+
+    # export: the file says which VAE the attempt was trained with, and so does a model card
+    done = dreamnb("export", "--session", session, "--format", "safetensors", "--out", tmp_path / "me.safetensors")
+    assert done.returncode == 0, done.stderr
+    with safe_open(str(tmp_path / "me.safetensors"), "pt") as exported:
+        assert exported.metadata()["vae"] == str(sd1_vae)
+    config = json.loads((session / "attempts" / "attempt-1" / "config.json").read_text())
+    card = model_card(open_session(session), "attempt-1", config, str(tiny_sd1.folder), vae=str(sd1_vae))
+    assert f"- VAE: `{sd1_vae}`" in card and "VAE" not in model_card(open_session(session), "attempt-1", config, str(tiny_sd1.folder))
 
     done = dreamnb("train", "--session", session, "--from", "attempt-1", "--vae", tiny_sd1.folder / "vae", "--unet-steps", "1")
     assert done.returncode == 2 and "was trained with the VAE" in done.stderr and "Traceback" not in done.stderr
