@@ -391,7 +391,7 @@ def check_hub_model(repo_id: str, *, token: str | None, local_files_only: bool |
     """Fetch only model_index.json first: fails fast (offline, gated, wrong kind) before gigabytes move. 'sdxl' or 'sd'."""
     index = _hub_file(repo_id, "model_index.json", token=token, local_files_only=local_files_only,
                       missing=f"{repo_id} on the Hugging Face Hub is not a diffusers model (no model_index.json); give a diffusers model id, or download its .safetensors file and give that path.")
-    return _check_pipeline_class(json.loads(index.read_text()).get("_class_name"), repo_id)
+    return _check_pipeline_class(_class_name(index), repo_id)
 
 
 def _hub_file(repo_id: str, filename: str, *, token: str | None, local_files_only: bool | None, missing: str) -> Path:
