@@ -301,11 +301,22 @@ def run_dreamnb(name: str, workdir: Path, tiny: bool, unet_steps: int, te_steps:
     marks: list[tuple[str, int, float]] = []
     messages: list[str] = [f"{loaded_s:6.1f}s loaded the base model"]
 
+    memory: list[str] = []  # where the peak comes from: GPU memory at each message and the first logged steps
+
+    def note_memory(what: str) -> None:
+        if cuda:
+            gb = lambda b: f"{b / 1e9:.1f}"
+            memory.append(f"{what}: allocated {gb(torch.cuda.memory_allocated())}, reserved {gb(torch.cuda.memory_reserved())}, "
+                          f"peak so far {gb(torch.cuda.max_memory_allocated())} / {gb(torch.cuda.max_memory_reserved())} GB")
+
     def on_event(event):
         if event.kind == "step":
             marks.append((event.phase, event.step, time.time()))
+            if len(marks) <= 3:
+                note_memory(f"{event.phase} step {event.step}")
         elif event.message:
             messages.append(f"{time.time() - started:6.1f}s {event.message}")
+            note_memory(event.message[:60])
 
     if resume and processes.is_main_process:  # as a runtime lost after that checkpoint leaves it (a finished one has nothing to resume)
         attempt = session.attempt(None)
@@ -316,7 +327,7 @@ def run_dreamnb(name: str, workdir: Path, tiny: bool, unet_steps: int, te_steps:
         raise RuntimeError(result.message)
     if resume:  # the attempt went on with the settings it started with
         config = TrainConfig.from_dict(json.loads((session.attempt_dir(result.attempt) / "config.json").read_text()))
-    out = {"name": name, "messages": messages, "wall_s": time.time() - started, "steps_done": result.steps_done, "rank": processes.process_index, "processes": processes.num_processes,
+    out = {"name": name, "messages": messages, "memory": memory, "wall_s": time.time() - started, "steps_done": result.steps_done, "rank": processes.process_index, "processes": processes.num_processes,
            "images_per_step": config.train_batch_size * (2 if config.with_prior_preservation else 1) * processes.num_processes}
     for phase in ("text_encoder", "unet"):
         points = [(step, t) for p, step, t in marks if p == phase]
@@ -459,11 +470,34 @@ def run_sampling_xl(workdir: Path, tiny: bool) -> dict:
 
     out["dreamnb_1_image_s"] = timed_warm(dreamnb_image, cuda)
     out["dreamnb_vs_diffusers_mean_abs_pixel_diff"] = float(np.abs(np.asarray(dreamnb_image(), np.float32) - reference).mean())
+    out["decode"] = decode_probe(base.pipeline, size, cuda)
     if cuda:  # the playground's "compile" switch, as for (f); torch.compile on the CPU is not what a user would run
         t = time.time()
         dreamnb_image(compile_unet=True)
         out["compile_first_call_s"] = time.time() - t
         out["dreamnb_compiled_1_image_s"] = timed_warm(lambda: dreamnb_image(compile_unet=True), cuda)
+    return out
+
+
+def decode_probe(pipe, size: int, cuda: bool) -> dict:
+    """Where xl-sample's time goes besides the UNet: one 1024-px VAE decode in the VAE's own dtype (fp32: SDXL's VAE
+    overflows in fp16), and in bf16, which has fp32's range, with how far its pixels are from the fp32 decode."""
+    import torch
+
+    from dreamnb.sample import decode_latents
+
+    latents = torch.randn(1, 4, size // 8, size // 8, device=pipe.vae.device, generator=torch.Generator(pipe.vae.device).manual_seed(0))
+    out = {"vae_dtype": str(pipe.vae.dtype), f"{pipe.vae.dtype}_s".replace("torch.", ""): timed_warm(lambda: decode_latents(pipe, latents), cuda)}
+    if cuda and pipe.vae.dtype == torch.float32:
+        import numpy as np
+
+        exact = np.asarray(decode_latents(pipe, latents)[0], np.float32)
+        pipe.vae.to(torch.bfloat16)
+        try:
+            out["bfloat16_s"] = timed_warm(lambda: decode_latents(pipe, latents), cuda)
+            out["bfloat16_mean_abs_pixel_diff"] = float(np.abs(np.asarray(decode_latents(pipe, latents)[0], np.float32) - exact).mean())
+        finally:
+            pipe.vae.to(torch.float32)
     return out
 
 

@@ -329,11 +329,12 @@ def _train(session: Session, config: TrainConfig, base_model: BaseModel | str | 
         if parked:
             emit(TrainEvent("info", message="The base model waits on the CPU while training, leaving the GPU's memory to training."))
         run = start_run(session, name, config, base_model, accelerator, precision, training_data, checkpoint, emit, stop, progress)
-        status, message, final_dir, out_of_memory = run_training(run)
+        status, message, final_dir = run_training(run)
         steps_done, losses, elapsed = run.state["global_step"], run.losses, time.time() - run.started
-        if out_of_memory:  # the failed step's tensors are gone with its traceback; the copies go now, before the base returns
-            run = None
-            accelerator.free_memory()
+        # the trainer's copies, its CUDA graph's memory pool (and after an OOM the failed step's tensors) go before the
+        # base model comes back: beside them, the end of an SDXL run needed 21.4 GB against training's 16.1
+        run = None
+        accelerator.free_memory()
     update_attempt(session, name, status=status, steps_done=steps_done, message=message)
     emit(TrainEvent("done" if status == "finished" else ("stopped" if status == "interrupted" else "error"),
                     step=steps_done, total_steps=config.total_steps, message=message,
@@ -376,9 +377,9 @@ def start_run(session: Session, name: str, config: TrainConfig, base_model: Base
     return run
 
 
-def run_training(run: Run) -> tuple[str, str, Path | None, bool]:
-    """Every phase, then the final weights; or a checkpoint at Stop. Returns the status, its message, the final
-    weights' folder and whether the GPU ran out of memory."""
+def run_training(run: Run) -> tuple[str, str, Path | None]:
+    """Every phase, then the final weights; or a checkpoint at Stop. Returns the status, its message and the final
+    weights' folder."""
     config, accelerator, models = run.config, run.accelerator, run.models
     try:
         for phase in PHASES:
@@ -386,20 +387,20 @@ def run_training(run: Run) -> tuple[str, str, Path | None, bool]:
         if accelerator.num_processes > 1:
             run.emit(TrainEvent("info", message=ranks_agree_message(accelerator, models.unet, models.text_encoders)))
         final_dir = save_final(accelerator, run.attempt_dir, models.unet, models.text_encoders, config, run.base_model.info.family)
-        return "finished", f"Finished {config.total_steps} steps; the trained model is in {final_dir}.", final_dir, False
+        return "finished", f"Finished {config.total_steps} steps; the trained model is in {final_dir}.", final_dir
     except KeyboardInterrupt:
         path = save_checkpoint(accelerator, run.attempt_dir, run.state, models.unet, models.text_encoders, run.optimizer,
                                run.lr_scheduler, run.generator, config, run.loss_scaler)
         return ("interrupted", f"Stopped at step {run.state['global_step']} of {config.total_steps}; saved {path.name}. "
-                               "Resume with --resume (or the Resume button).", None, False)
+                               "Resume with --resume (or the Resume button).", None)
     except torch.cuda.OutOfMemoryError:
-        return "failed", oom_message(config), None, True
+        return "failed", oom_message(config), None
     except TrainingError as err:
-        return "failed", str(err), None, False
+        return "failed", str(err), None
     except OSError as err:
         if err.errno != errno.ENOSPC:
             raise
-        return "failed", disk_full_message(run.attempt_dir), None, False
+        return "failed", disk_full_message(run.attempt_dir), None
     finally:
         run.bar.close()
 
