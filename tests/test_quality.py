@@ -1,6 +1,7 @@
 """The quality harness's own parts, on the CPU: the world, the evaluator and the metrics on known cases, and the
 bf16 optimizer variants that experiment 1 compares."""
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -42,6 +43,23 @@ def test_captions_name_the_attributes_and_round_trip():
     scene = world.Scene((world.Thing("star", "red", "striped", "white"), world.Thing("fish", "orange")), "grass", "painting")
     assert world.caption(scene) == "a painting of a red star with white stripes and an orange fish on grass"
     assert world.scenes_of(world.batch_of([scene])) == [scene]
+
+
+def test_incomplete_captions_leave_out_attributes_and_use_no_new_words():
+    """Later pretraining rounds teach captions that leave things out, so 'a photo of a star' (the class prompt) means a
+    star of any colour anywhere."""
+    scene = world.Scene((world.Thing("star", "orange", "striped", "white"),), "water", "photo")
+    assert world.caption(scene, frozenset(world.OMITTABLE)) == "a photo of a star"
+    assert world.caption(scene, frozenset({"colour"})) == "a photo of a star with white stripes on water"
+    assert world.caption(scene, frozenset({"pattern", "background"})) == "a photo of an orange star"
+    batch = world.sample_scenes(400, torch.Generator().manual_seed(3))
+    full = world.captions(batch)
+    assert world.captions(batch, 0.0) == full
+    partial = world.captions(batch, 0.3, torch.Generator().manual_seed(0))
+    assert partial == world.captions(batch, 0.3, torch.Generator().manual_seed(0))
+    shorter = sum(len(p) < len(f) for p, f in zip(partial, full)) / len(full)
+    assert 0.5 < shorter < 0.8  # 1 - 0.7² of the scenes lose colour or background at least (pattern too, where they have one)
+    assert {w for c in partial for w in c.split()} <= {w for c in full for w in c.split()}
 
 
 def test_token_ids_word_by_word_equal_the_clip_tokenizer():
@@ -206,12 +224,35 @@ def test_a_pack_gives_back_the_same_world_model_in_parts_small_enough_to_carry(t
         pretrain.unpack_world_model(other, pretrain.pack_parts(other, tmp_path / "carry"))
 
 
+def test_a_later_pretraining_round_continues_the_cached_one_under_its_own_key(tmp_path):
+    """`--rounds 2` trains round 1's model (cached or carried) for another UNet phase; round 1 keeps the key its packs
+    were made under."""
+    first = dataclasses.replace(pretrain.TINY, unet_steps=3, latent_pool=64)
+    assert pretrain.WorldModelSettings().key() == "6aec652c6ebe"  # the carried pack's (README): rounds=1 leaves it as it was
+    second = dataclasses.replace(first, rounds=2)
+    assert second.key() != first.key()
+    pipe = pretrain.build_pipeline(first)
+    pretrain.round_to_fp16(pipe)
+    pretrain.save_folder(pipe, {"unet_steps_done": 7}, first, pretrain.model_folder(first, tmp_path))
+    folder = pretrain.ensure_world_model(second, tmp_path, "cpu")
+    assert folder == pretrain.model_folder(second, tmp_path) != pretrain.model_folder(first, tmp_path)
+    report = json.loads((folder / "world.json").read_text())
+    assert report["previous_round"]["unet_steps_done"] == 7 and report["unet_steps_done"] == first.unet_steps
+    from diffusers import StableDiffusionPipeline
+
+    after = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    assert all(torch.equal(a, b) for a, b in zip(pipe.vae.state_dict().values(), after.vae.state_dict().values()))
+    assert not all(torch.equal(a, b) for a, b in zip(pipe.unet.state_dict().values(), after.unet.state_dict().values()))
+
+
 def test_harness_configs_come_from_the_object_preset_with_the_run_s_changes():
     config = run.train_config(run.CONFIGURATIONS[1], SUBJECTS[1], 1, run.HarnessSettings())
     assert (config.preset, config.optimizer, config.class_word, config.token, config.seed) == ("object", "adamw-bf16", "fish", "zwx", 1)
     assert config.unet_steps == 800 and config.unet_lr == 2e-6 and config.with_prior_preservation
     lora = run.train_config(next(c for c in run.CONFIGURATIONS if c.method == "lora"), SUBJECTS[0], 0, run.HarnessSettings())
     assert lora.method == "lora" and lora.unet_lr == 1e-4
+    scaled = run.train_config(run.CONFIGURATIONS[0], SUBJECTS[0], 0, dataclasses.replace(run.HarnessSettings(), lr_scale=6, step_scale=4))
+    assert (scaled.unet_lr, scaled.text_encoder_lr, scaled.unet_steps, scaled.text_encoder_steps) == (pytest.approx(1.2e-5), pytest.approx(6e-6), 3200, 800)
 
 
 # --- the optimizer variants -----------------------------------------------------------------------------

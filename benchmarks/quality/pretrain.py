@@ -34,6 +34,7 @@ TOKENIZER_DIR = HERE.parents[1] / "dreamnb" / "data" / "clip-tokenizer"
 
 
 VERSION = 2  # part of the cache key: bump when the architecture or the training changes
+LATER_ROUNDS_OMIT = 0.3  # in rounds after the first, each of colour, pattern and background is left out of a caption this often
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,12 @@ class WorldModelSettings:
     empty_caption: float = 0.1
     seed: int = 0
     max_seconds: float = 140.0                      # the UNet phase's time limit (its schedule ends there too)
+    rounds: int = 1                                 # UNet phases: each later one continues the previous round's model on new scenes, incomplete captions too
 
     def key(self) -> str:
-        text = json.dumps({**{k: v for k, v in dataclasses.asdict(self).items() if k != "max_seconds"}, "version": VERSION},
-                          sort_keys=True)
+        # round 1's key leaves `rounds` out: it is the key packs were made under before rounds existed
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "max_seconds" and (k, v) != ("rounds", 1)}
+        text = json.dumps({**fields, "version": VERSION}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def attention_heads(self) -> tuple[int, ...]:
@@ -80,18 +83,21 @@ def model_folder(settings: WorldModelSettings, cache: Path) -> Path:
 
 def ensure_world_model(settings: WorldModelSettings, cache: Path = DEFAULT_CACHE, device=None) -> Path:
     """The cached world model's folder: from the cache, else unpacked from a carried pack (cache/carry/), else
-    pretrained now (then cached)."""
+    pretrained now (a later round: the previous round's model, found the same way, trained further), then cached."""
     folder = model_folder(settings, cache)
     if (folder / "model_index.json").is_file():
         log.info("world model from the cache: %s", folder)
         return folder
     parts = pack_parts(settings, Path(cache) / "carry")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if parts:
         log.info("world model unpacked from %s", [p.name for p in parts])
         pipe, report = unpack_world_model(settings, parts)
         report["from_pack"] = True
+    elif settings.rounds > 1:
+        previous = ensure_world_model(dataclasses.replace(settings, rounds=settings.rounds - 1), cache, device)
+        pipe, report = continue_pretraining(previous, settings, device)
     else:
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         pipe, report = pretrain(settings, device)
     save_folder(pipe, report, settings, folder)
     return folder
@@ -109,10 +115,7 @@ def save_folder(pipe, report: dict, settings: WorldModelSettings, folder: Path) 
 def pretrain(settings: WorldModelSettings, device: torch.device):
     """Build and train the three parts; returns the pipeline (on the CPU, fp32 holding fp16-exact values: what a
     pack gives back, so a fresh run and a carried one start from the same weights) and a report of the training."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    setup_backends(device)
     pipe = build_pipeline(settings)
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     started = time.time()
@@ -130,6 +133,37 @@ def pretrain(settings: WorldModelSettings, device: torch.device):
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     log.info("world model pretrained: %s", {k: v for k, v in report.items() if k != "unet_losses"})
     return pipe, report
+
+
+def continue_pretraining(previous: Path, settings: WorldModelSettings, device: torch.device):
+    """Round `settings.rounds`: the previous round's model (its folder) trained for another UNet phase on a new pool
+    of scenes (a warm restart of the schedule); the VAE stays as it was."""
+    from diffusers import StableDiffusionPipeline
+
+    setup_backends(device)
+    pipe = StableDiffusionPipeline.from_pretrained(previous, safety_checker=None, requires_safety_checker=False)
+    generator = torch.Generator(device=device).manual_seed(settings.seed + settings.rounds - 1)
+    started = time.time()
+    pipe.vae.to(device)
+    latents, ids, empty = encode_pool(pipe, settings, device, generator)
+    pool_seconds = time.time() - started
+    unet_report = train_unet(pipe, settings, device, generator, latents, ids, empty)
+    del latents, ids
+    pipe.to("cpu")
+    round_to_fp16(pipe)
+    earlier = json.loads((previous / "world.json").read_text())
+    earlier.pop("settings", None)
+    report = {"pool_seconds": round(pool_seconds, 1), **unet_report, "total_seconds": round(time.time() - started, 1),
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "previous_round": earlier}
+    log.info("world model round %d: %s", settings.rounds, {k: v for k, v in report.items() if k not in ("unet_losses", "previous_round")})
+    return pipe, report
+
+
+def setup_backends(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def build_pipeline(settings: WorldModelSettings):
@@ -217,9 +251,12 @@ def encode_pool(pipe, settings: WorldModelSettings, device: torch.device, genera
     """`latent_pool` captioned scenes (pretraining patterns only), each rendered once and VAE-encoded once (the
     posterior's mean, scaled): the UNet phase then costs only the UNet and the text encoder. Returns latents
     (bf16 on a GPU), their token ids and an empty caption's ids."""
-    scenes = world.sample_scenes(settings.latent_pool, torch.Generator().manual_seed(settings.seed))
+    scenes = world.sample_scenes(settings.latent_pool, torch.Generator().manual_seed(settings.seed + settings.rounds - 1))  # new scenes each round
     cache: dict[str, list[int]] = {}
-    ids = world.token_ids(pipe.tokenizer, world.captions(scenes), cache).to(device)
+    # round 1 learns whole captions; later rounds also incomplete ones, which prior preservation's class prompt is
+    omit = LATER_ROUNDS_OMIT if settings.rounds > 1 else 0.0
+    texts = world.captions(scenes, omit, torch.Generator().manual_seed(settings.seed + settings.rounds))
+    ids = world.token_ids(pipe.tokenizer, texts, cache).to(device)
     empty = world.token_ids(pipe.tokenizer, [""], cache)[0].to(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     latents = []
@@ -378,9 +415,11 @@ def main(argv=None) -> None:
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--pack-out", type=Path, default=None, help="also write the model as a pack (parts of ≤15 MiB) here")
     parser.add_argument("--max-seconds", type=float, default=None, help="the UNet phase's time limit")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="UNet phases in all: round N continues round N-1's model (cached or carried) for another phase")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    settings = TINY if args.tiny else WorldModelSettings()
+    settings = dataclasses.replace(TINY if args.tiny else WorldModelSettings(), rounds=args.rounds)
     if args.max_seconds is not None:
         settings = dataclasses.replace(settings, max_seconds=args.max_seconds)
     folder = ensure_world_model(settings, args.cache)

@@ -45,6 +45,11 @@ class Configuration:
     token: str = TOKEN
 
 
+# The world's own grammar ('a photo of a red star on grass'; a subject takes the colour's place, as in PROMPTS): the
+# preset's 'photo of zwx star' / 'photo of a star' are captions the world model never saw, and drew smears for.
+INSTANCE_PROMPT = "a photo of {token} {class}"
+CLASS_PROMPT = "a photo of a {class}"
+
 REFERENCE = Configuration("1 optimizer", "fp32 AdamW (reference)", {"optimizer": "adamw"})
 CONFIGURATIONS = (
     REFERENCE,
@@ -73,6 +78,7 @@ class HarnessSettings:
     class_images: int = 8             # class-prompt pictures per attempt, for PRES
     num_class_images: int = 100       # the preset's prior-preservation class images (made once per session)
     step_scale: float = 1.0           # × the preset's steps (the tiny run cuts them)
+    lr_scale: float = 1.0             # × the preset's learning rates
     guidance_scale: float = 5.0
     num_inference_steps: int = 25
     caption_probes: int = 96          # random captions for the world model's own prompt following
@@ -103,6 +109,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--plan", action="store_true", help="print the time plan and stop")
     parser.add_argument("--step-scale", type=float, default=None,
                         help="× the preset's training steps (longer attempts learn more of the subject; the plan scales)")
+    parser.add_argument("--lr-scale", type=float, default=None, help="× the preset's learning rates, for every configuration")
+    parser.add_argument("--world-rounds", type=int, default=None,
+                        help="the world model after this many pretraining rounds (see pretrain.py --rounds)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("dreamnb", "diffusers", "transformers", "accelerate"):
@@ -110,6 +119,10 @@ def main(argv=None) -> dict:
     settings = TINY_HARNESS if args.tiny else HarnessSettings()
     if args.step_scale is not None:
         settings = dataclasses.replace(settings, step_scale=args.step_scale)
+    if args.lr_scale is not None:
+        settings = dataclasses.replace(settings, lr_scale=args.lr_scale)
+    if args.world_rounds is not None:
+        settings = dataclasses.replace(settings, model=dataclasses.replace(settings.model, rounds=args.world_rounds))
     configurations = TINY_CONFIGURATIONS if args.tiny else CONFIGURATIONS
     if args.only:
         configurations = tuple(c for c in configurations if any(c.label.startswith(p) for p in args.only))
@@ -134,6 +147,9 @@ def time_plan(settings: HarnessSettings, configurations, cache: Path, budget_sec
     stages = [("startup (imports, CUDA)", GPU_SECONDS["startup"]), ("optimizer speed (SD-1.5 size)", GPU_SECONDS["optimizer speed"])]
     if world_cached:
         stages.append(("world model: from the cache", GPU_SECONDS["world model (cached)"]))
+    elif m.rounds > 1:  # the previous round from the cache or a carried pack, then one more UNet phase
+        stages.append((f"world model: round {m.rounds}, render + encode {m.latent_pool} pictures, UNet phase (time limit)",
+                       GPU_SECONDS["world model (cached)"] + 8 + m.max_seconds + 5))
     else:
         # VAE: 800 steps took 32 s in the first run; pool: render + encode, projected; UNet: its time limit
         stages.append((f"world model: VAE {m.vae_steps} steps", round(32 * m.vae_steps / 800 * m.vae_batch / 128)))
@@ -429,10 +445,13 @@ def train_config(configuration: Configuration, subject: Subject, seed: int, sett
 
     preset = preset_values("object", configuration.method)
     values = dict(token=configuration.token, class_word=subject.class_word, resolution=settings.model.size, seed=seed,
-                  checkpoint_every=0, log_every=50, num_class_images=settings.num_class_images)
+                  checkpoint_every=0, log_every=50, num_class_images=settings.num_class_images,
+                  instance_prompt=INSTANCE_PROMPT, class_prompt=CLASS_PROMPT)
     values.update(configuration.overrides)
     for steps in ("unet_steps", "text_encoder_steps"):
         values[steps] = max(1, round(values.get(steps, preset[steps]) * settings.step_scale)) if values.get(steps, preset[steps]) else 0
+    for lr in ("unet_lr", "text_encoder_lr"):
+        values[lr] = values.get(lr, preset[lr]) * settings.lr_scale
     return TrainConfig.from_preset("object", method=configuration.method, **values)
 
 
@@ -463,7 +482,7 @@ def score_pipeline(pipe, evaluator, subject: Subject, real: Judgement, token: st
     """Generate the prompt set (and class-prompt pictures) and measure them."""
     seeds = list(range(settings.images_per_prompt))
     texts = [prompt_text(p, token, subject.class_word) for p in PROMPTS]
-    class_prompt = class_prompt or f"photo of a {subject.class_word}"
+    class_prompt = class_prompt or CLASS_PROMPT.replace("{class}", subject.class_word)
     images = sample(pipe, texts, seeds, settings)
     class_images = sample(pipe, [class_prompt], list(range(100, 100 + settings.class_images)), settings)
     judged = judge(evaluator, to_tensor(images))

@@ -120,10 +120,12 @@ def sample_scenes(count: int, generator: torch.Generator, *, patterns: tuple[str
 
 # --- captions ----------------------------------------------------------------------------------------
 
-def describe(thing: Thing, name: str | None = None) -> str:
-    """'a red star with white stripes'; `name` replaces 'a <colour> <kind>' (a DreamBooth subject: 'zwx star')."""
-    text = name or f"{article(thing.colour)} {thing.colour} {thing.kind}"
-    if thing.pattern != "plain" and name is None:
+def describe(thing: Thing, name: str | None = None, omit: frozenset[str] = frozenset()) -> str:
+    """'a red star with white stripes'; `name` replaces 'a <colour> <kind>' (a DreamBooth subject: 'zwx star');
+    `omit` leaves out the "colour" or the "pattern" ('a star with white stripes', 'a red star')."""
+    colour = "" if "colour" in omit else f"{thing.colour} "
+    text = name or f"{article(colour or thing.kind)} {colour}{thing.kind}"
+    if thing.pattern != "plain" and name is None and "pattern" not in omit:
         text += f" with {thing.pattern_colour} {PATTERN_NOUNS[thing.pattern]}"
     return text
 
@@ -132,13 +134,23 @@ def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def caption(scene: Scene) -> str:
-    things = " and ".join(describe(t) for t in scene.things)
-    return f"a {scene.style} of {things} {BACKGROUND_PHRASES[scene.background]}"
+OMITTABLE = ("colour", "pattern", "background")  # what an incomplete caption may leave out, as people's captions do
 
 
-def captions(batch: SceneBatch) -> list[str]:
-    return [caption(s) for s in scenes_of(batch)]
+def caption(scene: Scene, omit: frozenset[str] = frozenset()) -> str:
+    things = " and ".join(describe(t, omit=omit) for t in scene.things)
+    where = "" if "background" in omit else f" {BACKGROUND_PHRASES[scene.background]}"
+    return f"a {scene.style} of {things}{where}"
+
+
+def captions(batch: SceneBatch, omit: float = 0.0, generator: torch.Generator | None = None) -> list[str]:
+    """Each scene's caption; with `omit`, each of OMITTABLE is left out of a caption with that chance (the class
+    prompt 'a photo of a star' then means a star of any colour anywhere, as DreamBooth's prior needs)."""
+    scenes = scenes_of(batch)
+    if not omit:
+        return [caption(s) for s in scenes]
+    left_out = torch.rand(len(scenes), len(OMITTABLE), generator=generator) < omit
+    return [caption(s, frozenset(a for a, out in zip(OMITTABLE, row) if out)) for s, row in zip(scenes, left_out.tolist())]
 
 
 def token_ids(tokenizer, texts: list[str], cache: dict[str, list[int]] | None = None) -> torch.Tensor:
