@@ -191,6 +191,12 @@ def test_the_time_plan_fits_experiment_one_and_prior_preservation_in_one_call_wi
     (folder / "model_index.json").write_text("{}")
     cached = run.time_plan(settings, run.CONFIGURATIONS, tmp_path, 530)
     assert cached["world_model_cached"] and cached["evaluator_cached"] and len(cached["attempts"]) > len(plan["attempts"])
+    # a second round on top of the cached first: loading it and one more UNet phase, not the first round's stages again
+    second = dataclasses.replace(settings, model=dataclasses.replace(settings.model, rounds=2))
+    stages = [stage for stage, _ in run.time_plan(second, run.CONFIGURATIONS, tmp_path, 530)["stages"] if stage.startswith("world model")]
+    assert len(stages) == 2 and "from the cache" in stages[0] and "round 2" in stages[1]
+    stages = [stage for stage, _ in run.time_plan(second, run.CONFIGURATIONS, tmp_path / "empty", 530)["stages"] if stage.startswith("world model")]
+    assert len(stages) == 4 and "VAE" in stages[0] and "round 2" in stages[-1]
 
 
 def test_a_pack_gives_back_the_same_world_model_in_parts_small_enough_to_carry(tmp_path, monkeypatch):

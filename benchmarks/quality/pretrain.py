@@ -120,17 +120,8 @@ def pretrain(settings: WorldModelSettings, device: torch.device):
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     started = time.time()
     vae_loss = train_vae(pipe.vae, settings, device, generator)
-    vae_seconds = time.time() - started
-    mark = time.time()
-    latents, ids, empty = encode_pool(pipe, settings, device, generator)
-    pool_seconds = time.time() - mark
-    unet_report = train_unet(pipe, settings, device, generator, latents, ids, empty)
-    del latents, ids
-    pipe.to("cpu")
-    round_to_fp16(pipe)
-    report = {"vae_loss": vae_loss, "vae_seconds": round(vae_seconds, 1), "pool_seconds": round(pool_seconds, 1), **unet_report,
-              "total_seconds": round(time.time() - started, 1),
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    report = {"vae_loss": vae_loss, "vae_seconds": round(time.time() - started, 1), **unet_phase(pipe, settings, device, generator),
+              "total_seconds": round(time.time() - started, 1)}
     log.info("world model pretrained: %s", {k: v for k, v in report.items() if k != "unet_losses"})
     return pipe, report
 
@@ -144,19 +135,26 @@ def continue_pretraining(previous: Path, settings: WorldModelSettings, device: t
     pipe = StableDiffusionPipeline.from_pretrained(previous, safety_checker=None, requires_safety_checker=False)
     generator = torch.Generator(device=device).manual_seed(settings.seed + settings.rounds - 1)
     started = time.time()
+    earlier = json.loads((previous / "world.json").read_text())
+    earlier.pop("settings", None)
+    report = {**unet_phase(pipe, settings, device, generator), "total_seconds": round(time.time() - started, 1), "previous_round": earlier}
+    log.info("world model round %d: %s", settings.rounds, {k: v for k, v in report.items() if k not in ("unet_losses", "previous_round")})
+    return pipe, report
+
+
+def unet_phase(pipe, settings: WorldModelSettings, device: torch.device, generator: torch.Generator) -> dict:
+    """The pool of captioned scenes encoded by the pipeline's VAE, then the UNet and text encoder trained on it; the
+    pipeline ends on the CPU with fp16-exact weights."""
+    mark = time.time()
     pipe.vae.to(device)
     latents, ids, empty = encode_pool(pipe, settings, device, generator)
-    pool_seconds = time.time() - started
+    pool_seconds = time.time() - mark
     unet_report = train_unet(pipe, settings, device, generator, latents, ids, empty)
     del latents, ids
     pipe.to("cpu")
     round_to_fp16(pipe)
-    earlier = json.loads((previous / "world.json").read_text())
-    earlier.pop("settings", None)
-    report = {"pool_seconds": round(pool_seconds, 1), **unet_report, "total_seconds": round(time.time() - started, 1),
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "previous_round": earlier}
-    log.info("world model round %d: %s", settings.rounds, {k: v for k, v in report.items() if k not in ("unet_losses", "previous_round")})
-    return pipe, report
+    return {"pool_seconds": round(pool_seconds, 1), **unet_report,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
 
 
 def setup_backends(device: torch.device) -> None:

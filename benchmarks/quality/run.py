@@ -139,22 +139,11 @@ def main(argv=None) -> dict:
 
 def time_plan(settings: HarnessSettings, configurations, cache: Path, budget_seconds: float) -> dict:
     """Expected seconds per stage on the GPU machine, and the attempts that fit the budget in the order they run."""
-    world_cached = (pretrain.model_folder(settings.model, cache) / "model_index.json").is_file() or bool(
-        pretrain.pack_parts(settings.model, Path(cache) / "carry"))
+    world_cached = world_model_cached(settings.model, cache)
     evaluator_cached = (Path(cache) / f"evaluator-{settings.evaluator.key()}.pt").is_file() or (
         Path(cache) / "carry" / f"evaluator-{settings.evaluator.key()}.pt").is_file()
-    m = settings.model
     stages = [("startup (imports, CUDA)", GPU_SECONDS["startup"]), ("optimizer speed (SD-1.5 size)", GPU_SECONDS["optimizer speed"])]
-    if world_cached:
-        stages.append(("world model: from the cache", GPU_SECONDS["world model (cached)"]))
-    elif m.rounds > 1:  # the previous round from the cache or a carried pack, then one more UNet phase
-        stages.append((f"world model: round {m.rounds}, render + encode {m.latent_pool} pictures, UNet phase (time limit)",
-                       GPU_SECONDS["world model (cached)"] + 8 + m.max_seconds + 5))
-    else:
-        # VAE: 800 steps took 32 s in the first run; pool: render + encode, projected; UNet: its time limit
-        stages.append((f"world model: VAE {m.vae_steps} steps", round(32 * m.vae_steps / 800 * m.vae_batch / 128)))
-        stages.append((f"world model: render + encode {m.latent_pool} pictures", 8))
-        stages.append(("world model: UNet + text encoder (time limit)", m.max_seconds + 5))
+    stages += world_model_stages(settings.model, cache)
     if evaluator_cached:
         stages.append(("evaluator: from the cache", GPU_SECONDS["evaluator (cached)"]))
     else:
@@ -176,6 +165,23 @@ def time_plan(settings: HarnessSettings, configurations, cache: Path, budget_sec
                    round(used - sum(seconds for _, seconds in stages))))
     return {"stages": stages, "total_s": round(used), "budget_s": budget_seconds, "attempts": attempts,
             "world_model_cached": world_cached, "evaluator_cached": evaluator_cached}
+
+
+def world_model_cached(m: pretrain.WorldModelSettings, cache: Path) -> bool:
+    return (pretrain.model_folder(m, cache) / "model_index.json").is_file() or bool(pretrain.pack_parts(m, Path(cache) / "carry"))
+
+
+def world_model_stages(m: pretrain.WorldModelSettings, cache: Path) -> list[tuple[str, float]]:
+    """The world model's stages: from the cache; or a later round on top of the previous one's stages; or round 1."""
+    if world_model_cached(m, cache):
+        return [("world model: from the cache", GPU_SECONDS["world model (cached)"])]
+    if m.rounds > 1:
+        return world_model_stages(dataclasses.replace(m, rounds=m.rounds - 1), cache) + [
+            (f"world model: round {m.rounds}, render + encode {m.latent_pool} pictures, UNet phase (time limit)", 8 + m.max_seconds + 5)]
+    # VAE: 800 steps took 32 s in the first run; pool: render + encode, projected; UNet: its time limit
+    return [(f"world model: VAE {m.vae_steps} steps", round(32 * m.vae_steps / 800 * m.vae_batch / 128)),
+            (f"world model: render + encode {m.latent_pool} pictures", 8),
+            ("world model: UNet + text encoder (time limit)", m.max_seconds + 5)]
 
 
 def evaluator_seconds_projected(e: EvaluatorSettings) -> float:

@@ -77,6 +77,33 @@ def test_the_readme_flow_with_sdxl_on_the_tiny_model(tiny_sdxl, photos_512, tmp_
     record("readme flow, tiny SDXL, --preset face (LoRA, 1024 px)", **seconds, trainer=optimizer_line.strip())
 
 
+def test_sdxl_with_an_fp16_vae_through_the_cli(tiny_sdxl, photos_512, tmp_path):
+    """The README's `--vae madebyollin/sdxl-vae-fp16-fix` line on the GPU (a tiny stand-in that says force_upcast=False):
+    that VAE runs in fp16 beside the fp16 UNet, for the class images, the photos' latents, compare and sample, and
+    what it paints are pictures (an fp16 overflow paints NaN, which PIL shows as black)."""
+    import numpy as np
+
+    from dreamnb.session import open_session
+    from test_vae import other_vae
+
+    vae = other_vae(tiny_sdxl.folder, tmp_path / "fp16-fix", force_upcast=False)
+    session = tmp_path / "sessions" / "xl"
+    dreamnb("prepare", photos_512, "--session", session, "--size", "1024", cwd=tmp_path)
+    trained, train_s = dreamnb("-v", "train", "--session", session, "--model", tiny_sdxl.folder, "--vae", vae, "--token", TOKEN,
+                               "--class-word", "person", "--preset", "face", "--unet-steps", "30", "--set", "num_class_images=4",
+                               cwd=tmp_path)
+    assert f"VAE {vae}) on cuda" in trained.stderr and "(VAE in torch.float16)" in trained.stderr, trained.stderr[-3000:]
+    assert open_session(session).attempts[0].vae == str(vae)
+    dreamnb("compare", "--session", session, "--attempts", "base", "attempt-1", "--out", tmp_path / "grid.png", cwd=tmp_path)
+    sampled, _ = dreamnb("-v", "sample", "--session", session, "--prompt", f"photo of {TOKEN} person", "--seed", "1", "--steps", "5",
+                         "--out", tmp_path / "s.png", cwd=tmp_path)
+    assert "(VAE in torch.float16)" in sampled.stderr
+    pictures = [np.asarray(Image.open(path).convert("RGB"), np.float32) for path in
+                [tmp_path / "s.png", *sorted(session.glob("class/**/*.png"))]]
+    assert len(pictures) == 5 and all(p.std() > 1 and p.mean() > 1 for p in pictures)
+    record("tiny SDXL with an fp16 VAE (--vae) through the CLI", train_s=round(train_s, 1))
+
+
 def test_after_a_bf16_run_the_base_model_samples_the_same_images(photo_session, gpu_base):
     """The base waits on the CPU during the run and comes back; its sampling graphs, recorded before on memory it
     left, are recorded again."""
