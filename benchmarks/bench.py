@@ -305,9 +305,9 @@ def run_dreamnb(name: str, workdir: Path, tiny: bool, unet_steps: int, te_steps:
 
     def note_memory(what: str) -> None:
         if cuda:
-            gb = lambda b: f"{b / 1e9:.1f}"
-            memory.append(f"{what}: allocated {gb(torch.cuda.memory_allocated())}, reserved {gb(torch.cuda.memory_reserved())}, "
-                          f"peak so far {gb(torch.cuda.max_memory_allocated())} / {gb(torch.cuda.max_memory_reserved())} GB")
+            allocated, reserved, peaks = torch.cuda.memory_allocated(), torch.cuda.memory_reserved(), (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved())
+            memory.append(f"{what}: allocated {allocated / 1e9:.1f}, reserved {reserved / 1e9:.1f}, "
+                          f"peak so far {peaks[0] / 1e9:.1f} / {peaks[1] / 1e9:.1f} GB")
 
     def on_event(event):
         if event.kind == "step":
