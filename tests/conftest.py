@@ -1,6 +1,7 @@
 """Shared fixtures: tiny models with the real SD architectures, built once per test run (seeded)."""
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -11,6 +12,7 @@ import dreamnb  # noqa: E402,F401  first: it makes MKL reproducible before torch
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from dreamnb.tiny import save_tiny_model
@@ -43,6 +45,17 @@ def subject_photo(index: int, size: int = 64) -> Image.Image:
     offset = size // 4 + (index % 3) * (size // 16)
     array[offset:offset + size // 2, size // 4:size // 4 + size // 2, :2] = 230
     return Image.fromarray(array)
+
+
+def other_vae(model_folder, out_dir, seed=1, **changes):
+    """A VAE shaped like the model's own (its config, with `changes`) but with other weights, saved as a diffusers folder."""
+    from diffusers import AutoencoderKL
+
+    config = {k: v for k, v in json.loads((model_folder / "vae" / "config.json").read_text()).items() if not k.startswith("_")}
+    torch.manual_seed(seed)
+    vae = AutoencoderKL.from_config({**config, **changes})
+    vae.save_pretrained(out_dir)
+    return out_dir
 
 
 @pytest.fixture

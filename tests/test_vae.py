@@ -16,21 +16,11 @@ from dreamnb.export import model_card
 from dreamnb.models import DEFAULT_MODEL, SDXL_MODEL, ModelError, ModelInfo, Placement, load_base_model
 from dreamnb.session import open_session
 from dreamnb.train import continue_config, train
+from conftest import other_vae
 from test_cli import dreamnb
 from test_models import _hub_cache, _run, _same_weights
 
 FP16 = Placement(torch.device("cpu"), torch.float16)
-
-
-def other_vae(model_folder, out_dir, seed=1, **changes):
-    """A VAE shaped like the model's own (its config, with `changes`) but with other weights, saved as a diffusers folder."""
-    from diffusers import AutoencoderKL
-
-    config = {k: v for k, v in json.loads((model_folder / "vae" / "config.json").read_text()).items() if not k.startswith("_")}
-    torch.manual_seed(seed)
-    vae = AutoencoderKL.from_config({**config, **changes})
-    vae.save_pretrained(out_dir)
-    return out_dir
 
 
 @pytest.fixture(scope="module")

@@ -112,6 +112,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--lr-scale", type=float, default=None, help="× the preset's learning rates, for every configuration")
     parser.add_argument("--world-rounds", type=int, default=None,
                         help="the world model after this many pretraining rounds (see pretrain.py --rounds)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="training seeds per configuration and subject (more seeds: a smaller spread, more attempts)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("dreamnb", "diffusers", "transformers", "accelerate"):
@@ -123,6 +125,8 @@ def main(argv=None) -> dict:
         settings = dataclasses.replace(settings, lr_scale=args.lr_scale)
     if args.world_rounds is not None:
         settings = dataclasses.replace(settings, model=dataclasses.replace(settings.model, rounds=args.world_rounds))
+    if args.seeds is not None:
+        settings = dataclasses.replace(settings, seeds=tuple(range(args.seeds)))
     configurations = TINY_CONFIGURATIONS if args.tiny else CONFIGURATIONS
     if args.only:
         configurations = tuple(c for c in configurations if any(c.label.startswith(p) for p in args.only))
@@ -517,7 +521,7 @@ def score_pipeline(pipe, evaluator, subject: Subject, real: Judgement, token: st
 
 COLUMNS = (("subject_fidelity", "subject fidelity ↑"), ("subject_found", "subject found ↑"),
            ("prompt_fidelity", "prompt fidelity ↑"), ("prior_subject_rate", "PRES: class → subject ↓"),
-           ("diversity", "DIV ↑"))
+           ("prior_similarity", "class ~ subject ↓"), ("diversity", "DIV ↑"))
 
 
 def summarise(runs: list[dict], configurations) -> list[dict]:

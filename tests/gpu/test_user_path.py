@@ -84,7 +84,7 @@ def test_sdxl_with_an_fp16_vae_through_the_cli(tiny_sdxl, photos_512, tmp_path):
     import numpy as np
 
     from dreamnb.session import open_session
-    from test_vae import other_vae
+    from conftest import other_vae
 
     vae = other_vae(tiny_sdxl.folder, tmp_path / "fp16-fix", force_upcast=False)
     session = tmp_path / "sessions" / "xl"
