@@ -148,11 +148,15 @@ class AdamWBF16(torch.optim.Optimizer):
             self.compensation.copy_(state["compensation"])
 
     def unflatten(self) -> None:
-        """Give every weight its own memory again (for saving) and free the optimizer's buffers."""
-        for p in self.param_groups[0]["params"]:
-            p.data = p.data.clone(memory_format=torch.preserve_format)
+        """Give every weight its own memory again (for saving) and free the optimizer's buffers: the gradients and the
+        moments first, so the weights' own copies reuse their memory instead of growing what the GPU holds."""
+        params = self.param_groups[0]["params"]
+        for p in params:
             p.grad = None
-        self.flat_param = self.flat_grad = self.exp_avg = self.exp_avg_sq = self.compensation = None
+        self.flat_grad = self.exp_avg = self.exp_avg_sq = self.compensation = None
+        for p in params:
+            p.data = p.data.clone(memory_format=torch.preserve_format)
+        self.flat_param = None
 
 
 class LossScaler:

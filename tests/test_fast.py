@@ -71,6 +71,30 @@ def test_flat_views_keep_channels_last_layout_and_state_round_trips():
     assert conv.weight.grad is None and conv.weight.data_ptr() != 0
 
 
+def test_unflatten_frees_the_moments_and_gradients_before_it_copies_the_weights(monkeypatch):
+    """The weights' own copies must be able to reuse the moments' memory: made beside them, the end of a GPU phase held
+    one more model's worth (bench (a): 13.0 GB reserved at the end against 11.5 during the UNet phase)."""
+    import weakref
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    optimizer = AdamWBF16(model.parameters(), lr=1e-3, rounding="kahan")
+    model(torch.randn(2, 8, dtype=torch.bfloat16)).float().pow(2).mean().backward()
+    optimizer.step()
+    buffers = [weakref.ref(t) for t in (optimizer.flat_grad, optimizer.exp_avg, optimizer.exp_avg_sq, optimizer.compensation)]
+    alive_at_copy = []
+    clone = torch.Tensor.clone
+
+    def watching_clone(tensor, *args, **kwargs):
+        alive_at_copy.append(sum(ref() is not None for ref in buffers))
+        return clone(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "clone", watching_clone)
+    optimizer.unflatten()
+    monkeypatch.undo()
+    assert alive_at_copy == [0] * 4  # one copy per weight, none while a buffer was alive
+    assert all(p.grad is None and p.untyped_storage().nbytes() == p.numel() * 2 for p in model.parameters())
+
+
 def _data_parallel_worker(rank: int, world: int, init_file: str, results):
     """One of two gloo processes: rank-dependent weights and gradients, then the graph path's collectives."""
     import torch.distributed as dist

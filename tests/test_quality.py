@@ -199,6 +199,16 @@ def test_the_time_plan_fits_experiment_one_and_prior_preservation_in_one_call_wi
     assert len(stages) == 4 and "VAE" in stages[0] and "round 2" in stages[-1]
 
 
+def test_the_command_line_chooses_seeds_and_configurations(tmp_path, capsys):
+    """`--seeds N --only …` (the sixth session's table ran one harness per GPU this way): every chosen configuration
+    with seeds 0..N-1 for each subject, and nothing else."""
+    run.main(["--plan", "--cache", str(tmp_path), "--seeds", "3", "--only", "fp32", "no prior", "--budget-seconds", "5000"])
+    planned = [line.strip() for line in capsys.readouterr().out.splitlines() if " / seed " in line]
+    expected = {f"{label} / {s.name} / seed {seed}" for label in ("fp32 AdamW (reference)", "no prior preservation")
+                for s in run.SUBJECTS for seed in range(3)}
+    assert len(planned) == len(expected) and set(planned) == expected
+
+
 def test_a_pack_gives_back_the_same_world_model_in_parts_small_enough_to_carry(tmp_path, monkeypatch):
     """The world model travels as a pack: fp16 weights, of the token embedding only the rows pretraining moved."""
     settings = pretrain.TINY
