@@ -28,7 +28,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import requests
 
-from .fileio import atomic_path
+from .fileio import atomic_path, describe_size
 from .models import SINGLE_FILE_SUFFIXES, ModelError, resolve_hf_token
 
 log = logging.getLogger(__name__)
@@ -425,6 +425,4 @@ def _attributes(tag: str) -> dict[str, str]:
 
 
 def _size(n: int | None) -> str:
-    if n is None:
-        return "an unknown size"
-    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
+    return "an unknown size" if n is None else describe_size(n)

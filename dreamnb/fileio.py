@@ -129,6 +129,15 @@ def recover_leftovers(root: str | Path, *, recursive: bool = True, name: str = "
     return done
 
 
+def describe_size(n: int) -> str:
+    """1234567 → '1.2 MB' (decimal units, as disks and downloads are sold)."""
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
 def _fsync(path: Path) -> None:
     """Flush a file or a folder (its entries) to the disk; where a filesystem cannot (some FUSE mounts), nothing."""
     with contextlib.suppress(OSError):

@@ -433,15 +433,6 @@ def folder_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
-def describe_size(n: int) -> str:
-    """1234567 → '1.2 MB'."""
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1000
-    return ""
-
-
 def drop_optimizer_state(attempt_dir: Path, keep: Path | None = None) -> int:
     """Deletes the optimizer state (as large as the weights, or twice) of the attempt's checkpoints but `keep`'s:
     only resuming needs it, from the newest one; the weights stay for comparing, exporting and continuing. Bytes freed."""

@@ -90,7 +90,7 @@ def test_a_cut_download_is_continued_by_the_next_call_with_a_range_request(serve
     digest = hashlib.sha256(PAYLOAD).hexdigest()
     half = len(PAYLOAD) // 2
     server.routes["/m.safetensors"] = {"body": PAYLOAD, "cut_at": half, "headers": {"X-Linked-Etag": f'"{digest}"'}}
-    with pytest.raises(ModelError, match=r"was cut off after 1\.5 MB of 3\.0 MB; run the same command again to continue"):
+    with pytest.raises(ModelError, match=r"was cut off after 1\.6 MB of 3\.1 MB; run the same command again to continue"):
         download_model(link(server, "/m.safetensors"), retries=0, progress=False)
     assert cached_files(tmp_path) == [PART]
     kept = next((tmp_path / "cache").rglob(PART)).stat().st_size
@@ -289,7 +289,7 @@ def test_404_and_no_network(server):
 def test_not_enough_disk_space_is_said_before_downloading(server, monkeypatch, tmp_path):
     server.routes["/m.safetensors"] = {"body": PAYLOAD}
     monkeypatch.setattr(download.shutil, "disk_usage", lambda _: type("Usage", (), {"free": 1000})())
-    with pytest.raises(ModelError, match=r"needs 3\.0 MB but only 0\.0 MB is free in .*; free some space, or set DREAMNB_MODEL_CACHE"):
+    with pytest.raises(ModelError, match=r"needs 3\.1 MB but only 1\.0 KB is free in .*; free some space, or set DREAMNB_MODEL_CACHE"):
         download_model(link(server, "/m.safetensors"), progress=False)
     assert cached_files(tmp_path) == []
 

@@ -240,6 +240,23 @@ def test_a_pack_gives_back_the_same_world_model_in_parts_small_enough_to_carry(t
         pretrain.unpack_world_model(other, pretrain.pack_parts(other, tmp_path / "carry"))
 
 
+def test_the_demo_cut_packs_small_enough_to_commit_and_the_harness_can_measure_it(tmp_path, capsys):
+    """The demo's cut of the world model: the real pack of its (untrained) weights stays under 7 MB, a quarter of the
+    full model's, at the same 64 px; `--world-model demo-cut` plans its own pretraining under its own key."""
+    cut = pretrain.DEMO_CUT
+    assert cut.size == pretrain.WorldModelSettings().size and cut.key() != pretrain.WorldModelSettings().key()
+    pipe = pretrain.build_pipeline(cut)
+    with torch.no_grad():  # pretraining moves a few hundred rows of the embedding (the captions' words)
+        pretrain.token_embedding(pipe.text_encoder)[:400] += 0.5
+    pretrain.round_to_fp16(pipe)
+    folder = pretrain.model_folder(cut, tmp_path)
+    pretrain.save_folder(pipe, {}, cut, folder)
+    parts = pretrain.pack_world_model(folder, cut, tmp_path / "carry")
+    assert 4e6 < sum(p.stat().st_size for p in parts) < 7e6
+    run.main(["--plan", "--cache", str(tmp_path / "empty"), "--world-model", "demo-cut", "--only", "fp32"])
+    assert "world model: VAE" in capsys.readouterr().out
+
+
 def test_a_later_pretraining_round_continues_the_cached_one_under_its_own_key(tmp_path):
     """`--rounds 2` trains round 1's model (cached or carried) for another UNet phase; round 1 keeps the key its packs
     were made under."""

@@ -28,7 +28,8 @@ from dreamnb.attempts import Comparison, attempt_pipeline
 from dreamnb.config import ConfigError, TrainConfig, help_for
 from dreamnb.errors import UserError
 from dreamnb.sample import SampleSettings, read_png_settings
-from dreamnb.session import add_attempt, create_session, delete_attempt, describe_size, disk_usage, open_session, update_attempt
+from dreamnb.fileio import describe_size
+from dreamnb.session import add_attempt, create_session, delete_attempt, disk_usage, open_session, update_attempt
 from dreamnb.train import TrainEvent, TrainResult, append_log, continue_config, disk_estimate
 from dreamnb.ui.base import StepFailed
 from dreamnb.ui.config_form import ConfigForm

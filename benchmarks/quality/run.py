@@ -112,6 +112,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--lr-scale", type=float, default=None, help="× the preset's learning rates, for every configuration")
     parser.add_argument("--world-rounds", type=int, default=None,
                         help="the world model after this many pretraining rounds (see pretrain.py --rounds)")
+    parser.add_argument("--world-model", choices=pretrain.MODELS, default=None,
+                        help="the world model's size (see pretrain.py --model); default 'full'")
     parser.add_argument("--seeds", type=int, default=None,
                         help="training seeds per configuration and subject (more seeds: a smaller spread, more attempts)")
     args = parser.parse_args(argv)
@@ -123,6 +125,8 @@ def main(argv=None) -> dict:
         settings = dataclasses.replace(settings, step_scale=args.step_scale)
     if args.lr_scale is not None:
         settings = dataclasses.replace(settings, lr_scale=args.lr_scale)
+    if args.world_model is not None:
+        settings = dataclasses.replace(settings, model=pretrain.MODELS[args.world_model])
     if args.world_rounds is not None:
         settings = dataclasses.replace(settings, model=dataclasses.replace(settings.model, rounds=args.world_rounds))
     if args.seeds is not None:

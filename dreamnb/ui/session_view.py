@@ -14,9 +14,10 @@ from typing import Any, Callable
 import ipywidgets as W
 
 from ..errors import UserError
+from ..fileio import describe_size
 from ..images import prepared_files
 from ..session import (DiskUse, Session, check_name, create_session, default_root, delete_attempt, delete_checkpoints,
-                       describe_attempt, describe_size, disk_usage, free_space, list_sessions, open_or_create, open_session)
+                       describe_attempt, disk_usage, free_space, list_sessions, open_or_create, open_session)
 from .base import ERROR_STYLE, HELP_STYLE, Results, View, resolve_session, row
 
 NEW, RESUME = "new", "resume"

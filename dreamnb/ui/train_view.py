@@ -26,7 +26,8 @@ import ipywidgets as W
 from .. import colab
 from ..config import TrainConfig, default_method
 from ..errors import UserError
-from ..session import Session, describe_size, split_ref
+from ..fileio import describe_size
+from ..session import Session, split_ref
 from ..train import TrainEvent, TrainResult, continue_config, disk_estimate, read_log, train
 from .attempt_picker import BASE, AttemptPicker
 from .base import (HELP_STYLE, Results, StepFailed, View, current_text, follow_model, loaded_model, model_family,
