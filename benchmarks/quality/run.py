@@ -482,7 +482,7 @@ def attempt(base, session, configuration: Configuration, subject: Subject, seed:
         raise RuntimeError(f"{configuration.label} / {subject.name} / seed {seed}: {result.message}")
     trained_s = time.time() - started
     pipe = attempt_pipeline(base, session, result.attempt)
-    scores = score_pipeline(pipe, evaluator, subject, real, configuration.token, settings, class_prompt=config.resolved_class_prompt())
+    scores = score_pipeline(pipe, evaluator, subject, real, configuration.token, settings)
     del pipe
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -491,12 +491,12 @@ def attempt(base, session, configuration: Configuration, subject: Subject, seed:
             "train_seconds": round(trained_s, 1), "seconds": round(time.time() - started, 1), **scores}
 
 
-def score_pipeline(pipe, evaluator, subject: Subject, real: Judgement, token: str, settings: HarnessSettings,
-                   class_prompt: str | None = None) -> dict:
-    """Generate the prompt set (and class-prompt pictures) and measure them."""
+def score_pipeline(pipe, evaluator, subject: Subject, real: Judgement, token: str, settings: HarnessSettings) -> dict:
+    """Generate the prompt set (and class-prompt pictures: CLASS_PROMPT, which the attempts' prior preservation uses
+    too) and measure them."""
     seeds = list(range(settings.images_per_prompt))
     texts = [prompt_text(p, token, subject.class_word) for p in PROMPTS]
-    class_prompt = class_prompt or CLASS_PROMPT.replace("{class}", subject.class_word)
+    class_prompt = CLASS_PROMPT.replace("{class}", subject.class_word)
     images = sample(pipe, texts, seeds, settings)
     class_images = sample(pipe, [class_prompt], list(range(100, 100 + settings.class_images)), settings)
     judged = judge(evaluator, to_tensor(images))
