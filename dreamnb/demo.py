@@ -1,8 +1,9 @@
-"""The whole dreamnb flow on a CPU in under two minutes: tiny model → photos → train → compare.
+"""The whole dreamnb flow on a CPU in under two minutes: small model → photos → train → compare.
 
-No weights can be downloaded everywhere, so the demo builds a tiny Stable Diffusion with the real
-architecture, fits its VAE to the sample photos (so images are more than noise), teaches it the cat
-in assets/photos, and writes a grid of the same prompts and seeds before and after training.
+No weights can be downloaded everywhere, so the demo starts from the world model (`dreamnb.world_model`): a small
+Stable Diffusion with the real architecture, pretrained on a world of shapes and creatures, that draws "a photo of
+a red star on grass". It teaches it a fish it has never seen (purple with yellow zigzags, assets/world-photos) and
+writes a grid of the same prompts and seeds before and after training.
 """
 from __future__ import annotations
 
@@ -13,17 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from PIL import Image
-
 from . import fileio
-from .config import TrainConfig
+from .config import TrainConfig, preset_values
+from .errors import UserError
 from .session import SESSION_FILE, create_session, delete_session
 
 log = logging.getLogger(__name__)
 
-ASSET_PHOTOS = Path(__file__).resolve().parent.parent / "assets" / "photos"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+WORLD_MODEL = ASSETS / "world-model"
+DEMO_PHOTOS = ASSETS / "world-photos"
 DEMO_TOKEN = "zwx"
-DEMO_PROMPTS = ["photo of {token} {class}", "painting of {token} {class}", "photo of a {class}"]
+DEMO_CLASS = "fish"
+# The world's grammar: the world model learnt captions like "a photo of a red star on grass"
+DEMO_PROMPTS = ["a photo of {token} {class} on grass", "a painting of {token} {class} in the sky", "a photo of a {class} in a room"]
 DEMO_SEEDS = (1, 2)
 DEMO_INFERENCE_STEPS = 20
 
@@ -38,26 +42,24 @@ class DemoResult:
     seconds: float
 
 
-def run_demo(out_dir: str | Path = "demo-output", *, unet_steps: int | None = None, photos: Path = ASSET_PHOTOS,
-             log: Callable[[str], None] = log.info) -> DemoResult:
-    import torch
-
+def run_demo(out_dir: str | Path = "demo-output", *, unet_steps: int | None = None, photos: Path = DEMO_PHOTOS,
+             world_model: Path = WORLD_MODEL, log: Callable[[str], None] = log.info) -> DemoResult:
     from .attempts import attempt_pipeline, comparison_grid, denoising_error
     from .data import cached_latents
     from .images import prepare_photos
     from .models import load_base_model
-    from .tiny import fit_vae, tiny_pipeline
     from .train import train
+    from .world_model import pack_parts, read_pack
 
     started = time.time()
     out = Path(out_dir)
-    photo_files = sorted(p for p in Path(photos).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
 
-    log(f"1/5 building a tiny Stable Diffusion model in {out / 'model'} (real architecture, random weights)")
-    torch.manual_seed(0)
-    pipe = tiny_pipeline("sd1", seed=0)
-    with torch.enable_grad():
-        fit_vae(pipe.vae, [Image.open(p) for p in photo_files], steps=160)  # crude but real; keeps the demo under 2 minutes
+    parts = pack_parts(world_model)
+    if not parts:
+        raise UserError(f"The demo's world model is not in {world_model}; run the demo from a clone of the dreamnb "
+                        "repository (`pip install -e .` there), whose assets/world-model folder holds it.")
+    log(f"1/5 unpacking the world model into {out / 'model'} (a small Stable Diffusion pretrained on shapes and creatures, 64 px)")
+    pipe, _ = read_pack(parts)
     with fileio.atomic_dir(out / "model") as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
 
@@ -69,12 +71,13 @@ def run_demo(out_dir: str | Path = "demo-output", *, unet_steps: int | None = No
     report = prepare_photos([photos], session.instance_dir, size=64, crop="center", preset="object", progress=False)
     log(f"    {len(report.accepted)} photos accepted, {len(report.rejected)} rejected")
 
-    log("3/5 training (text encoder, then UNet) with prior preservation")
     base = load_base_model(out / "model")
+    log(f"3/5 training (text encoder, then UNet) with prior preservation, on {base.placement.device.type}")
+    rates = preset_values("object", None, "sd1")  # the object preset, shortened to fit two minutes on two cores: 10× its rates
     config = TrainConfig.from_preset(
-        "object", token=DEMO_TOKEN, class_word="cat", resolution=64, seed=0,
-        unet_steps=unet_steps or 200, unet_lr=1e-3, text_encoder_steps=40, text_encoder_lr=1e-4,
-        num_class_images=6, checkpoint_every=100, log_every=20,
+        "object", token=DEMO_TOKEN, class_word=DEMO_CLASS, instance_prompt="a photo of {token} {class}",
+        class_prompt="a photo of a {class}", resolution=64, seed=0, unet_steps=unet_steps or 200, unet_lr=10 * rates["unet_lr"],
+        text_encoder_steps=40, text_encoder_lr=10 * rates["text_encoder_lr"], num_class_images=6, checkpoint_every=100, log_every=20,
     )
     result = train(session, config, base, progress=True)
     if result.status != "finished":

@@ -1,4 +1,4 @@
-"""Tiny Stable Diffusion models with the real architectures, for tests and the CPU demo.
+"""Tiny Stable Diffusion models with the real architectures, for tests.
 
 No machine here can download real weights, so tests build models with the same classes and
 layouts as SD 1.x and SD 2.x (four UNet levels, four VAE levels, a CLIP text encoder with the
@@ -212,40 +212,3 @@ def save_tiny_model(out_dir: str | Path, kind: str = "sd1", seed: int = 0, singl
                          text_encoder_2=getattr(pipe, "text_encoder_2", None))
     log.info("saved tiny %s model to %s", kind, folder)
     return TinyModelPaths(folder=folder, single_file=file_path)
-
-
-def fit_vae(vae, images: list, steps: int = 300, seed: int = 0, size: int = 64, lr: float = 2e-3) -> float:
-    """Teach a tiny random VAE to reconstruct small photos (random crops and flips of `images`).
-
-    A random VAE decodes everything to noise, so a demo grid would show nothing; a few hundred CPU
-    steps make it a crude but real autoencoder, with its scaling factor re-measured on the photos.
-    Returns the final reconstruction error (MSE in [-1, 1]).
-    """
-    import numpy as np
-    from PIL import Image
-
-    generator = torch.Generator().manual_seed(seed)
-    big = size + size // 4
-    pool = torch.stack([
-        torch.from_numpy(np.asarray(img.convert("RGB").resize((big, big), Image.LANCZOS), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
-        for img in images
-    ])
-    optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
-    vae.train()
-    loss = torch.tensor(0.0)
-    for _ in range(steps):
-        rows = torch.randint(0, len(pool), (8,), generator=generator)
-        top, left = (int(v) for v in torch.randint(0, big - size + 1, (2,), generator=generator))
-        batch = pool[rows, :, top:top + size, left:left + size]
-        if torch.rand((), generator=generator) < 0.5:
-            batch = batch.flip(-1)
-        dist = vae.encode(batch).latent_dist
-        recon = vae.decode(dist.sample(generator)).sample
-        recon_loss = torch.nn.functional.mse_loss(recon, batch)
-        (recon_loss + 1e-6 * dist.kl().mean()).backward()
-        loss = recon_loss.detach()
-        optimizer.step()
-        optimizer.zero_grad()
-    vae.eval().requires_grad_(False)
-    vae.register_to_config(scaling_factor=unit_variance_scaling(vae, pool[:, :, :size, :size]))
-    return loss.item()

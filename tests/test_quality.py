@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.quality import metrics, pretrain, run, world  # noqa: E402
 from benchmarks.quality.evaluator import EvaluatorSettings, identity, judge, label_accuracy, train_evaluator  # noqa: E402
 from benchmarks.quality.subjects import PROMPTS, SUBJECTS, render_photos  # noqa: E402
+from dreamnb import world_model  # noqa: E402
 from dreamnb.fast import BF16_OPTIMIZERS, AdamWBF16  # noqa: E402
 
 SIZE = 32
@@ -65,7 +66,7 @@ def test_incomplete_captions_leave_out_attributes_and_use_no_new_words():
 def test_token_ids_word_by_word_equal_the_clip_tokenizer():
     from transformers import CLIPTokenizer
 
-    from benchmarks.quality.pretrain import TOKENIZER_DIR
+    from dreamnb.tiny import TOKENIZER_DIR
 
     tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="<|endoftext|>")
     texts = ["", "a photo of zwx star on grass"] + world.captions(world.sample_scenes(20, torch.Generator().manual_seed(1)))
@@ -176,9 +177,11 @@ def test_experiment_one_runs_every_seed_then_prior_preservation_off_then_the_res
 
 
 def test_the_time_plan_fits_experiment_one_and_prior_preservation_in_one_call_without_a_cache(tmp_path):
-    """The next GPU call starts with nothing cached: pretraining, the evaluator and every experiment-1 attempt (4
-    optimizers × 2 subjects × 2 seeds) and prior preservation off must fit the default budget, inside 10 minutes."""
-    settings = run.HarnessSettings()
+    """A GPU call with nothing cached: the default world model (round 3) is the committed pack; round 1, pretrained
+    from nothing, plus the evaluator and every experiment-1 attempt (4 optimizers × 2 subjects × 2 seeds) and prior
+    preservation off must fit the default budget, inside 10 minutes."""
+    assert run.time_plan(run.HarnessSettings(), run.CONFIGURATIONS, tmp_path, 530)["world_model_cached"]
+    settings = dataclasses.replace(run.HarnessSettings(), model=pretrain.WorldModelSettings())
     plan = run.time_plan(settings, run.CONFIGURATIONS, tmp_path, 530)
     assert not plan["world_model_cached"] and not plan["evaluator_cached"]
     assert any("UNet" in stage for stage, _ in plan["stages"]) and plan["total_s"] <= 530
@@ -212,19 +215,19 @@ def test_the_command_line_chooses_seeds_and_configurations(tmp_path, capsys):
 def test_a_pack_gives_back_the_same_world_model_in_parts_small_enough_to_carry(tmp_path, monkeypatch):
     """The world model travels as a pack: fp16 weights, of the token embedding only the rows pretraining moved."""
     settings = pretrain.TINY
-    pipe = pretrain.build_pipeline(settings)
+    pipe = world_model.build_pipeline(settings.architecture())
     with torch.no_grad():  # what pretraining does: moves weights, and the embedding rows of the captions' words
         for part in (pipe.unet, pipe.vae, pipe.text_encoder):
             for p in part.parameters():
                 p.add_(0.01 * torch.randn_like(p))
-        embedding = pretrain.token_embedding(pipe.text_encoder)
-        embedding.copy_(pretrain.initial_token_embedding(settings))
+        embedding = world_model.token_embedding(pipe.text_encoder)
+        embedding.copy_(world_model.initial_token_embedding(settings.architecture()))
         embedding[[320, 1237, 49406]] += 0.5
     pipe.vae.register_to_config(scaling_factor=0.77)
     pretrain.round_to_fp16(pipe)
     folder = pretrain.model_folder(settings, tmp_path)
     pretrain.save_folder(pipe, {"unet_steps_done": 7}, settings, folder)
-    monkeypatch.setattr(pretrain, "PART_BYTES", 2 ** 20)  # several parts, as the real model has
+    monkeypatch.setattr(world_model, "PART_BYTES", 2 ** 20)  # several parts, as the real model has
     parts = pretrain.pack_world_model(folder, settings, tmp_path / "carry")
     assert len(parts) > 1 and all(p.stat().st_size <= 2 ** 20 for p in parts)
     assert pretrain.pack_parts(settings, tmp_path / "carry") == parts
@@ -240,23 +243,6 @@ def test_a_pack_gives_back_the_same_world_model_in_parts_small_enough_to_carry(t
         pretrain.unpack_world_model(other, pretrain.pack_parts(other, tmp_path / "carry"))
 
 
-def test_the_demo_cut_packs_small_enough_to_commit_and_the_harness_can_measure_it(tmp_path, capsys):
-    """The demo's cut of the world model: the real pack of its (untrained) weights stays under 7 MB, a quarter of the
-    full model's, at the same 64 px; `--world-model demo-cut` plans its own pretraining under its own key."""
-    cut = pretrain.DEMO_CUT
-    assert cut.size == pretrain.WorldModelSettings().size and cut.key() != pretrain.WorldModelSettings().key()
-    pipe = pretrain.build_pipeline(cut)
-    with torch.no_grad():  # pretraining moves a few hundred rows of the embedding (the captions' words)
-        pretrain.token_embedding(pipe.text_encoder)[:400] += 0.5
-    pretrain.round_to_fp16(pipe)
-    folder = pretrain.model_folder(cut, tmp_path)
-    pretrain.save_folder(pipe, {}, cut, folder)
-    parts = pretrain.pack_world_model(folder, cut, tmp_path / "carry")
-    assert 4e6 < sum(p.stat().st_size for p in parts) < 7e6
-    run.main(["--plan", "--cache", str(tmp_path / "empty"), "--world-model", "demo-cut", "--only", "fp32"])
-    assert "world model: VAE" in capsys.readouterr().out
-
-
 def test_a_later_pretraining_round_continues_the_cached_one_under_its_own_key(tmp_path):
     """`--rounds 2` trains round 1's model (cached or carried) for another UNet phase; round 1 keeps the key its packs
     were made under."""
@@ -264,7 +250,7 @@ def test_a_later_pretraining_round_continues_the_cached_one_under_its_own_key(tm
     assert pretrain.WorldModelSettings().key() == "6aec652c6ebe"  # the carried pack's (README): rounds=1 leaves it as it was
     second = dataclasses.replace(first, rounds=2)
     assert second.key() != first.key()
-    pipe = pretrain.build_pipeline(first)
+    pipe = world_model.build_pipeline(first.architecture())
     pretrain.round_to_fp16(pipe)
     pretrain.save_folder(pipe, {"unet_steps_done": 7}, first, pretrain.model_folder(first, tmp_path))
     folder = pretrain.ensure_world_model(second, tmp_path, "cpu")
@@ -391,3 +377,16 @@ def test_the_variants_are_trainer_choices_for_gpus_with_bf16_math_only():
         resolve_optimizer(config, cuda=True, compute="fp16")
     optimizer = make_optimizer([torch.nn.Parameter(torch.ones(4))], 1e-3, "adamw-bf16-v32", torch.device("cpu"))
     assert isinstance(optimizer, AdamWBF16) and optimizer.exp_avg_sq.dtype == torch.float32 and optimizer.compensation is None
+
+
+def test_the_world_vae_posterior_is_narrowed_to_its_mean():
+    """DreamBooth training draws latents from the VAE's posterior; the world UNet learnt from its means. After
+    `narrow_posterior` a draw is the mean (std ≈ 0), and the means are what they were."""
+    vae = world_model.build_pipeline(pretrain.TINY.architecture()).vae
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        before = vae.encode(images).latent_dist
+        pretrain.narrow_posterior(vae)
+        after = vae.encode(images).latent_dist
+    assert before.std.mean() > 0.1 and after.std.max() < 1e-5
+    assert torch.equal(before.mean, after.mean)

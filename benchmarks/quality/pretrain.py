@@ -24,13 +24,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dreamnb import world_model
+
 from . import world
 
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CACHE = HERE / "cache"
-TOKENIZER_DIR = HERE.parents[1] / "dreamnb" / "data" / "clip-tokenizer"
 
 
 VERSION = 2  # part of the cache key: bump when the architecture or the training changes
@@ -67,8 +68,8 @@ class WorldModelSettings:
         text = json.dumps({**fields, "version": VERSION}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
-    def attention_heads(self) -> tuple[int, ...]:
-        return tuple(max(1, c // self.head_dim) for c in self.unet_channels)
+    def architecture(self) -> world_model.Architecture:
+        return world_model.Architecture.of(dataclasses.asdict(self))
 
 
 # A CPU-sized cut for CI: every part runs, nothing is learnt well.
@@ -77,24 +78,18 @@ TINY = WorldModelSettings(size=64, vae_channels=(16, 16, 32, 32), unet_channels=
                           unet_batch=8, warmup=10, ema=0.9, max_seconds=600.0)
 
 
-# A cut small enough to commit for the CPU demo (issue 16): a pack of ≈6 MB against the full world model's 25 MB.
-# At 64 px the full model already fits the demo's two minutes on two cores (README, "What is left"); the cut is for size.
-DEMO_CUT = WorldModelSettings(unet_channels=(32, 64, 96), vae_channels=(16, 32, 64), text_width=64)
-MODELS = {"full": WorldModelSettings(), "demo-cut": DEMO_CUT}
-
-
 def model_folder(settings: WorldModelSettings, cache: Path) -> Path:
     return Path(cache) / f"world-{settings.size}px-{settings.key()}"
 
 
 def ensure_world_model(settings: WorldModelSettings, cache: Path = DEFAULT_CACHE, device=None) -> Path:
-    """The cached world model's folder: from the cache, else unpacked from a carried pack (cache/carry/), else
+    """The cached world model's folder: from the cache, else unpacked from a pack (`find_pack`), else
     pretrained now (a later round: the previous round's model, found the same way, trained further), then cached."""
     folder = model_folder(settings, cache)
     if (folder / "model_index.json").is_file():
         log.info("world model from the cache: %s", folder)
         return folder
-    parts = pack_parts(settings, Path(cache) / "carry")
+    parts = find_pack(settings, cache)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if parts:
         log.info("world model unpacked from %s", [p.name for p in parts])
@@ -122,7 +117,7 @@ def pretrain(settings: WorldModelSettings, device: torch.device):
     """Build and train the three parts; returns the pipeline (on the CPU, fp32 holding fp16-exact values: what a
     pack gives back, so a fresh run and a carried one start from the same weights) and a report of the training."""
     setup_backends(device)
-    pipe = build_pipeline(settings)
+    pipe = world_model.build_pipeline(settings.architecture())
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     started = time.time()
     vae_loss = train_vae(pipe.vae, settings, device, generator)
@@ -170,45 +165,6 @@ def setup_backends(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def build_pipeline(settings: WorldModelSettings):
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    torch.manual_seed(settings.seed)
-    levels = len(settings.unet_channels)
-    down = ("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",)
-    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1)
-    latent_size = settings.size // 2 ** (len(settings.vae_channels) - 1)
-    # attention_head_dim is diffusers' (historically misnamed) number of heads per level
-    unet = UNet2DConditionModel(sample_size=latent_size, in_channels=4, out_channels=4, down_block_types=down,
-                                up_block_types=up, block_out_channels=settings.unet_channels, layers_per_block=settings.unet_layers,
-                                cross_attention_dim=settings.text_width, attention_head_dim=settings.attention_heads(),
-                                norm_num_groups=32 if min(settings.unet_channels) >= 32 and all(c % 32 == 0 for c in settings.unet_channels) else 8)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(settings.vae_channels),
-                        up_block_types=("UpDecoderBlock2D",) * len(settings.vae_channels), block_out_channels=settings.vae_channels,
-                        layers_per_block=1, latent_channels=4, norm_num_groups=16, sample_size=settings.size)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=settings.text_width, intermediate_size=4 * settings.text_width,
-        num_attention_heads=max(1, settings.text_width // 32), num_hidden_layers=settings.text_layers, max_position_embeddings=77,
-        hidden_act="quick_gelu", projection_dim=settings.text_width, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
-    with torch.no_grad():  # seeded on its own: a pack stores only the rows pretraining moves and rebuilds the rest
-        token_embedding(text_encoder).copy_(initial_token_embedding(settings))
-    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="<|endoftext|>")
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-
-
-def token_embedding(text_encoder) -> torch.Tensor:
-    return text_encoder.get_input_embeddings().weight
-
-
-def initial_token_embedding(settings: WorldModelSettings) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(10_000 + settings.seed)
-    return torch.randn(49408, settings.text_width, generator=generator).mul_(0.02).to(torch.float16).float()
-
-
 def round_to_fp16(pipe) -> None:
     with torch.no_grad():
         for part in (pipe.unet, pipe.vae, pipe.text_encoder):
@@ -247,7 +203,20 @@ def train_vae(vae, settings: WorldModelSettings, device: torch.device, generator
     with torch.no_grad():
         sample = world.render(world.sample_scenes(256, generator), settings.size, generator) * 2 - 1
         vae.register_to_config(scaling_factor=unit_variance_scaling(vae, sample))
+    narrow_posterior(vae)
     return round(loss.item(), 5)
+
+
+@torch.no_grad()
+def narrow_posterior(vae) -> None:
+    """Make the encoder's posterior a point: log-variance −30 everywhere (diffusers' floor), the mean as it is.
+    The UNet is pretrained on posterior means (`encode_pool`), while DreamBooth training draws from the posterior as
+    SD's does; this VAE's posterior is wide (std 0.30 against a spread of 0.75 in the means, where SD's VAE is
+    nearly a point), so draws from it were noise the UNet had never seen, and fine-tuning learnt to denoise worse."""
+    weight, bias = vae.quant_conv.weight, vae.quant_conv.bias
+    half = weight.shape[0] // 2  # quant_conv's outputs: the means, then the log-variances
+    weight[half:] = 0
+    bias[half:] = -30.0
 
 
 @torch.no_grad()
@@ -286,7 +255,7 @@ def train_unet(pipe, settings: WorldModelSettings, device: torch.device, generat
     ema = [p.detach().clone() for p in params]
     # no weight decay on the token embedding: the rows of words no caption uses stay exactly at their seeded start
     # (a pack stores only the moved rows) and the rare token keeps its meaningless start, as in a real model
-    embedding = token_embedding(text_encoder)
+    embedding = world_model.token_embedding(text_encoder)
     groups = [{"params": [p for p in params if p is not embedding], "weight_decay": 1e-2},
               {"params": [embedding], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=settings.unet_lr, fused=device.type == "cuda")
@@ -342,72 +311,37 @@ def train_unet(pipe, settings: WorldModelSettings, device: torch.device, generat
 
 # --- packs: the world model in files small enough to come back from the GPU machine and to carry there ------
 
-PART_BYTES = 15 * 2 ** 20  # the device tool brings back files of up to 16 MiB
-
-
 def pack_parts(settings: WorldModelSettings, folder: Path) -> list[Path]:
-    return sorted(Path(folder).glob(f"world-{settings.size}px-{settings.key()}.pack.*"))
+    return world_model.pack_parts(folder, pack_stem(settings))
+
+
+def find_pack(settings: WorldModelSettings, cache: Path) -> list[Path]:
+    """This world model's pack: carried into the cache (cache/carry/), or the one committed for the demo (round 3)."""
+    from dreamnb.demo import WORLD_MODEL
+
+    return pack_parts(settings, Path(cache) / "carry") or pack_parts(settings, WORLD_MODEL)
+
+
+def pack_stem(settings: WorldModelSettings) -> str:
+    return f"world-{settings.size}px-{settings.key()}"
 
 
 def pack_world_model(folder: Path, settings: WorldModelSettings, out: Path) -> list[Path]:
-    """The cached world model as fp16 safetensors in parts of ≤15 MiB: every weight, except that of the token
-    embedding (49408 rows) only the rows that differ from their seeded start are kept (the words of the world's
-    captions); `unpack_world_model` rebuilds the rest from the same seed. The configs come from the settings."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from safetensors.torch import save
-    from transformers import CLIPTextModel
+    """The cached world model as a pack (`dreamnb.world_model.write_pack`), with its settings, key and report."""
+    from diffusers import StableDiffusionPipeline
 
-    models = {"unet": UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32),
-             "vae": AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32),
-             "text_encoder": CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32)}
-    tensors = {}
-    for name, part in models.items():
-        for key, value in part.state_dict().items():
-            tensors[f"{name}.{key}"] = value.detach().to("cpu", torch.float16).contiguous()
-    embedding_key = next(k for k in tensors if k.startswith("text_encoder.") and k.endswith("token_embedding.weight"))
-    embedding = tensors.pop(embedding_key)
-    rows = (embedding.float() != initial_token_embedding(settings)).any(1).nonzero()[:, 0]
-    tensors["token_rows"] = rows.to(torch.int64)
-    tensors["token_values"] = embedding[rows].contiguous()
-    meta = {"settings": json.dumps(dataclasses.asdict(settings)), "key": settings.key(),
-            "scaling_factor": str(models["vae"].config.scaling_factor), "report": (folder / "world.json").read_text()}
-    blob = save(tensors, metadata=meta)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"world-{settings.size}px-{settings.key()}.pack"
-    for old in out.glob(stem + ".*"):
-        old.unlink()
-    parts = []
-    for i, start in enumerate(range(0, len(blob), PART_BYTES)):
-        path = out / f"{stem}.{i:02d}"
-        path.write_bytes(blob[start:start + PART_BYTES])
-        parts.append(path)
-    log.info("world model packed: %d bytes in %s", len(blob), [p.name for p in parts])
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    meta = {"settings": json.dumps(dataclasses.asdict(settings)), "key": settings.key(), "report": (folder / "world.json").read_text()}
+    parts = world_model.write_pack(pipe, settings.architecture(), out, pack_stem(settings), meta)
+    log.info("world model packed: %d bytes in %s", sum(p.stat().st_size for p in parts), [p.name for p in parts])
     return parts
 
 
 def unpack_world_model(settings: WorldModelSettings, parts: list[Path]):
-    from safetensors.torch import load
-
-    head = parts[0].read_bytes()[:8]
-    header_length = int.from_bytes(head, "little")
-    with parts[0].open("rb") as f:  # safetensors: 8 bytes of header length, then the JSON header with the metadata
-        f.seek(8)
-        meta = json.loads(f.read(header_length)).get("__metadata__", {})
-    if meta.get("key") != settings.key():
-        raise ValueError(f"the pack {parts[0].name} holds world model {meta.get('key')}, not {settings.key()}")
-    tensors = load(b"".join(p.read_bytes() for p in parts))
-    pipe = build_pipeline(settings)
-    embedding = initial_token_embedding(settings)
-    embedding[tensors.pop("token_rows")] = tensors.pop("token_values").float()
-    for name in ("unet", "vae", "text_encoder"):
-        part = getattr(pipe, name)
-        state = {k[len(name) + 1:]: v.float() for k, v in tensors.items() if k.startswith(name + ".")}
-        if name == "text_encoder":  # its key's prefix differs between transformers versions
-            state[next(k for k in part.state_dict() if k.endswith("token_embedding.weight"))] = embedding
-        missing, unexpected = part.load_state_dict(state, strict=False)
-        if unexpected or [m for m in missing if "position_ids" not in m]:
-            raise ValueError(f"the pack does not fit the {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    pipe.vae.register_to_config(scaling_factor=float(meta["scaling_factor"]))
+    key = world_model.pack_metadata(parts).get("key")
+    if key != settings.key():
+        raise ValueError(f"the pack {parts[0].name} holds world model {key}, not {settings.key()}")
+    pipe, meta = world_model.read_pack(parts)
     report = json.loads(meta["report"])
     report.pop("settings", None)
     return pipe, report
@@ -419,13 +353,11 @@ def main(argv=None) -> None:
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--pack-out", type=Path, default=None, help="also write the model as a pack (parts of ≤15 MiB) here")
     parser.add_argument("--max-seconds", type=float, default=None, help="the UNet phase's time limit")
-    parser.add_argument("--model", choices=MODELS, default="full",
-                        help="the world model's size: 'full' (the harness's), or 'demo-cut' (small enough to ship with the demo)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="UNet phases in all: round N continues round N-1's model (cached or carried) for another phase")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    settings = dataclasses.replace(TINY if args.tiny else MODELS[args.model], rounds=args.rounds)
+    settings = dataclasses.replace(TINY if args.tiny else WorldModelSettings(), rounds=args.rounds)
     if args.max_seconds is not None:
         settings = dataclasses.replace(settings, max_seconds=args.max_seconds)
     folder = ensure_world_model(settings, args.cache)

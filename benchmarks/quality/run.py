@@ -60,8 +60,10 @@ CONFIGURATIONS = (
     Configuration("2 token", f"generic word '{GENERIC_WORD}'", {"optimizer": "adamw"}, token=GENERIC_WORD),
     Configuration("2 text encoder", "text encoder frozen", {"optimizer": "adamw", "text_encoder_steps": 0}),
     Configuration("2 method", "LoRA (rank 16, lr 1e-4)", {"optimizer": "adamw"}, method="lora"),
+    Configuration("2 method", "LoRA (rank 16, lr 2e-5)", {"optimizer": "adamw", "unet_lr": 2e-5, "text_encoder_lr": 1e-5}, method="lora"),
     Configuration("2 steps", "UNet 400 steps", {"optimizer": "adamw", "unet_steps": 400}),
     Configuration("2 steps", "UNet 1600 steps", {"optimizer": "adamw", "unet_steps": 1600}),
+    Configuration("2 steps", "UNet 3200 steps", {"optimizer": "adamw", "unet_steps": 3200}),
 )
 # On a CPU the bf16 variants cannot train (they need bf16 math): the tiny run takes what a CPU can do.
 TINY_CONFIGURATIONS = (REFERENCE, CONFIGURATIONS[4])
@@ -69,7 +71,7 @@ TINY_CONFIGURATIONS = (REFERENCE, CONFIGURATIONS[4])
 
 @dataclass(frozen=True)
 class HarnessSettings:
-    model: pretrain.WorldModelSettings = pretrain.WorldModelSettings()
+    model: pretrain.WorldModelSettings = pretrain.WorldModelSettings(rounds=3)  # the committed one (assets/world-model)
     evaluator: EvaluatorSettings = EvaluatorSettings()
     seeds: tuple[int, ...] = (0, 1)
     subjects: tuple[Subject, ...] = SUBJECTS
@@ -112,8 +114,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--lr-scale", type=float, default=None, help="× the preset's learning rates, for every configuration")
     parser.add_argument("--world-rounds", type=int, default=None,
                         help="the world model after this many pretraining rounds (see pretrain.py --rounds)")
-    parser.add_argument("--world-model", choices=pretrain.MODELS, default=None,
-                        help="the world model's size (see pretrain.py --model); default 'full'")
     parser.add_argument("--seeds", type=int, default=None,
                         help="training seeds per configuration and subject (more seeds: a smaller spread, more attempts)")
     args = parser.parse_args(argv)
@@ -125,8 +125,6 @@ def main(argv=None) -> dict:
         settings = dataclasses.replace(settings, step_scale=args.step_scale)
     if args.lr_scale is not None:
         settings = dataclasses.replace(settings, lr_scale=args.lr_scale)
-    if args.world_model is not None:
-        settings = dataclasses.replace(settings, model=pretrain.MODELS[args.world_model])
     if args.world_rounds is not None:
         settings = dataclasses.replace(settings, model=dataclasses.replace(settings.model, rounds=args.world_rounds))
     if args.seeds is not None:
@@ -176,7 +174,7 @@ def time_plan(settings: HarnessSettings, configurations, cache: Path, budget_sec
 
 
 def world_model_cached(m: pretrain.WorldModelSettings, cache: Path) -> bool:
-    return (pretrain.model_folder(m, cache) / "model_index.json").is_file() or bool(pretrain.pack_parts(m, Path(cache) / "carry"))
+    return (pretrain.model_folder(m, cache) / "model_index.json").is_file() or bool(pretrain.find_pack(m, cache))
 
 
 def world_model_stages(m: pretrain.WorldModelSettings, cache: Path) -> list[tuple[str, float]]:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from dreamnb import world_model
+
 from . import pretrain, world
 
 # the first GPU run's world model: 2 layers a level, heads of 8 channels, a text encoder 256 wide; each step
@@ -23,7 +25,7 @@ FIRST_RUN = dataclasses.replace(pretrain.WorldModelSettings(), unet_channels=(64
 
 
 def sample_cost(settings: pretrain.WorldModelSettings, batch: int, repeats: int, render_and_encode: bool) -> dict:
-    pipe = pretrain.build_pipeline(settings)
+    pipe = world_model.build_pipeline(settings.architecture())
     if settings is FIRST_RUN:  # its UNet had 8 heads on every level (diffusers' attention_head_dim=8)
         from diffusers import UNet2DConditionModel
 

@@ -2,8 +2,8 @@
 
     python tests/browser/run_in_browser.py --out assets/screenshots
 
-Builds a tiny model on the spot (its VAE fitted to the sample cat photos, as `dreamnb demo` does, so the
-images are more than noise), writes the notebook with its parameters filled in (papermill style,
+Unpacks the world model (a small Stable Diffusion pretrained on shapes and creatures, as `dreamnb demo` uses) and
+teaches it the demo's fish: writes the notebook with its parameters filled in (papermill style,
 `auto_run=True`), starts JupyterLab on localhost, and lets `screenshots.cjs` (Playwright) run all cells,
 check the page, press the playground's Generate once more, and save photos.png, training.png, compare.png and
 playground.png under --out. Exit status 0 when the page check passed.
@@ -26,10 +26,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+from dreamnb.demo import DEMO_CLASS, DEMO_PHOTOS, DEMO_PROMPTS, DEMO_TOKEN, WORLD_MODEL
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 NOTEBOOK = REPO / "notebooks" / "fast_dreambooth.ipynb"
-PHOTOS = REPO / "assets" / "photos"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 
 
@@ -79,16 +80,10 @@ def missing_requirements() -> list[str]:
     return missing
 
 
-def build_model(folder: Path, vae_steps: int) -> Path:
-    import torch
-    from PIL import Image
+def build_model(folder: Path) -> Path:
+    from dreamnb.world_model import pack_parts, read_pack
 
-    from dreamnb.tiny import fit_vae, tiny_pipeline
-
-    torch.manual_seed(0)
-    pipe = tiny_pipeline("sd1", seed=0)
-    with torch.enable_grad():
-        fit_vae(pipe.vae, [Image.open(p) for p in sorted(PHOTOS.glob("*.jpg"))], steps=vae_steps)
+    pipe, _ = read_pack(pack_parts(WORLD_MODEL))
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 
@@ -126,7 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "assets" / "screenshots", help="where the screenshots go")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--unet-steps", type=int, default=150)
-    parser.add_argument("--vae-steps", type=int, default=120, help="fitting the tiny VAE to the photos (the demo uses 250)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds for the whole notebook in the browser")
     args = parser.parse_args(argv)
 
@@ -137,14 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="dreamnb-browser-"))
     work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"building a tiny model in {work / 'model'}", file=sys.stderr)
-    model = build_model(work / "model", args.vae_steps)
+    print(f"unpacking the world model into {work / 'model'}", file=sys.stderr)
+    model = build_model(work / "model")
     write_notebook(work / "fast_dreambooth.ipynb", dict(
-        base_model=str(model), session_root=str(work / "sessions"), session_name="chelsea", instance_images=str(PHOTOS),
-        token="zwx", class_word="cat", preset="object", unet_steps=args.unet_steps, unet_lr=1e-3, text_encoder_steps=30,
-        text_encoder_lr=1e-4, with_prior_preservation=False, resolution=64, checkpoint_every=0, sample_every=args.unet_steps // 2,
-        compare_prompts=["photo of {token} {class}", "painting of {token} {class}", "photo of a {class}"],
-        compare_seeds=[1, 2], sample_steps=20, export_format="diffusers", auto_run=True,
+        base_model=str(model), session_root=str(work / "sessions"), session_name="fish", instance_images=str(DEMO_PHOTOS),
+        token=DEMO_TOKEN, class_word=DEMO_CLASS, preset="object", unet_steps=args.unet_steps, unet_lr=2e-5, text_encoder_steps=30,
+        text_encoder_lr=1e-5, with_prior_preservation=False, resolution=64, checkpoint_every=0, sample_every=args.unet_steps // 2,
+        compare_prompts=DEMO_PROMPTS, compare_seeds=[1, 2], sample_steps=20,
+        playground_prompt="a sketch of {token} {class} in a room", export_format="diffusers", auto_run=True,
     ))
     # Lab settings for this run only: render every cell (no windowing), so each output can be screenshotted.
     # No news or update pop-ups over the screenshots.

@@ -15,7 +15,7 @@ const FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", 
 const SHOTS = { "photos.png": "dreamnb.ui.photos(", "training.png": "dreamnb.ui.train(", "compare.png": "dreamnb.ui.compare(",
   "playground.png": "dreamnb.ui.playground(" };
 const BUTTONS = ["Load model", "Create session", "Prepare photos", "Train", "Stop", "Resume", "Make the grid", "Generate", "Export"];
-const PHOTOS = 6;  // the cat photos in assets/photos
+const PHOTOS = 8;  // the fish photos in assets/world-photos
 const THUMBNAIL_PX = 128;  // dreamnb/ui/photo_view.py: one picture of all the photos, this wide each
 
 function fail(message) {
@@ -92,7 +92,7 @@ async function pressGenerateAgain(page) {
       if (!check.buttons.some((b) => b === name || b.endsWith(name))) fail(`no '${name}' button rendered`);
     }
     if (check.widget_views < 9) fail(`only ${check.widget_views} widget views rendered`);
-    if (!check.photo_images.some(([width]) => width >= PHOTOS * THUMBNAIL_PX)) fail(`no picture of the ${PHOTOS} cat photos`);
+    if (!check.photo_images.some(([width]) => width >= PHOTOS * THUMBNAIL_PX)) fail(`no picture of the ${PHOTOS} fish photos`);
     if (check.training_images.length < 2) fail("the training cell shows no loss curve and previews");
     if (check.compare_images.length < 1) fail("the compare cell shows no grid");
     if (check.playground_images.length < 1) fail("the playground cell shows no images");

@@ -1,6 +1,6 @@
 """The notebook in a real browser: JupyterLab on localhost, headless Chromium driven by Playwright.
 
-Runs `run_in_browser.py` (tiny model, the sample cat photos, every section with auto_run), which checks
+Runs `run_in_browser.py` (the world model, the demo's fish photos, every section with auto_run), which checks
 in the page that the widgets and the results kept as plain outputs rendered, and saves screenshots of the
 photos, the training view, the comparison grid and the playground. Skipped, with what is missing, when chromium, JupyterLab or playwright-core is not installed:
     apt-get install chromium ; pip install jupyterlab ; npm install -g playwright-core
@@ -32,14 +32,14 @@ def test_notebook_widgets_render_in_jupyterlab_and_screenshots_are_taken(tmp_pat
     out = tmp_path / "screenshots"
     run = subprocess.run(
         [sys.executable, str(HERE / "run_in_browser.py"), "--out", str(out), "--work", str(tmp_path / "work"),
-         "--unet-steps", "40", "--vae-steps", "40", "--timeout", "900"],
+         "--unet-steps", "40", "--timeout", "900"],
         capture_output=True, text=True, timeout=1100,
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     check = json.loads(run.stdout.strip().splitlines()[-1])
     assert check["widget_views"] >= 9
     assert {"Prepare photos", "Train", "Stop", "Make the grid", "Generate", "Export"} <= set(check["buttons"])
-    assert any(width >= 6 * 128 for width, _ in check["photo_images"])  # one picture of the 6 cat photos
+    assert any(width >= 8 * 128 for width, _ in check["photo_images"])  # one picture of the 8 fish photos
     assert len(check["training_images"]) >= 2 and check["compare_images"] and check["playground_images"]  # curve + previews
     assert check["playground_outputs_after_click"] == 1  # a later press replaced the cell's image output in place
     assert all(bar == "100%" for bar in check["progress"][-1:])  # the training bar ended full

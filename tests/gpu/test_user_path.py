@@ -261,3 +261,17 @@ def test_continuing_a_checkpoint_through_the_cli(tiny_sd1, photos_512, tmp_path)
     child, parent = distance(unet("attempt-2"), at_30), distance(unet("attempt-1"), at_30)
     assert 0 < child < 0.8 * parent, (child, parent)
     record("continue attempt-1@30 for 10 steps through the CLI, tiny model", train_s=round(seconds, 1), child_distance=child, parent_distance=parent)
+
+
+def test_the_demo_on_the_gpu(tmp_path):
+    """The README's first command, `python -m dreamnb demo`, on a GPU machine: it trains there, the photos' denoising
+    error falls and the grid is written."""
+    out = tmp_path / "demo"
+    done, seconds = dreamnb("demo", "--out", out, cwd=tmp_path)
+    assert "on cuda" in done.stderr
+    result = json.loads((out / "demo-result.json").read_text())
+    assert result["error_after"] < 0.85 * result["error_before"]
+    with Image.open(out / "demo-grid.png") as grid:
+        assert grid.width > 4 * 128 and grid.height > 3 * 128
+    record("the demo through the CLI", seconds=round(seconds, 1), error_before=round(result["error_before"], 4),
+           error_after=round(result["error_after"], 4))
