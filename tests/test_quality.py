@@ -270,6 +270,9 @@ def test_harness_configs_come_from_the_object_preset_with_the_run_s_changes():
     assert config.unet_steps == 800 and config.unet_lr == 2e-6 and config.with_prior_preservation
     lora = run.train_config(next(c for c in run.CONFIGURATIONS if c.method == "lora"), SUBJECTS[0], 0, run.HarnessSettings())
     assert lora.method == "lora" and lora.unet_lr == 1e-4
+    face = run.train_config(next(c for c in run.CONFIGURATIONS if c.preset == "face"), SUBJECTS[1], 0, run.HarnessSettings())
+    assert (face.preset, face.unet_steps, face.text_encoder_steps, face.random_flip, face.class_word) == ("face", 1500, 350, False, "fish")
+    assert face.with_prior_preservation and face.instance_prompt == run.INSTANCE_PROMPT
     scaled = run.train_config(run.CONFIGURATIONS[0], SUBJECTS[0], 0, dataclasses.replace(run.HarnessSettings(), lr_scale=6, step_scale=4))
     assert (scaled.unet_lr, scaled.text_encoder_lr, scaled.unet_steps, scaled.text_encoder_steps) == (pytest.approx(1.2e-5), pytest.approx(6e-6), 3200, 800)
 

@@ -43,6 +43,7 @@ class Configuration:
     overrides: dict = field(default_factory=dict)  # TrainConfig fields
     method: str = "full"
     token: str = TOKEN
+    preset: str = "object"  # the dreamnb preset whose steps, rates and flips the attempt starts from
 
 
 # The world's own grammar ('a photo of a red star on grass'; a subject takes the colour's place, as in PROMPTS): the
@@ -64,6 +65,8 @@ CONFIGURATIONS = (
     Configuration("2 steps", "UNet 400 steps", {"optimizer": "adamw", "unet_steps": 400}),
     Configuration("2 steps", "UNet 1600 steps", {"optimizer": "adamw", "unet_steps": 1600}),
     Configuration("2 steps", "UNet 3200 steps", {"optimizer": "adamw", "unet_steps": 3200}),
+    # the style preset trains without a class and on "{token} style": this world has no style subjects to test it on
+    Configuration("2 preset", "face preset (1500 + 350 steps, no flips)", {"optimizer": "adamw"}, preset="face"),
 )
 # On a CPU the bf16 variants cannot train (they need bf16 math): the tiny run takes what a CPU can do.
 TINY_CONFIGURATIONS = (REFERENCE, CONFIGURATIONS[4])
@@ -455,7 +458,7 @@ def make_session(root: Path, subject: Subject, settings: HarnessSettings):
 def train_config(configuration: Configuration, subject: Subject, seed: int, settings: HarnessSettings):
     from dreamnb.config import TrainConfig, preset_values
 
-    preset = preset_values("object", configuration.method)
+    preset = preset_values(configuration.preset, configuration.method)
     values = dict(token=configuration.token, class_word=subject.class_word, resolution=settings.model.size, seed=seed,
                   checkpoint_every=0, log_every=50, num_class_images=settings.num_class_images,
                   instance_prompt=INSTANCE_PROMPT, class_prompt=CLASS_PROMPT)
@@ -464,7 +467,7 @@ def train_config(configuration: Configuration, subject: Subject, seed: int, sett
         values[steps] = max(1, round(values.get(steps, preset[steps]) * settings.step_scale)) if values.get(steps, preset[steps]) else 0
     for lr in ("unet_lr", "text_encoder_lr"):
         values[lr] = values.get(lr, preset[lr]) * settings.lr_scale
-    return TrainConfig.from_preset("object", method=configuration.method, **values)
+    return TrainConfig.from_preset(configuration.preset, method=configuration.method, **values)
 
 
 def attempt(base, session, configuration: Configuration, subject: Subject, seed: int, evaluator, real: Judgement,
