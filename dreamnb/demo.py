@@ -49,7 +49,7 @@ def run_demo(out_dir: str | Path = "demo-output", *, unet_steps: int | None = No
     from .images import prepare_photos
     from .models import load_base_model
     from .train import train
-    from .world_model import pack_parts, read_pack
+    from .world_model import CLASS_PROMPT, INSTANCE_PROMPT, pack_parts, read_pack
 
     started = time.time()
     out = Path(out_dir)
@@ -75,8 +75,8 @@ def run_demo(out_dir: str | Path = "demo-output", *, unet_steps: int | None = No
     log(f"3/5 training (text encoder, then UNet) with prior preservation, on {base.placement.device.type}")
     rates = preset_values("object", None, "sd1")  # the object preset, shortened to fit two minutes on two cores: 10× its rates
     config = TrainConfig.from_preset(
-        "object", token=DEMO_TOKEN, class_word=DEMO_CLASS, instance_prompt="a photo of {token} {class}",
-        class_prompt="a photo of a {class}", resolution=64, seed=0, unet_steps=unet_steps or 200, unet_lr=10 * rates["unet_lr"],
+        "object", token=DEMO_TOKEN, class_word=DEMO_CLASS, instance_prompt=INSTANCE_PROMPT,
+        class_prompt=CLASS_PROMPT, resolution=64, seed=0, unet_steps=unet_steps or 200, unet_lr=10 * rates["unet_lr"],
         text_encoder_steps=40, text_encoder_lr=10 * rates["text_encoder_lr"], num_class_images=6, checkpoint_every=100, log_every=20,
     )
     result = train(session, config, base, progress=True)

@@ -18,6 +18,11 @@ import torch
 
 from .tiny import TOKENIZER_DIR
 
+# The world's own grammar ("a photo of a red star on grass"; a subject takes the colour's place): SD presets' "photo of
+# zwx star" / "photo of a star" are captions the world model never saw, and it draws smears for them.
+INSTANCE_PROMPT = "a photo of {token} {class}"
+CLASS_PROMPT = "a photo of a {class}"
+
 PART_BYTES = 15 * 2 ** 20  # the GPU machine's tool brings back files of up to 16 MiB
 PARTS = ("unet", "vae", "text_encoder")
 

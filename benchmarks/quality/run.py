@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from dreamnb.world_model import CLASS_PROMPT, INSTANCE_PROMPT
+
 from . import metrics, pretrain, world
 from .evaluator import EvaluatorSettings, Judgement, ensure_evaluator, judge, label_accuracy
 from .subjects import PROMPTS, SUBJECTS, Subject, prompt_text, render_photos, save_photos
@@ -46,10 +48,6 @@ class Configuration:
     preset: str = "object"  # the dreamnb preset whose steps, rates and flips the attempt starts from
 
 
-# The world's own grammar ('a photo of a red star on grass'; a subject takes the colour's place, as in PROMPTS): the
-# preset's 'photo of zwx star' / 'photo of a star' are captions the world model never saw, and drew smears for.
-INSTANCE_PROMPT = "a photo of {token} {class}"
-CLASS_PROMPT = "a photo of a {class}"
 
 REFERENCE = Configuration("1 optimizer", "fp32 AdamW (reference)", {"optimizer": "adamw"})
 CONFIGURATIONS = (
