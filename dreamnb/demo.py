@@ -49,7 +49,7 @@ def run_demo(out_dir: str | Path = "demo-output", *, unet_steps: int | None = No
     from .images import prepare_photos
     from .models import load_base_model
     from .train import train
-    from .world_model import CLASS_PROMPT, INSTANCE_PROMPT, pack_parts, read_pack
+    from .world_model import CLASS_PROMPT, INSTANCE_PROMPT, pack_parts, unpack_to
 
     started = time.time()
     out = Path(out_dir)
@@ -59,9 +59,7 @@ def run_demo(out_dir: str | Path = "demo-output", *, unet_steps: int | None = No
         raise UserError(f"The demo's world model is not in {world_model}; run the demo from a clone of the dreamnb "
                         "repository (`pip install -e .` there), whose assets/world-model folder holds it.")
     log(f"1/5 unpacking the world model into {out / 'model'} (a small Stable Diffusion pretrained on shapes and creatures, 64 px)")
-    pipe, _ = read_pack(parts)
-    with fileio.atomic_dir(out / "model") as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+    unpack_to(parts, out / "model")
 
     log("2/5 preparing the sample photos in a new session")
     session_path = out / "session"

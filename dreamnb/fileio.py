@@ -131,11 +131,11 @@ def recover_leftovers(root: str | Path, *, recursive: bool = True, name: str = "
 
 def describe_size(n: int) -> str:
     """1234567 → '1.2 MB' (decimal units, as disks and downloads are sold)."""
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
+    for unit in ("bytes", "KB", "MB"):
+        if n < 1000:
             return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
         n /= 1000
-    return ""
+    return f"{n:.1f} GB"
 
 
 def _fsync(path: Path) -> None:

@@ -128,6 +128,15 @@ def pack_metadata(parts: list[Path]) -> dict[str, str]:
         return json.loads(f.read(length)).get("__metadata__", {})
 
 
+def unpack_to(parts: list[Path], folder: Path) -> None:
+    """The pack as a diffusers pipeline folder that `models.load_base_model` loads, written whole or not at all."""
+    from .fileio import atomic_dir
+
+    pipe, _ = read_pack(parts)
+    with atomic_dir(folder) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+
+
 def read_pack(parts: list[Path]):
     """The pipeline a pack holds (on the CPU, in fp32), and its metadata."""
     from safetensors.torch import load

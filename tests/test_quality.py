@@ -12,7 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.quality import metrics, pretrain, run, world  # noqa: E402
 from benchmarks.quality.evaluator import EvaluatorSettings, identity, judge, label_accuracy, train_evaluator  # noqa: E402
-from benchmarks.quality.subjects import PROMPTS, SUBJECTS, render_photos  # noqa: E402
+from benchmarks.quality.subjects import (PROMPTS, STYLE_SUBJECTS, SUBJECTS, plain_prompts, render_photos,  # noqa: E402
+                                         render_scenes, style_caption)
 from dreamnb import world_model  # noqa: E402
 from dreamnb.fast import BF16_OPTIMIZERS, AdamWBF16  # noqa: E402
 
@@ -38,6 +39,30 @@ def test_pretraining_scenes_never_show_the_subjects_patterns():
     novel = {world.PATTERNS.index(s.thing.pattern) for s in SUBJECTS}
     assert not any(int(p) in novel for p in scenes.pattern[scenes.present])
     assert {world.PATTERNS[int(p)] for p in scenes.pattern[scenes.present]} == set(world.PRETRAIN_PATTERNS)
+
+
+def test_pixel_art_is_blocks_of_five_levels_and_only_the_style_benchmark_draws_it():
+    """The style benchmark's style: pretraining scenes never have it (the world model never saw it); each 4-px block
+    (at 64 px) is one colour of five levels a channel; the same scenes as photos are not blocks."""
+    generator = torch.Generator().manual_seed(4)
+    pixel_art = world.STYLES.index("pixel")
+    assert not (world.sample_scenes(2048, generator).style == pixel_art).any()
+    assert (world.sample_scenes(2048, generator, styles=world.STYLES).style == pixel_art).float().mean() > 0.1
+    works = STYLE_SUBJECTS[0].works
+    pixels = render_scenes(works, 64, seed=0)
+    blocks = pixels.unfold(2, 4, 4).unfold(3, 4, 4)  # [N, 3, 16, 16, 4, 4]
+    assert torch.equal(blocks, blocks[..., :1, :1].expand_as(blocks))
+    assert torch.equal(pixels * 4, (pixels * 4).round())
+    photos = render_scenes([dataclasses.replace(s, style="photo") for s in works], 64, seed=0).unfold(2, 4, 4).unfold(3, 4, 4)
+    assert not torch.equal(photos, photos[..., :1, :1].expand_as(photos))
+
+
+def test_the_style_prompts_ask_for_things_no_work_shows_and_put_the_token_in_the_style_s_place():
+    subject = STYLE_SUBJECTS[0]
+    shown = {(t.kind, t.colour) for s in subject.works for t in s.things}
+    assert not shown & {(t.kind, t.colour) for s in subject.prompts for t in s.things}
+    assert style_caption(subject.works[0], "zwx") == "a zwx of a red circle on grass"
+    assert {s.style for s in plain_prompts(subject)} == set(world.PRETRAIN_STYLES)
 
 
 def test_captions_name_the_attributes_and_round_trip():
@@ -79,7 +104,7 @@ def test_token_ids_word_by_word_equal_the_clip_tokenizer():
 # The CPU cut of the evaluator: the harness's architecture and losses, trained for a few hundred steps on a pool
 # rendered once (the GPU trains 1500 steps × 256 on fresh renders). Enough to learn colours, backgrounds, styles and
 # to make the object embedding ignore the scene; the GPU run's results.json reports kinds and markings.
-CPU_EVALUATOR = EvaluatorSettings(size=SIZE, steps=600, batch=64, width=16, pool=32)
+CPU_EVALUATOR = EvaluatorSettings(size=SIZE, steps=800, batch=64, width=16, pool=32)
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +181,20 @@ def test_prompt_fidelity_is_high_for_the_prompts_scene_and_low_for_another(evalu
     assert score["fitting"] > 0.6 and score["other"] < 0.3, score
 
 
+def test_the_style_measures_find_pixel_art_where_it_was_asked_and_count_it_elsewhere_as_a_leak(evaluator):
+    """Renders of the style's prompts in pixel art and of their plain versions: style found, no leak; the same
+    pictures swapped (a model that ignored the token and drew pixel art for every other prompt): the reverse."""
+    subject = STYLE_SUBJECTS[0]
+    asked, plain = run.repeated(subject.prompts, 4), run.repeated(plain_prompts(subject), 4)
+    generator = torch.Generator().manual_seed(6)
+    in_style = judge(evaluator, world.render(asked, SIZE, generator))
+    other_styles = judge(evaluator, world.render(plain, SIZE, generator))
+    good = metrics.style_scores(in_style, asked, other_styles, plain, "pixel")
+    assert good["style_found"] > 0.8 and good["style_leak"] < 0.1, good
+    swapped = metrics.style_scores(other_styles, asked, in_style, plain, "pixel")
+    assert swapped["style_found"] < 0.1 and swapped["style_leak"] > 0.8, swapped
+
+
 def test_diversity_and_pooled_seed_spread_on_known_values():
     a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
     assert metrics.diversity(torch.cat([a, b])) == pytest.approx(1.0)  # orthogonal: distance 1
@@ -170,7 +209,7 @@ def test_experiment_one_runs_every_seed_then_prior_preservation_off_then_the_res
     experiments = [c.experiment for c, _, _ in order]
     last_first = max(i for i, e in enumerate(experiments) if e.startswith("1"))
     assert all(e.startswith("1") for e in experiments[:last_first + 1])
-    assert len(order) == len(run.CONFIGURATIONS) * len(settings.subjects) * 2
+    assert len(order) == sum(len(run.subjects_of(c, settings)) for c in run.CONFIGURATIONS) * 2
     assert {seed for c, _, seed in order[:last_first + 1]} == {0, 1}
     prior = order[last_first + 1:last_first + 1 + 2 * len(settings.subjects)]
     assert {c.experiment for c, _, _ in prior} == {"2 prior"} and {seed for _, _, seed in prior} == {0, 1}
@@ -262,6 +301,57 @@ def test_a_later_pretraining_round_continues_the_cached_one_under_its_own_key(tm
     after = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     assert all(torch.equal(a, b) for a, b in zip(pipe.vae.state_dict().values(), after.vae.state_dict().values()))
     assert not all(torch.equal(a, b) for a, b in zip(pipe.unet.state_dict().values(), after.unet.state_dict().values()))
+
+
+def test_the_decoder_learns_every_style_and_leaves_the_latents_and_the_unet_as_they_were(tmp_path):
+    """`--decoder-steps N` trains the cached model's VAE decoder on every style: the encoder (so every latent the UNet
+    learnt from), the UNet and the text encoder stay bit for bit; the committed round-3 pack keeps its key."""
+    assert pretrain.WorldModelSettings(rounds=3).key() == "5b75746da51b"
+    first = dataclasses.replace(pretrain.TINY, unet_steps=3, latent_pool=64)
+    general = dataclasses.replace(first, decoder_steps=2)
+    assert general.key() != first.key() and dataclasses.replace(first, decoder_batch=4).key() == first.key()
+    pipe = world_model.build_pipeline(first.architecture())
+    pretrain.round_to_fp16(pipe)
+    pretrain.save_folder(pipe, {"unet_steps_done": 7}, first, pretrain.model_folder(first, tmp_path))
+    folder = pretrain.ensure_world_model(general, tmp_path, "cpu")
+    assert json.loads((folder / "world.json").read_text())["previous"]["unet_steps_done"] == 7
+    from diffusers import StableDiffusionPipeline
+
+    after = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+
+    def same(a, b) -> bool:
+        return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+    assert same(pipe.vae.encoder, after.vae.encoder) and same(pipe.vae.quant_conv, after.vae.quant_conv)
+    assert same(pipe.unet, after.unet) and same(pipe.text_encoder, after.text_encoder)
+    assert not same(pipe.vae.decoder, after.vae.decoder)
+
+
+def test_the_committed_world_model_gives_pixel_art_back_through_its_vae(tmp_path):
+    """The style benchmark needs a codec that can give back a style the UNet never saw. The decoder as pretrained
+    turned pixel art into the photos it knew (round-trip error 0.0055 on these pictures); the committed one's is
+    0.0021."""
+    settings = run.HarnessSettings().model
+    pipe, _ = pretrain.unpack_world_model(settings, pretrain.find_pack(settings, tmp_path))
+    pixels = render_scenes(STYLE_SUBJECTS[0].prompts, settings.size, seed=0)
+    assert torch.nn.functional.mse_loss(run.vae_round_trip(pipe.vae, pixels), pixels).item() < 0.0035
+
+
+def test_the_style_preset_s_configurations_train_on_the_style_s_captioned_works(tmp_path):
+    """Style configurations take the style benchmark's subject, never an object subject (and the reverse); their
+    TrainConfig is the style preset's (no class, no prior preservation, 2000 + 250 steps, flips); the session holds
+    the works as prepared photos, each with its caption, which mentions the token."""
+    from dreamnb.data import list_examples
+
+    settings = run.HarnessSettings()
+    for configuration, subject, _ in run.jobs(run.CONFIGURATIONS, settings):
+        assert (subject in STYLE_SUBJECTS) == configuration.style, (configuration.label, subject.name)
+    config = run.train_config(run.STYLE_PRESET, STYLE_SUBJECTS[0], 0, settings)
+    assert (config.preset, config.class_word, config.with_prior_preservation, config.unet_steps, config.text_encoder_steps,
+            config.random_flip, config.unet_lr) == ("style", "", False, 2000, 250, True, 2e-6)
+    session = run.make_session(tmp_path, STYLE_SUBJECTS[0], settings)
+    examples = list_examples(session.instance_dir)
+    assert sorted(e.caption for e in examples) == sorted(style_caption(s, run.TOKEN) for s in STYLE_SUBJECTS[0].works)
 
 
 def test_harness_configs_come_from_the_object_preset_with_the_run_s_changes():

@@ -10,8 +10,8 @@ Two outputs matter:
   pattern colours are present (multi-hot, from the object-pooled features) and which background and style a
   picture has (from the whole picture's features).
 
-It is trained on every pattern, the subjects' too: like DINO, it has seen more of the world than the generator,
-so it can tell a subject from other things of its class. The first GPU run's evaluator (one global pool, heads
+It is trained on every pattern and style, the subjects' too: like DINO, it has seen more of the world than the
+generator, so it can tell a subject from other things of its class, and pixel art from the styles the world model knows. The first GPU run's evaluator (one global pool, heads
 only) read background and style perfectly but kinds at chance, and its embedding was mostly background and style.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 MULTI_HOT = {"kind": len(world.KINDS), "colour": len(world.COLOURS), "pattern": len(world.PATTERNS),
              "pattern_colour": len(world.COLOURS)}
 ONE_OF = {"background": len(world.BACKGROUNDS), "style": len(world.STYLES)}
-VERSION = 2  # part of the cache key: bump when the architecture or the training changes
+VERSION = 3  # part of the cache key: bump when the architecture or the training changes (3: pixel art, a fourth style)
 
 
 @dataclass(frozen=True)
@@ -143,10 +143,11 @@ def training_batch(count: int, generator: torch.Generator, size: int, device) ->
     position and size drawn anew), the second half any scenes (one or two things). Returns the pictures, the
     things' coverage, the labels and, for the pairs, the identities."""
     pairs = count // 4
-    single = world.sample_scenes(pairs, generator, patterns=world.PATTERNS, two_things=0.0, photo=0.4)
-    other_view = world.sample_scenes(pairs, generator, patterns=world.PATTERNS, two_things=0.0, photo=0.4)
+    everything = dict(patterns=world.PATTERNS, styles=world.STYLES, photo=0.4)
+    single = world.sample_scenes(pairs, generator, two_things=0.0, **everything)
+    other_view = world.sample_scenes(pairs, generator, two_things=0.0, **everything)
     second = dataclasses.replace(single, background=other_view.background, style=other_view.style)
-    mixed = world.sample_scenes(count - 2 * pairs, generator, patterns=world.PATTERNS, two_things=0.3, photo=0.4)
+    mixed = world.sample_scenes(count - 2 * pairs, generator, two_things=0.3, **everything)
     scenes = concat([single, second, mixed])
     images, coverage = world.render(scenes, size, generator, device, with_mask=True)
     ident = identity(single)

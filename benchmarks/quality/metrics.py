@@ -7,7 +7,9 @@
   evaluator finds (CLIP-T's role);
 - prior preservation (PRES): the share of class-prompt pictures ("photo of a star") that show the subject;
   lower is better;
-- diversity (DIV): mean pairwise embedding distance (1 - cosine) of pictures from one prompt.
+- diversity (DIV): mean pairwise embedding distance (1 - cosine) of pictures from one prompt;
+- for a style (`style_scores`): how often pictures asked for in it are in it, whether they show what was asked, and
+  how often the style leaks into pictures asked for in other styles (lower is better).
 """
 from __future__ import annotations
 
@@ -73,6 +75,18 @@ def caption_fidelity(judgement: Judgement, scenes: world.SceneBatch) -> dict[str
         scores[head] = (judgement.chosen[head] == targets[head]).float().mean().item()
     scores["mean"] = statistics.fmean(scores.values())
     return scores
+
+
+def style_scores(in_style: Judgement, in_style_scenes: world.SceneBatch, plain: Judgement, plain_scenes: world.SceneBatch,
+                 style: str) -> dict[str, float]:
+    """`style_found`: the share of pictures asked for in `style` that the evaluator calls so; `content_fidelity`: the
+    share of their kinds, colours and backgrounds found; `style_leak`: the share of pictures asked for in another
+    style that come out in `style` (lower is better); `plain_prompt_fidelity`: how well those follow their captions."""
+    asked = caption_fidelity(in_style, in_style_scenes)
+    return {"style_found": asked["style"],
+            "content_fidelity": statistics.fmean(asked[k] for k in ("kind", "colour", "background")),
+            "style_leak": (plain.chosen["style"] == world.STYLES.index(style)).float().mean().item(),
+            "plain_prompt_fidelity": caption_fidelity(plain, plain_scenes)["mean"]}
 
 
 def spread(values: list[float]) -> tuple[float, float]:

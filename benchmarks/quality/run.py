@@ -6,9 +6,11 @@ by our evaluator.
 
 Order of work: the world model (pretrained, or from the cache) → the evaluator (trained on the world's labels) →
 the world model's own prompt following → per configuration × subject × seed: a session with the subject's photos
-(`dreamnb.images.prepare_photos`), `dreamnb.train.train` with a `TrainConfig` from the object preset, then
-`attempt_pipeline` + `sample.generate` on the fixed prompts and seeds → metrics → a markdown table and
+(`dreamnb.images.prepare_photos`), `dreamnb.train.train` with a `TrainConfig` from the configuration's preset, then
+`attempt_pipeline` + `sample.generate` on the fixed prompts and seeds → metrics → markdown tables and
 results.json. Configurations run in priority order; those that no longer fit the time budget are listed as skipped.
+The style preset's configurations take the style benchmark's subject (works of a style pretraining never saw, with
+captions) instead of the object subjects, and are measured and tabled on their own.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ from dreamnb.world_model import CLASS_PROMPT, INSTANCE_PROMPT
 
 from . import metrics, pretrain, world
 from .evaluator import EvaluatorSettings, Judgement, ensure_evaluator, judge, label_accuracy
-from .subjects import PROMPTS, SUBJECTS, Subject, prompt_text, render_photos, save_photos
+from .subjects import (PROMPTS, STYLE_SUBJECTS, SUBJECTS, StyleSubject, Subject, plain_prompts, prompt_text, render_photos,
+                       render_scenes, save_photos, style_caption)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,9 @@ class Configuration:
     token: str = TOKEN
     preset: str = "object"  # the dreamnb preset whose steps, rates and flips the attempt starts from
 
+    @property
+    def style(self) -> bool:
+        return self.preset == "style"
 
 
 REFERENCE = Configuration("1 optimizer", "fp32 AdamW (reference)", {"optimizer": "adamw"})
@@ -60,22 +66,34 @@ CONFIGURATIONS = (
     Configuration("2 text encoder", "text encoder frozen", {"optimizer": "adamw", "text_encoder_steps": 0}),
     Configuration("2 method", "LoRA (rank 16, lr 1e-4)", {"optimizer": "adamw"}, method="lora"),
     Configuration("2 method", "LoRA (rank 16, lr 2e-5)", {"optimizer": "adamw", "unet_lr": 2e-5, "text_encoder_lr": 1e-5}, method="lora"),
+    Configuration("2 rate", "5× rates (1e-5 / 5e-6)", {"optimizer": "adamw", "unet_lr": 1e-5, "text_encoder_lr": 5e-6}),
     Configuration("2 steps", "UNet 400 steps", {"optimizer": "adamw", "unet_steps": 400}),
     Configuration("2 steps", "UNet 1600 steps", {"optimizer": "adamw", "unet_steps": 1600}),
     Configuration("2 steps", "UNet 3200 steps", {"optimizer": "adamw", "unet_steps": 3200}),
-    # the style preset trains without a class and on "{token} style": this world has no style subjects to test it on
     Configuration("2 preset", "face preset (1500 + 350 steps, no flips)", {"optimizer": "adamw"}, preset="face"),
+    # the style preset (no class, no prior preservation) on the style benchmark's subject, and its steps and method
+    Configuration("2 preset", "style preset (2000 + 250 steps)", {"optimizer": "adamw"}, preset="style"),
+    Configuration("2 preset", "style preset as shipped (optimizer 'auto')", {}, preset="style"),
+    Configuration("2 preset", "style preset at 800 + 100 steps", {"optimizer": "adamw", "unet_steps": 800, "text_encoder_steps": 100},
+                  preset="style"),
+    Configuration("2 preset", "style preset at 4000 + 500 steps", {"optimizer": "adamw", "unet_steps": 4000, "text_encoder_steps": 500},
+                  preset="style"),
+    Configuration("2 preset", "style preset, LoRA (rank 16, lr 1e-4)", {"optimizer": "adamw"}, method="lora", preset="style"),
+    Configuration("2 preset", "style preset at 5× rates (1e-5 / 5e-6)", {"optimizer": "adamw", "unet_lr": 1e-5, "text_encoder_lr": 5e-6},
+                  preset="style"),
 )
+STYLE_PRESET = next(c for c in CONFIGURATIONS if c.style)
 # On a CPU the bf16 variants cannot train (they need bf16 math): the tiny run takes what a CPU can do.
-TINY_CONFIGURATIONS = (REFERENCE, CONFIGURATIONS[4])
+TINY_CONFIGURATIONS = (REFERENCE, CONFIGURATIONS[4], STYLE_PRESET)
 
 
 @dataclass(frozen=True)
 class HarnessSettings:
-    model: pretrain.WorldModelSettings = pretrain.WorldModelSettings(rounds=3)  # the committed one (assets/world-model)
+    model: pretrain.WorldModelSettings = pretrain.WorldModelSettings(rounds=3, decoder_steps=600)  # the committed one (assets/world-model)
     evaluator: EvaluatorSettings = EvaluatorSettings()
     seeds: tuple[int, ...] = (0, 1)
     subjects: tuple[Subject, ...] = SUBJECTS
+    styles: tuple[StyleSubject, ...] = STYLE_SUBJECTS  # what the style preset's configurations train on
     photos: int = 8                   # training photos per subject
     images_per_prompt: int = 4        # sampling seeds 0..n-1 per prompt
     class_images: int = 8             # class-prompt pictures per attempt, for PRES
@@ -87,15 +105,15 @@ class HarnessSettings:
     caption_probes: int = 96          # random captions for the world model's own prompt following
 
 
-TINY_HARNESS = HarnessSettings(model=pretrain.TINY, evaluator=EvaluatorSettings(size=pretrain.TINY.size, steps=30, batch=16, width=8),
-                               seeds=(0,), subjects=SUBJECTS[:1], photos=4, images_per_prompt=2, class_images=2,
+TINY_HARNESS = HarnessSettings(model=dataclasses.replace(pretrain.TINY, decoder_steps=4),
+                               evaluator=EvaluatorSettings(size=pretrain.TINY.size, steps=30, batch=16, width=8), seeds=(0,), subjects=SUBJECTS[:1], photos=4, images_per_prompt=2, class_images=2,
                                num_class_images=2, step_scale=0.02, num_inference_steps=4, caption_probes=8)
 
 # Seconds each stage took on the H200 (results/h200-2026-11-29*.json: attempts trained in 7–8 s, 12.5 s in all), or is projected to take
 # (README: "Time plan"); the harness prints this plan before it starts, then what each stage really took.
 GPU_SECONDS = {"startup": 20, "optimizer speed": 8, "world model (cached)": 5, "evaluator (cached)": 2,
                "prompt following and base model": 15,
-               "attempt: training (step scale 1)": 7.5, "attempt: sampling and measures": 5, "class images (first attempt per subject)": 7}
+               "attempt: training (per 1000 steps)": 7.5, "attempt: sampling and measures": 5, "class images (first attempt per subject)": 7}
 
 
 def main(argv=None) -> dict:
@@ -115,6 +133,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--lr-scale", type=float, default=None, help="× the preset's learning rates, for every configuration")
     parser.add_argument("--world-rounds", type=int, default=None,
                         help="the world model after this many pretraining rounds (see pretrain.py --rounds)")
+    parser.add_argument("--world-decoder-steps", type=int, default=None,
+                        help="the world model with its decoder taught every style for this many steps (0: the decoder as pretrained)")
     parser.add_argument("--seeds", type=int, default=None,
                         help="training seeds per configuration and subject (more seeds: a smaller spread, more attempts)")
     args = parser.parse_args(argv)
@@ -128,6 +148,8 @@ def main(argv=None) -> dict:
         settings = dataclasses.replace(settings, lr_scale=args.lr_scale)
     if args.world_rounds is not None:
         settings = dataclasses.replace(settings, model=dataclasses.replace(settings.model, rounds=args.world_rounds))
+    if args.world_decoder_steps is not None:
+        settings = dataclasses.replace(settings, model=dataclasses.replace(settings.model, decoder_steps=args.world_decoder_steps))
     if args.seeds is not None:
         settings = dataclasses.replace(settings, seeds=tuple(range(args.seeds)))
     configurations = TINY_CONFIGURATIONS if args.tiny else CONFIGURATIONS
@@ -158,20 +180,28 @@ def time_plan(settings: HarnessSettings, configurations, cache: Path, budget_sec
         stages.append((f"evaluator: {e.steps} steps × {e.batch}", round(evaluator_seconds_projected(e))))
     stages.append(("prompt following, real photos, base model", GPU_SECONDS["prompt following and base model"]))
     used = sum(seconds for _, seconds in stages)
-    attempts, first_per_subject = [], set()
-    each = GPU_SECONDS["attempt: training (step scale 1)"] * settings.step_scale + GPU_SECONDS["attempt: sampling and measures"]
+    attempts, costs, first_per_subject = [], [], set()
     for configuration, subject, seed in jobs(configurations, settings):
-        cost = each + (GPU_SECONDS["class images (first attempt per subject)"] if subject.name not in first_per_subject else 0)
+        cost = attempt_seconds(configuration, settings)
+        if not configuration.style and subject.name not in first_per_subject:
+            cost += GPU_SECONDS["class images (first attempt per subject)"]
         if used + cost > budget_seconds:
             break
         first_per_subject.add(subject.name)
         used += cost
+        costs.append(cost)
         attempts.append(f"{configuration.label} / {subject.name} / seed {seed}")
     total = len(jobs(configurations, settings))
-    stages.append((f"attempts: {len(attempts)} of {total} (≈{each:g} s each)",
-                   round(used - sum(seconds for _, seconds in stages))))
+    each = f" (≈{min(costs):.0f}–{max(costs):.0f} s each)" if costs else ""
+    stages.append((f"attempts: {len(attempts)} of {total}{each}", round(used - sum(seconds for _, seconds in stages))))
     return {"stages": stages, "total_s": round(used), "budget_s": budget_seconds, "attempts": attempts,
             "world_model_cached": world_cached, "evaluator_cached": evaluator_cached}
+
+
+def attempt_seconds(configuration: Configuration, settings: HarnessSettings) -> float:
+    """Training (in proportion to its steps) and sampling, on the GPU machine."""
+    steps = sum(scaled_steps(configuration, settings).values())
+    return GPU_SECONDS["attempt: training (per 1000 steps)"] * steps / 1000 + GPU_SECONDS["attempt: sampling and measures"]
 
 
 def world_model_cached(m: pretrain.WorldModelSettings, cache: Path) -> bool:
@@ -179,9 +209,13 @@ def world_model_cached(m: pretrain.WorldModelSettings, cache: Path) -> bool:
 
 
 def world_model_stages(m: pretrain.WorldModelSettings, cache: Path) -> list[tuple[str, float]]:
-    """The world model's stages: from the cache; or a later round on top of the previous one's stages; or round 1."""
+    """The world model's stages: from the cache; or its decoder's training, or a later round, on top of the stages
+    of the model before it; or round 1."""
     if world_model_cached(m, cache):
         return [("world model: from the cache", GPU_SECONDS["world model (cached)"])]
+    if m.decoder_steps:  # projected: a decoder step of 16 pictures at 64 px, a few times one of the VAE's 128
+        return world_model_stages(dataclasses.replace(m, decoder_steps=0), cache) + [
+            (f"world model: decoder on every style, {m.decoder_steps} steps", 8 + round(0.02 * m.decoder_steps))]
     if m.rounds > 1:
         return world_model_stages(dataclasses.replace(m, rounds=m.rounds - 1), cache) + [
             (f"world model: round {m.rounds}, render + encode {m.latent_pool} pictures, UNet phase (time limit)", 8 + m.max_seconds + 5)]
@@ -261,13 +295,10 @@ def run_harness(settings: HarnessSettings, configurations, out: Path, cache: Pat
 
     mark = time.time()
     shutil.rmtree(workdir, ignore_errors=True)
-    sessions = {s.name: make_session(workdir, s, settings) for s in settings.subjects}
-    real = {s.name: judge(evaluator, render_photos(s, settings.photos, size, seed=1000)) for s in settings.subjects}
-    held_out = {s.name: judge(evaluator, render_photos(s, settings.photos, size, seed=2000)) for s in settings.subjects}
-    results["real_photos"] = {s.name: {"subject_fidelity": metrics.cosine_to(held_out[s.name].embedding, real[s.name].embedding),
-                                       "subject_found": metrics.subject_rate(held_out[s.name], s)} for s in settings.subjects}
-    results["base_model"] = {s.name: without_images(score_pipeline(base.pipeline, evaluator, s, real[s.name], TOKEN, settings))
-                             for s in settings.subjects}
+    subjects = tuple({s.name: s for c in configurations for s in subjects_of(c, settings)}.values())
+    sessions = {s.name: make_session(workdir, s, settings) for s in subjects}
+    real = {s.name: judge(evaluator, render_photos(s, settings.photos, size, seed=1000)) for s in subjects if isinstance(s, Subject)}
+    results.update(before_training(base, evaluator, subjects, real, settings))
     results["timings"]["base_model_s"] = stage_done("real photos and base model", mark)
 
     runs, skipped, failed, grids = [], [], [], {}
@@ -278,7 +309,7 @@ def run_harness(settings: HarnessSettings, configurations, out: Path, cache: Pat
             skipped.append(name)
             continue
         try:
-            run = attempt(base, sessions[subject.name], configuration, subject, seed, evaluator, real[subject.name], settings)
+            run = attempt(base, sessions[subject.name], configuration, subject, seed, evaluator, real.get(subject.name), settings)
         except Exception as err:  # one broken configuration must not cost the others' figures
             log.exception("%s failed", name)
             failed.append(f"{name}: {type(err).__name__}: {str(err)[:300]}")
@@ -293,13 +324,29 @@ def run_harness(settings: HarnessSettings, configurations, out: Path, cache: Pat
     results["timings"]["attempts_s"] = stage_done(f"{len(runs)} attempts ({len(skipped)} skipped, {len(failed)} failed)", mark)
     results["failed"] = failed
     try:
-        save_grids(out, grids)
+        save_grids(out, grids, settings)
     except Exception:  # pictures are a convenience; the figures are already written
         log.exception("saving the grids failed")
     results = write_results(out, results, runs, skipped, configurations)
     results["timings"]["total_s"] = round(time.time() - started, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def before_training(base, evaluator, subjects, real: dict[str, Judgement], settings: HarnessSettings) -> dict:
+    """What the attempts are compared with. A subject's held-out photos against its training photos (`real`), and
+    the untrained model's scores; a style's ceiling (renders, and their VAE round trips) and the untrained model's."""
+    figures: dict[str, dict] = {}
+    for s in subjects:
+        if isinstance(s, StyleSubject):
+            figures.setdefault("real_style", {})[s.name] = style_ceiling(base.pipeline.vae, evaluator, s, settings)
+            figures.setdefault("base_model_style", {})[s.name] = without_images(score_style(base.pipeline, evaluator, s, TOKEN, settings))
+            continue
+        held_out = judge(evaluator, render_photos(s, settings.photos, settings.model.size, seed=2000))
+        figures.setdefault("real_photos", {})[s.name] = {"subject_fidelity": metrics.cosine_to(held_out.embedding, real[s.name].embedding),
+                                                         "subject_found": metrics.subject_rate(held_out, s)}
+        figures.setdefault("base_model", {})[s.name] = without_images(score_pipeline(base.pipeline, evaluator, s, real[s.name], TOKEN, settings))
+    return figures
 
 
 def stage_done(stage: str, mark: float) -> float:
@@ -315,10 +362,14 @@ def jobs(configurations, settings: HarnessSettings) -> list[tuple]:
     first = [c for c in configurations if c.experiment.startswith("1")]
     prior = [c for c in configurations if c.experiment == "2 prior"]
     rest = [c for c in configurations if c not in first and c not in prior]
-    order = [(c, s, seed) for c in first + prior for s in settings.subjects for seed in settings.seeds]
-    order += [(c, s, settings.seeds[0]) for c in rest for s in settings.subjects]
-    order += [(c, s, seed) for seed in settings.seeds[1:] for c in rest for s in settings.subjects]
+    order = [(c, s, seed) for c in first + prior for s in subjects_of(c, settings) for seed in settings.seeds]
+    order += [(c, s, settings.seeds[0]) for c in rest for s in subjects_of(c, settings)]
+    order += [(c, s, seed) for seed in settings.seeds[1:] for c in rest for s in subjects_of(c, settings)]
     return order
+
+
+def subjects_of(configuration: Configuration, settings: HarnessSettings) -> tuple:
+    return settings.styles if configuration.style else settings.subjects
 
 
 def without_images(scores: dict) -> dict:
@@ -382,12 +433,12 @@ def optimizer_speed(device: torch.device, parameters: int = 859_520_964, repeats
 
 
 def evaluator_check(evaluator, settings: HarnessSettings) -> dict:
-    """The evaluator on fresh renders it never saw (every pattern): its accuracy per head; and on the subjects:
+    """The evaluator on fresh renders it never saw (every pattern and style): its accuracy per head; and on the subjects:
     how close held-out photos of a subject are to its training photos, against the other subjects' photos and
     against other things of its class (what subject fidelity and PRES rely on), and how often it finds the subject."""
     size = settings.model.size
     generator = torch.Generator().manual_seed(12345)
-    scenes = world.sample_scenes(512, generator, patterns=world.PATTERNS)
+    scenes = world.sample_scenes(512, generator, patterns=world.PATTERNS, styles=world.STYLES)
     images = world.render(scenes, size, generator)
     check = {k: round(v, 3) for k, v in label_accuracy(judge(evaluator, images), world.labels(scenes)).items()}
     check["subjects"] = {name: {k: round(v, 3) for k, v in values.items()}
@@ -435,42 +486,64 @@ def round_all(values: dict) -> dict:
     return {k: round(v, 3) for k, v in values.items()}
 
 
-def make_session(root: Path, subject: Subject, settings: HarnessSettings):
-    """A session holding the subject's photos, taken in as a user's photos are (`dreamnb.images.prepare_photos`)."""
+def make_session(root: Path, subject: Subject | StyleSubject, settings: HarnessSettings):
+    """A session holding the subject's photos (a style's works, each with its caption in a .txt beside it), taken in
+    as a user's photos are (`dreamnb.images.prepare_photos`)."""
     from dreamnb.images import prepare_photos
     from dreamnb.session import create_session
 
     session = create_session(root / subject.name)
-    images = render_photos(subject, settings.photos, settings.model.size, seed=1000)
-    if settings.model.size < 64:  # below what `prepare` takes (the tiny CI run): written as prepared photos, as it writes them
-        save_photos(images, session.instance_dir, "photo")
+    style = isinstance(subject, StyleSubject)
+    if style:
+        images = render_scenes(subject.works, settings.model.size, seed=1000)
+        captions = [style_caption(scene, TOKEN) for scene in subject.works]
+    else:
+        images, captions = render_photos(subject, settings.photos, settings.model.size, seed=1000), []
+    small = settings.model.size < 64  # below what `prepare` takes: written as prepared photos, as it writes them
+    photos = save_photos(images, session.instance_dir if small else root / f"{subject.name}-photos", "photo")
+    for path, text in zip(photos, captions):
+        path.with_suffix(".txt").write_text(text + "\n")
+    if small:
         return session
-    photos = save_photos(images, root / f"{subject.name}-photos", "photo")
-    report = prepare_photos(photos, session.instance_dir, size=settings.model.size, crop="center", preset="object")
+    report = prepare_photos(photos, session.instance_dir, size=settings.model.size, crop="center", preset="style" if style else "object")
     if report.photos_in_set != len(photos):
         raise RuntimeError(f"prepare_photos kept {report.photos_in_set} of {len(photos)} photos of {subject.name}: "
                            f"{[(r.name, r.status, r.reason) for r in report.results if not r.accepted]}")
     return session
 
 
-def train_config(configuration: Configuration, subject: Subject, seed: int, settings: HarnessSettings):
+def scaled_steps(configuration: Configuration, settings: HarnessSettings) -> dict[str, int]:
+    """The configuration's UNet and text-encoder steps (its own, else its preset's), × the run's step scale."""
+    from dreamnb.config import preset_values
+
+    preset = preset_values(configuration.preset, configuration.method)
+    steps = {}
+    for name in ("unet_steps", "text_encoder_steps"):
+        wanted = configuration.overrides.get(name, preset[name])
+        steps[name] = max(1, round(wanted * settings.step_scale)) if wanted else 0
+    return steps
+
+
+def train_config(configuration: Configuration, subject: Subject | StyleSubject, seed: int, settings: HarnessSettings):
+    """A style's works carry their own captions, so only the object subjects need the world's prompts."""
     from dreamnb.config import TrainConfig, preset_values
 
     preset = preset_values(configuration.preset, configuration.method)
     values = dict(token=configuration.token, class_word=subject.class_word, resolution=settings.model.size, seed=seed,
-                  checkpoint_every=0, log_every=50, num_class_images=settings.num_class_images,
-                  instance_prompt=INSTANCE_PROMPT, class_prompt=CLASS_PROMPT)
+                  checkpoint_every=0, log_every=50, num_class_images=settings.num_class_images)
+    if not configuration.style:
+        values.update(instance_prompt=INSTANCE_PROMPT, class_prompt=CLASS_PROMPT)
     values.update(configuration.overrides)
-    for steps in ("unet_steps", "text_encoder_steps"):
-        values[steps] = max(1, round(values.get(steps, preset[steps]) * settings.step_scale)) if values.get(steps, preset[steps]) else 0
+    values.update(scaled_steps(configuration, settings))
     for lr in ("unet_lr", "text_encoder_lr"):
         values[lr] = values.get(lr, preset[lr]) * settings.lr_scale
     return TrainConfig.from_preset(configuration.preset, method=configuration.method, **values)
 
 
-def attempt(base, session, configuration: Configuration, subject: Subject, seed: int, evaluator, real: Judgement,
-            settings: HarnessSettings) -> dict:
-    """Train one attempt with dreamnb and score it."""
+def attempt(base, session, configuration: Configuration, subject: Subject | StyleSubject, seed: int, evaluator,
+            real: Judgement | None, settings: HarnessSettings) -> dict:
+    """Train one attempt with dreamnb and score it (`real`: the subject's photos as the evaluator sees them; none for a
+    style)."""
     from dreamnb.attempts import attempt_pipeline
     from dreamnb.train import train
 
@@ -481,7 +554,10 @@ def attempt(base, session, configuration: Configuration, subject: Subject, seed:
         raise RuntimeError(f"{configuration.label} / {subject.name} / seed {seed}: {result.message}")
     trained_s = time.time() - started
     pipe = attempt_pipeline(base, session, result.attempt)
-    scores = score_pipeline(pipe, evaluator, subject, real, configuration.token, settings)
+    if configuration.style:
+        scores = score_style(pipe, evaluator, subject, configuration.token, settings)
+    else:
+        scores = score_pipeline(pipe, evaluator, subject, real, configuration.token, settings)
     del pipe
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -520,14 +596,60 @@ def score_pipeline(pipe, evaluator, subject: Subject, real: Judgement, token: st
     }
 
 
+def score_style(pipe, evaluator, subject: StyleSubject, token: str, settings: HarnessSettings) -> dict:
+    """Generate the style's prompts with the token in the style's place, and the same scenes as photos, paintings and
+    sketches (which must keep their own styles), and measure them."""
+    seeds = list(range(settings.images_per_prompt))
+    plain = plain_prompts(subject)
+    images = sample(pipe, [style_caption(s, token) for s in subject.prompts], seeds, settings)
+    plain_images = sample(pipe, [world.caption(s) for s in plain], seeds, settings)
+    judged = judge(evaluator, to_tensor(images))
+    k = len(seeds)
+    scores = metrics.style_scores(judged, repeated(subject.prompts, k), judge(evaluator, to_tensor(plain_images)),
+                                  repeated(plain, k), subject.style)
+    scores["diversity"] = statistics.fmean(metrics.diversity(judged.embedding[i * k:(i + 1) * k]) for i in range(len(subject.prompts)))
+    scores["images"] = [images[i * k] for i in range(len(subject.prompts))] + plain_images[:1]
+    return scores
+
+
+def repeated(scenes, times: int) -> world.SceneBatch:
+    return world.batch_of([scene for scene in scenes for _ in range(times)])
+
+
+def style_ceiling(vae, evaluator, subject: StyleSubject, settings: HarnessSettings) -> dict:
+    """The style measures on renders of its prompts and of their plain versions (what a perfect model would draw),
+    and on the renders' VAE round trips (the best this model's VAE can give back)."""
+    k = settings.images_per_prompt
+    scenes, plain = repeated(subject.prompts, k), repeated(plain_prompts(subject), k)
+    rendered = (world.render(scenes, settings.model.size, torch.Generator().manual_seed(2000)),
+                world.render(plain, settings.model.size, torch.Generator().manual_seed(2001)))
+    ceiling = {}
+    for name, (asked, other) in (("renders", rendered), ("vae_round_trip", [vae_round_trip(vae, r) for r in rendered])):
+        ceiling[name] = round_all(metrics.style_scores(judge(evaluator, asked), scenes, judge(evaluator, other), plain, subject.style))
+    return ceiling
+
+
+@torch.no_grad()
+def vae_round_trip(vae, images: torch.Tensor) -> torch.Tensor:
+    """Pictures in [0, 1] through the VAE (its posterior mean) and back."""
+    out = []
+    for chunk in images.split(64):
+        latents = vae.encode(chunk.to(vae.device, vae.dtype) * 2 - 1).latent_dist.mean
+        out.append(((vae.decode(latents).sample.float() + 1) / 2).clamp(0, 1).cpu())
+    return torch.cat(out)
+
+
 # --- the table ------------------------------------------------------------------------------------------
 
 COLUMNS = (("subject_fidelity", "subject fidelity ↑"), ("subject_found", "subject found ↑"),
            ("prompt_fidelity", "prompt fidelity ↑"), ("prior_subject_rate", "PRES: class → subject ↓"),
            ("prior_similarity", "class ~ subject ↓"), ("diversity", "DIV ↑"))
+STYLE_COLUMNS = (("style_found", "style found ↑"), ("content_fidelity", "content fidelity ↑"),
+                 ("style_leak", "leak into other styles ↓"), ("plain_prompt_fidelity", "other styles' prompt fidelity ↑"),
+                 ("diversity", "DIV ↑"))
 
 
-def summarise(runs: list[dict], configurations) -> list[dict]:
+def summarise(runs: list[dict], configurations, columns=COLUMNS) -> list[dict]:
     """Per configuration: each measure's mean over subjects and seeds, and its spread over seeds (the standard
     deviation across seeds within a subject, pooled over subjects)."""
     rows = []
@@ -537,7 +659,7 @@ def summarise(runs: list[dict], configurations) -> list[dict]:
             continue
         row = {"experiment": configuration.experiment, "label": configuration.label, "runs": len(mine),
                "train_seconds": round(statistics.fmean(r["train_seconds"] for r in mine), 1)}
-        for key, _ in COLUMNS:
+        for key, _ in columns:
             row[key] = statistics.fmean(r[key] for r in mine)
             row[key + "_spread"] = pooled_seed_spread(mine, key)
         rows.append(row)
@@ -553,32 +675,41 @@ def pooled_seed_spread(runs: list[dict], key: str) -> float:
     return math.sqrt(statistics.fmean(variances)) if variances else float("nan")
 
 
-def markdown_table(rows: list[dict]) -> str:
-    head = "| experiment | configuration | runs | " + " | ".join(title for _, title in COLUMNS) + " | train s |"
-    lines = [head, "|" + "---|" * (4 + len(COLUMNS))]
+def markdown_table(rows: list[dict], columns=COLUMNS) -> str:
+    head = "| experiment | configuration | runs | " + " | ".join(title for _, title in columns) + " | train s |"
+    lines = [head, "|" + "---|" * (4 + len(columns))]
     for row in rows:
-        cells = [f"{row[k]:.3f} ± {row[k + '_spread']:.3f}" if not math.isnan(row[k + "_spread"]) else f"{row[k]:.3f}" for k, _ in COLUMNS]
+        cells = [f"{row[k]:.3f} ± {row[k + '_spread']:.3f}" if not math.isnan(row[k + "_spread"]) else f"{row[k]:.3f}" for k, _ in columns]
         lines.append(f"| {row['experiment']} | {row['label']} | {row['runs']} | " + " | ".join(cells) + f" | {row['train_seconds']} |")
     return "\n".join(lines)
 
 
 def write_results(out: Path, results: dict, runs: list[dict], skipped: list[str], configurations) -> dict:
-    rows = summarise(runs, configurations)
-    results.update(runs=runs, skipped=skipped, summary=rows, table=markdown_table(rows))
+    """The object subjects' table, then the style's (its own measures), each with the rows that ran."""
+    rows = summarise(runs, [c for c in configurations if not c.style])
+    style_rows = summarise(runs, [c for c in configurations if c.style], STYLE_COLUMNS)
+    tables = ([markdown_table(rows)] if rows else []) + ([markdown_table(style_rows, STYLE_COLUMNS)] if style_rows else [])
+    results.update(runs=runs, skipped=skipped, summary=rows + style_rows, table="\n\n".join(tables))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "table.md").write_text(results["table"] + "\n")
     return results
 
 
-def save_grids(out: Path, grids: dict) -> None:
-    """One picture per prompt (first sampling seed) for each attempt, attempts down, subjects one after the other,
-    in one file (the device machine brings back at most 8 files)."""
+def save_grids(out: Path, grids: dict, settings: HarnessSettings) -> None:
+    """One picture per prompt (first sampling seed) for each attempt, attempts down: the object subjects one after the
+    other in grids.png (the device machine brings back at most 8 files), each style in grids-<style>.png."""
     from dreamnb.grid import make_grid
 
-    labels = [p.change for p in PROMPTS] + ["class prompt"]
-    rows = [(f"{subject}: {label}", images) for subject, attempts in grids.items() for label, images in attempts]
-    if rows:
-        make_grid([images for _, images in rows], [label for label, _ in rows], labels, cell_size=96).save(out / "grids.png")
+    def save(file: str, rows: list[tuple[str, list]], labels: list[str]) -> None:
+        if rows:
+            make_grid([images for _, images in rows], [label for label, _ in rows], labels, cell_size=96).save(out / file)
+
+    styles = {s.name for s in settings.styles}
+    save("grids.png", [(f"{subject}: {label}", images) for subject, attempts in grids.items() if subject not in styles
+                       for label, images in attempts], [p.change for p in PROMPTS] + ["class prompt"])
+    for style in settings.styles:
+        prompts = [style_caption(p, "…").removeprefix("a … of ") for p in style.prompts] + [world.caption(plain_prompts(style)[0])]
+        save(f"grids-{style.name}.png", grids.get(style.name, []), prompts)
 
 
 if __name__ == "__main__":

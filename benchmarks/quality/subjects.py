@@ -1,8 +1,9 @@
 """The benchmark's subjects (never seen in pretraining: their patterns exist only here), their "photos",
-and the fixed prompt set, after the DreamBooth paper's (scene change, style, property change, another object)."""
+and the fixed prompt set, after the DreamBooth paper's (scene change, style, property change, another object); and
+the style benchmark's subject, a drawing style pretraining never saw, with its works and prompts."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -59,7 +60,7 @@ def photo_scenes(subject: Subject, count: int) -> list[Scene]:
 
 
 def render_photos(subject: Subject, count: int, size: int, seed: int) -> torch.Tensor:
-    return world.render(world.batch_of(photo_scenes(subject, count)), size, torch.Generator().manual_seed(seed))
+    return render_scenes(photo_scenes(subject, count), size, seed)
 
 
 def save_photos(images: torch.Tensor, folder: Path, stem: str) -> list[Path]:
@@ -77,3 +78,49 @@ def save_photos(images: torch.Tensor, folder: Path, stem: str) -> list[Path]:
 
 def to_uint8(image: torch.Tensor):
     return (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+# --- the style benchmark --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StyleSubject:
+    """A drawing style the world model never saw, taught as the style preset teaches one: works of the style showing
+    different things, each captioned with the token in the style's place ("a zwx of a red circle on grass")."""
+    name: str
+    style: str                   # the world's style the works are drawn in
+    works: tuple[Scene, ...]     # what the works show
+    prompts: tuple[Scene, ...]   # what the benchmark asks for in the style: things no work shows
+
+    class_word = ""              # a style has no class (the style preset's class word is empty)
+
+
+def _scenes(rows: str, style: str) -> tuple[Scene, ...]:
+    """'red circle grass, orange square sky' → single-thing scenes in `style`."""
+    return tuple(Scene((Thing(kind, colour),), background, style)
+                 for colour, kind, background in (row.split() for row in rows.split(", ")))
+
+
+STYLE_SUBJECTS = (
+    StyleSubject(
+        "pixel-art", "pixel",
+        works=_scenes("red circle grass, orange square sky, yellow triangle room, blue star water, purple fish room, "
+                      "white bird grass, blue bird sky, red square water, orange fish sky, yellow star grass, "
+                      "purple circle room, white triangle water", "pixel"),
+        prompts=_scenes("blue circle sky, yellow bird water, white square room, red fish grass, purple triangle water, "
+                        "orange star room, white fish sky, yellow circle grass", "pixel"),
+    ),
+)
+
+
+def style_caption(scene: Scene, token: str) -> str:
+    """The world's caption with the token in the style's place: 'a zwx of a red circle on grass'."""
+    return world.caption(replace(scene, style="photo")).replace("a photo of", f"a {token} of", 1)
+
+
+def plain_prompts(subject: StyleSubject) -> tuple[Scene, ...]:
+    """The style prompts' scenes as photos, paintings and sketches in turn: what must not turn into the new style."""
+    return tuple(replace(s, style=world.PRETRAIN_STYLES[i % len(world.PRETRAIN_STYLES)]) for i, s in enumerate(subject.prompts))
+
+
+def render_scenes(scenes: tuple[Scene, ...] | list[Scene], size: int, seed: int) -> torch.Tensor:
+    return world.render(world.batch_of(list(scenes)), size, torch.Generator().manual_seed(seed))

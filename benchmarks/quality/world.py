@@ -1,5 +1,6 @@
 """A procedural world of captioned pictures: shapes and simple creatures, coloured and patterned, on four
-backgrounds, in three styles. Rendered in batches with torch (on the GPU when there is one), seeded.
+backgrounds, in three styles (and a fourth, pixel art, that pretraining never sees: the style benchmark's subject).
+Rendered in batches with torch (on the GPU when there is one), seeded.
 
 A scene's caption-level attributes (kind, colour, pattern, background, style) are integer indices into the
 tuples below, so the same batch gives images, captions and labels. Geometry (position, size, angle, facing)
@@ -23,7 +24,8 @@ PRETRAIN_PATTERNS = ("plain", "striped", "dotted")  # checkered and zigzag exist
 PATTERN_NOUNS = {"striped": "stripes", "dotted": "dots", "checkered": "checks", "zigzag": "zigzags"}
 BACKGROUNDS = ("sky", "grass", "water", "room")
 BACKGROUND_PHRASES = {"sky": "in the sky", "grass": "on grass", "water": "on water", "room": "in a room"}
-STYLES = ("photo", "painting", "sketch")
+STYLES = ("photo", "painting", "sketch", "pixel")
+PRETRAIN_STYLES = ("photo", "painting", "sketch")  # pixel art exists only in the style benchmark's photos
 SLOTS = 2  # at most two things per picture
 
 
@@ -95,9 +97,9 @@ def scenes_of(batch: SceneBatch) -> list[Scene]:
 
 
 def sample_scenes(count: int, generator: torch.Generator, *, patterns: tuple[str, ...] = PRETRAIN_PATTERNS,
-                  two_things: float = 0.2, photo: float = 0.5) -> SceneBatch:
+                  styles: tuple[str, ...] = PRETRAIN_STYLES, two_things: float = 0.2, photo: float = 0.5) -> SceneBatch:
     """Random scenes on the generator's device: half the things plain, the rest with one of `patterns`' others;
-    a second thing `two_things` of the time; photos `photo` of the time, else painting or sketch."""
+    a second thing `two_things` of the time; photos `photo` of the time, else one of `styles`' others."""
     device = generator.device
 
     def draw(high: int, shape) -> torch.Tensor:
@@ -113,7 +115,8 @@ def sample_scenes(count: int, generator: torch.Generator, *, patterns: tuple[str
     colour = draw(len(COLOURS), shape)
     pattern_colour = (colour + 1 + draw(len(COLOURS) - 1, shape)) % len(COLOURS)  # never the body's colour
     present = torch.stack([torch.ones(count, dtype=torch.bool, device=device), chance(two_things, (count,))], 1)
-    style = torch.where(chance(photo, (count,)), 0, 1 + draw(len(STYLES) - 1, (count,)))
+    drawn = torch.tensor([STYLES.index(s) for s in styles if s != "photo"], device=device)
+    style = torch.where(chance(photo, (count,)), 0, drawn[draw(len(drawn), (count,))])
     return SceneBatch(kind=draw(len(KINDS), shape), colour=colour, pattern=pattern, pattern_colour=pattern_colour,
                       present=present, background=draw(len(BACKGROUNDS), (count,)), style=style)
 
@@ -323,7 +326,9 @@ def backgrounds(background: torch.Tensor, grid, uniform) -> torch.Tensor:
 
 def apply_style(image: torch.Tensor, style: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """photo: as rendered plus grain; painting: soft, few colours, brush texture; sketch: dark lines on paper over a
-    light wash of the colours."""
+    light wash of the colours; pixel art: blocks of a sixteenth of the picture (the world VAE's latent cells) in a
+    palette of five levels a channel. Every style's randomness is drawn for every picture, so adding a style does not
+    change the pictures the others make from a seed."""
     n, _, h, w = image.shape
     device = image.device
     grain = torch.randn((n, 1, h, w), generator=generator, device=generator.device).to(device)
@@ -339,7 +344,9 @@ def apply_style(image: torch.Tensor, style: torch.Tensor, generator: torch.Gener
     lines = ((torch.sqrt(gx ** 2 + gy ** 2) - 0.2) * 3).clamp(0, 1)
     paper = torch.tensor([0.96, 0.94, 0.88], device=device)[None, :, None, None]
     sketch = (0.55 * paper + 0.45 * image) * (1 - 0.85 * lines)
-    chosen = torch.stack([photo, painting, sketch], 1)
+    block = max(1, h // 16)
+    pixel = torch.round(F.interpolate(F.avg_pool2d(image, block), scale_factor=block, mode="nearest") * 4) / 4
+    chosen = torch.stack([photo, painting, sketch, pixel], 1)
     return chosen[torch.arange(n, device=device), style.to(device)]
 
 

@@ -81,10 +81,9 @@ def missing_requirements() -> list[str]:
 
 
 def build_model(folder: Path) -> Path:
-    from dreamnb.world_model import pack_parts, read_pack
+    from dreamnb.world_model import pack_parts, unpack_to
 
-    pipe, _ = read_pack(pack_parts(WORLD_MODEL))
-    pipe.save_pretrained(folder, safe_serialization=True)
+    unpack_to(pack_parts(WORLD_MODEL), folder)
     return folder
 
 
