@@ -1,7 +1,8 @@
-"""The quality harness's own parts, on the CPU: the world, the evaluator and the metrics on known cases, and the
-bf16 optimizer variants that experiment 1 compares."""
+"""The quality harness's own parts, on the CPU: the world, the evaluator and the metrics on known cases, the bf16
+optimizer variants that experiment 1 compares, and the tiny harness end to end."""
 import dataclasses
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -352,6 +353,31 @@ def test_the_style_preset_s_configurations_train_on_the_style_s_captioned_works(
     session = run.make_session(tmp_path, STYLE_SUBJECTS[0], settings)
     examples = list_examples(session.instance_dir)
     assert sorted(e.caption for e in examples) == sorted(style_caption(s, run.TOKEN) for s in STYLE_SUBJECTS[0].works)
+
+
+def test_the_tiny_harness_runs_every_stage_and_tables_the_style_on_its_own(tmp_path):
+    """`--tiny` end to end on the CPU, from a cached untrained round 1 (the pack test pretrains one): the decoder
+    stage, the evaluator, the sessions, one attempt per tiny configuration, nothing failed or skipped; the object
+    configurations in the subjects' table, the style preset in the style table with the style's measures; the
+    figures they are compared with; a grid each."""
+    pipe = world_model.build_pipeline(pretrain.TINY.architecture())
+    pretrain.round_to_fp16(pipe)
+    pretrain.save_folder(pipe, {}, pretrain.TINY, pretrain.model_folder(pretrain.TINY, tmp_path))
+    quiet = {name: logging.getLogger(name).level for name in ("dreamnb", "diffusers", "transformers", "accelerate")}
+    try:  # the harness quiets these loggers for its own output; the tests after this one keep theirs
+        results = run.main(["--tiny", "--cache", str(tmp_path), "--out", str(tmp_path / "out"), "--budget-seconds", "3600"])
+    finally:
+        for name, level in quiet.items():
+            logging.getLogger(name).setLevel(level)
+    assert not results["failed"] and not results["skipped"]
+    assert sorted(r["label"] for r in results["runs"]) == sorted(c.label for c in run.TINY_CONFIGURATIONS)
+    subjects_table, style_table = (tmp_path / "out" / "table.md").read_text().split("\n\n")
+    assert "subject fidelity" in subjects_table and run.STYLE_PRESET.label not in subjects_table
+    assert "style found" in style_table and run.STYLE_PRESET.label in style_table and run.REFERENCE.label not in style_table
+    style_run = next(r for r in results["runs"] if r["label"] == run.STYLE_PRESET.label)
+    assert {key for key, _ in run.STYLE_COLUMNS} <= style_run.keys() and "subject_fidelity" not in style_run
+    assert {"real_photos", "base_model", "real_style", "base_model_style"} <= results.keys()
+    assert (tmp_path / "out" / "grids.png").is_file() and (tmp_path / "out" / "grids-pixel-art.png").is_file()
 
 
 def test_harness_configs_come_from_the_object_preset_with_the_run_s_changes():
