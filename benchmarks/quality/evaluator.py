@@ -11,8 +11,9 @@ Two outputs matter:
   picture has (from the whole picture's features).
 
 It is trained on every pattern and style, the subjects' too: like DINO, it has seen more of the world than the
-generator, so it can tell a subject from other things of its class, and pixel art from the styles the world model knows. The first GPU run's evaluator (one global pool, heads
-only) read background and style perfectly but kinds at chance, and its embedding was mostly background and style.
+generator, so it can tell a subject from other things of its class, and pixel art from the styles the world model
+knows. The first GPU run's evaluator (one global pool, heads only) read background and style perfectly but kinds at
+chance, and its embedding was mostly background and style.
 """
 from __future__ import annotations
 
