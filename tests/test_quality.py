@@ -54,7 +54,7 @@ def test_pixel_art_is_blocks_of_five_levels_and_only_the_style_benchmark_draws_i
     blocks = pixels.unfold(2, 4, 4).unfold(3, 4, 4)  # [N, 3, 16, 16, 4, 4]
     assert torch.equal(blocks, blocks[..., :1, :1].expand_as(blocks))
     assert torch.equal(pixels * 4, (pixels * 4).round())
-    photos = render_scenes([dataclasses.replace(s, style="photo") for s in works], 64, seed=0).unfold(2, 4, 4).unfold(3, 4, 4)
+    photos = render_scenes([world.with_style(s, "photo") for s in works], 64, seed=0).unfold(2, 4, 4).unfold(3, 4, 4)
     assert not torch.equal(photos, photos[..., :1, :1].expand_as(photos))
 
 

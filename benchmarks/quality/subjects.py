@@ -3,7 +3,7 @@ and the fixed prompt set, after the DreamBooth paper's (scene change, style, pro
 the style benchmark's subject, a drawing style pretraining never saw, with its works and prompts."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -114,12 +114,12 @@ STYLE_SUBJECTS = (
 
 def style_caption(scene: Scene, token: str) -> str:
     """The world's caption with the token in the style's place: 'a zwx of a red circle on grass'."""
-    return world.caption(replace(scene, style="photo")).replace("a photo of", f"a {token} of", 1)
+    return world.caption(world.with_style(scene, "photo")).replace("a photo of", f"a {token} of", 1)
 
 
 def plain_prompts(subject: StyleSubject) -> tuple[Scene, ...]:
     """The style prompts' scenes as photos, paintings and sketches in turn: what must not turn into the new style."""
-    return tuple(replace(s, style=world.PRETRAIN_STYLES[i % len(world.PRETRAIN_STYLES)]) for i, s in enumerate(subject.prompts))
+    return tuple(world.with_style(s, world.PRETRAIN_STYLES[i % len(world.PRETRAIN_STYLES)]) for i, s in enumerate(subject.prompts))
 
 
 def render_scenes(scenes: tuple[Scene, ...] | list[Scene], size: int, seed: int) -> torch.Tensor:
