@@ -10,7 +10,8 @@ Builds the SD-1.5 UNet (859.5M), text encoder (123.1M) and VAE (83.7M) from thei
 weights (nothing is downloaded), 20 generated 512 px photos, and measures each configuration in a fresh
 process: steady-state s/step and images/s, time to the first step, the projected wall time of the whole
 default run (1500 UNet + 350 text-encoder steps), and peak GPU memory (allocated and reserved).
-Prints a table; `--json FILE` keeps the raw figures.
+Prints a table; `--json FILE` keeps the raw figures with the machine and versions they were taken on, and
+`--table FILE` prints the table again from such a file (the READMEs' figures come from committed ones).
 
 The `xl-` configurations do the same for SDXL base (UNet 2567.5M, text encoders 123.1M + 694.7M, VAE 83.7M, from
 SDXL's configs with random weights), at 1024 px beside diffusers' train_dreambooth_lora_sdxl.py, and sample with
@@ -612,6 +613,10 @@ def table(results: dict, gpu: str) -> str:
     lines = [f"GPU: {gpu}", "",
              "| config | what | dreamnb s/step (UNet / TE) | images/s | time to first step | default run (1500+350) | peak alloc / reserved GB | diffusers s/step | diffusers peak GB (nvidia-smi) | speed-up |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    if "headline" in results:
+        h = results["headline"]
+        lines[1:1] = [f"Headline: `dreamnb train --preset face` as shipped, through the CLI: {h['train_wall_s']} s wall for "
+                      f"{h['steps']} steps (process start, loading, class images, training, saving).", ""]
     for name, (what, _, _) in CONFIGS.items():
         ours, ref = results.get(name), results.get(f"ref-{name}")
         if not ours:
@@ -778,6 +783,7 @@ def main() -> None:
     parser.add_argument("--reference-steps", type=int, default=60)
     parser.add_argument("--reference-gpu", type=int, help="run the reference on this GPU (1 or more) while dreamnb runs on GPU 0")
     parser.add_argument("--json", type=Path, help="write the raw figures here")
+    parser.add_argument("--table", type=Path, help="print the table of an earlier run's --json file and stop")
     parser.add_argument("--gpus", type=int, default=1, help="data parallel: run each configuration on 1 and on this many GPUs")
     parser.add_argument("--batch", type=int, default=2, help="photos per GPU per step in the data-parallel comparison")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -786,6 +792,10 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     workdir = Path(args.workdir)
+    if args.table:
+        results = json.loads(args.table.read_text())
+        print(table(results, results.get("machine", {}).get("gpu", "?")))
+        return
     if args.reference_gpu is not None and args.reference_gpu < 1:
         parser.error("--reference-gpu must be 1 or more: dreamnb's configurations run on GPU 0.")
 
@@ -825,7 +835,7 @@ def main() -> None:
         print()
         print(scaling_table(results, names, args.gpus, args.batch, gpu_name()))
         return
-    results: dict = {"headline": headline} if args.headline else {}
+    results: dict = {"machine": machine(args), **({"headline": headline} if args.headline else {})}
 
     def reference(name: str) -> None:
         try:
@@ -873,6 +883,20 @@ def run_headline(workdir: Path, tiny: bool) -> dict:
         raise SystemExit(f"the headline run failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout)
     return {"train_wall_s": round(seconds, 1), "steps": result["steps_done"], "status": result["status"]}
+
+
+def machine(args) -> dict:
+    """Where and with what the figures were taken, kept in the raw file beside them."""
+    import importlib.metadata as metadata
+
+    def version(package: str) -> str | None:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {"gpu": gpu_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": sys.argv,
+            **{name: version(name) for name in ("torch", "diffusers", "transformers", "accelerate", "peft", "triton", "bitsandbytes")}}
 
 
 def gpu_name() -> str:

@@ -10,7 +10,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
 def test_benchmark_script_prints_a_table_on_the_tiny_model(tmp_path):
     done = subprocess.run(
         [sys.executable, str(BENCH), "--tiny", "--workdir", str(tmp_path), "--configs", "a,b,f",
-         "--unet-steps", "40", "--te-steps", "20", "--headline"],
+         "--unet-steps", "40", "--te-steps", "20", "--headline", "--json", str(tmp_path / "raw.json")],
         capture_output=True, text=True, timeout=1200,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -23,6 +23,17 @@ def test_benchmark_script_prints_a_table_on_the_tiny_model(tmp_path):
     headline = re.search(r"Headline — `dreamnb train --preset face` as shipped, through the CLI on .*: ([0-9.]+) s wall for 25 steps", done.stdout)
     assert headline and 0 < float(headline.group(1)) < 600, done.stdout[:2000]
     assert len(list((tmp_path / "headline-session" / "class").glob("*/*.png"))) == 4  # prior preservation on, as shipped
+
+    # the raw file keeps the machine's versions, and `--table` gives back the same table from it
+    import json
+
+    import torch
+    raw = json.loads((tmp_path / "raw.json").read_text())
+    assert raw["machine"]["torch"] == torch.__version__ and raw["headline"]["steps"] == 25
+    again = subprocess.run([sys.executable, str(BENCH), "--table", str(tmp_path / "raw.json")], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout[again.stdout.index("| config |"):].strip() == table.strip()
+    assert f"{raw['headline']['train_wall_s']} s wall for 25 steps" in again.stdout
 
 
 def test_data_parallel_comparison_runs_two_processes_and_resumes_their_checkpoint_in_one(tmp_path):
