@@ -135,7 +135,7 @@ def download_model(url: str, *, cache_dir: str | os.PathLike | None = None, sha2
     max_size = max_download_size(max_size)
     hub = hub_file(url)
     if hub is not None:
-        return _hub_download(hub, shown, model_cache_dir(cache_dir) / "huggingface", max_size)
+        return _hub_download(hub, shown, model_cache_dir(cache_dir) / "huggingface", sha256=sha256, max_size=max_size)
     folder = model_cache_dir(cache_dir) / hashlib.sha256(shown.encode()).hexdigest()[:16]
     done = _finished_file(folder)
     if done is not None:
@@ -211,9 +211,9 @@ def hub_file(url: str) -> HubFile | None:
     return HubFile(repo_id, unquote(filename), unquote(revision), {"datasets": "dataset", "spaces": "space"}.get(kind or ""))
 
 
-def _hub_download(file: HubFile, shown: str, folder: Path, max_size: int) -> Path:
-    """The file from `huggingface_hub`, which checks its SHA-256, continues a cut download and caches it in `folder`;
-    its size is checked here first (a dry run asks the Hub without downloading)."""
+def _hub_download(file: HubFile, shown: str, folder: Path, *, sha256: str | None, max_size: int) -> Path:
+    """The file from `huggingface_hub`, which continues a cut download, checks its size and caches it in `folder`;
+    its size is checked against `max_size` and the free space first (a dry run asks the Hub without downloading)."""
     import huggingface_hub
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -222,7 +222,7 @@ def _hub_download(file: HubFile, shown: str, folder: Path, max_size: int) -> Pat
         plan = huggingface_hub.hf_hub_download(file.repo_id, file.filename, dry_run=True, **where)
         if plan.will_download:
             _check_room(folder, plan.file_size, 0, max_size, shown)
-        return Path(huggingface_hub.hf_hub_download(file.repo_id, file.filename, **where))
+        path = Path(huggingface_hub.hf_hub_download(file.repo_id, file.filename, **where))
     except ModelError:
         raise
     except Exception as err:
@@ -231,6 +231,25 @@ def _hub_download(file: HubFile, shown: str, folder: Path, max_size: int) -> Pat
             raise
         log.debug("download of %s failed: %s", shown, type(err).__name__)
         raise ModelError(problem) from None  # the Hub's own message is not needed, and is never checked for secrets
+    _check_hub_hash(path, sha256 or (_blob_sha256(path) if plan.will_download else None), shown)
+    return path
+
+
+def _check_hub_hash(path: Path, expected: str | None, shown: str) -> None:
+    """huggingface_hub checks the size only: the SHA-256 (the caller's, or the one the Hub names an LFS blob by) is
+    checked here, once, after the download; a damaged file leaves the cache."""
+    if expected is None or _sha256_of(path).hexdigest() == expected.lower():
+        return
+    blob = path.resolve()
+    path.unlink(missing_ok=True)
+    blob.unlink(missing_ok=True)
+    raise ModelError(f"The download of {shown} was damaged (its SHA-256 is not the one the site gives) and was removed; run it again to download it anew.")
+
+
+def _blob_sha256(path: Path) -> str | None:
+    """The Hub's cache keeps a file as a link to `blobs/ETAG`, and an LFS file's ETag is its SHA-256."""
+    name = path.resolve().name
+    return name.lower() if _SHA256.match(name) else None
 
 
 def _hub_problem(err: Exception, file: HubFile, shown: str) -> str | None:

@@ -394,7 +394,7 @@ def test_a_file_of_unknown_size_is_stopped_at_the_cap(server, tmp_path):
 HUB_LINK = "https://huggingface.co/some-org/some-model/blob/v1.0/vae/diffusion_pytorch_model.safetensors?download=true"
 
 
-def fake_hub(monkeypatch, tmp_path, size=len(PAYLOAD), fail=None):
+def fake_hub(monkeypatch, tmp_path, size=len(PAYLOAD), fail=None, blob_name=hashlib.sha256(PAYLOAD).hexdigest()):
     """hf_hub_download recorded instead of run; any other request would fail (no network here)."""
     import huggingface_hub
 
@@ -406,9 +406,11 @@ def fake_hub(monkeypatch, tmp_path, size=len(PAYLOAD), fail=None):
             raise fail
         if kwargs.get("dry_run"):
             return SimpleNamespace(will_download=True, file_size=size, is_cached=False)
-        path = tmp_path / "hub-file.safetensors"
-        path.write_bytes(PAYLOAD)
-        return str(path)
+        blob = tmp_path / "blobs" / blob_name  # as the Hub's cache keeps it: a link to the blob named by its ETag
+        blob.parent.mkdir(exist_ok=True)
+        blob.write_bytes(PAYLOAD)
+        (tmp_path / "hub-file.safetensors").symlink_to(blob)
+        return str(tmp_path / "hub-file.safetensors")
 
     def no_request(*args, **kwargs):
         raise AssertionError("a Hub link was fetched by hand")
@@ -431,6 +433,14 @@ def test_a_hub_link_goes_to_hf_hub_download(monkeypatch, tmp_path, caplog):
     assert download.hub_file("https://hf.co/datasets/me/data/resolve/refs%2Fpr%2F2/m.ckpt") == download.HubFile(
         "me/data", "m.ckpt", "refs/pr/2", "dataset")
     assert download.hub_file("https://huggingface.co/some-org/some-model") is None  # a page: fetched, and refused as one
+
+
+@pytest.mark.parametrize("blob_name, sha256", [("ab" * 32, None), ("0123456789abcdef0123456789abcdef01234567", "cd" * 32)])
+def test_a_hub_file_with_another_sha256_is_refused_and_removed(monkeypatch, tmp_path, blob_name, sha256):
+    fake_hub(monkeypatch, tmp_path, blob_name=blob_name)  # an LFS blob's name is its SHA-256; a git file's is not one
+    with pytest.raises(ModelError, match=r"was damaged \(its SHA-256 is not the one the site gives\) and was removed; run it again"):
+        download_model(HUB_LINK, sha256=sha256, progress=False)
+    assert not (tmp_path / "hub-file.safetensors").is_symlink() and not (tmp_path / "blobs" / blob_name).exists()
 
 
 def test_a_hub_file_bigger_than_the_cap_is_refused_before_downloading(monkeypatch, tmp_path):
