@@ -1,13 +1,20 @@
 """Base models from a link: civitai download links, Google Drive shares, Hugging Face files, any https link.
 
 The file is downloaded once into a cache folder (`DREAMNB_MODEL_CACHE`, else ~/.cache/dreamnb/models) and
-later calls find it there without the network. A cut download stays as `download.part` and is continued
-with an HTTP Range request (from the start when the server ignores Range).
+later calls find it there without the network. Hugging Face links (`…/resolve/REV/FILE`, `…/blob/REV/FILE`) go to
+`huggingface_hub.hf_hub_download`, which checks, continues and caches them itself (under the same folder).
 
-What is checked: the server sent a file, not a web page (its Content-Type and first bytes); the size is the
-one the server announced (Content-Length, or Content-Range's total when continuing, and Hugging Face's
-X-Linked-Size); the SHA-256 is the one the site publishes, when it does (Hugging Face's X-Linked-Etag for
-LFS files, civitai's model-version API, or `sha256=` from the caller). A file that fails is removed.
+Other links are fetched here. A cut download stays as `download.part` and is continued with an HTTP Range
+request only when the server confirms it still has the same file: the first answer's ETag (or Last-Modified) is
+kept beside the part and sent back as If-Range, so a file changed on the server comes whole (HTTP 200) and is
+never spliced onto the old part. Without such a validator the download starts over.
+
+What is checked: the file is at most `max_size` (40 GB unless DREAMNB_MAX_DOWNLOAD_GB or the caller says
+otherwise) and fits on the disk with room to spare, before the first byte (when the server announces the size)
+and as the bytes arrive; the server sent a file, not a web page (its Content-Type and first bytes); the size is
+the one the server announced (Content-Length, or Content-Range's total when continuing, and X-Linked-Size); the
+SHA-256 is the one the site publishes, when it does (civitai's model-version API, an X-Linked-Etag, or `sha256=`
+from the caller). A file that fails is removed.
 
 Tokens (CIVITAI_TOKEN for civitai, HF_TOKEN for Hugging Face) travel only in the Authorization header to
 their own site (requests drops it on a redirect to another host): never in a URL, a log line, a message or
@@ -15,6 +22,7 @@ a file. A `token=` in a civitai link is moved into that header, and every link s
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import html
 import itertools
@@ -22,19 +30,23 @@ import logging
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import requests
 
-from .fileio import atomic_path, describe_size
+from .fileio import atomic_path, describe_size, write_text
 from .models import SINGLE_FILE_SUFFIXES, ModelError, resolve_hf_token
 
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "DREAMNB_MODEL_CACHE"
 PART = "download.part"
+VALIDATOR = ".download.part.if-range"  # the first answer's ETag or Last-Modified, for continuing the part safely
+MAX_SIZE_ENV = "DREAMNB_MAX_DOWNLOAD_GB"
+DEFAULT_MAX_SIZE = 40 * 10**9  # above any model file (SDXL's is 7 GB); a link to anything bigger is a mistake
 CIVITAI_HOSTS = ("civitai.com", "www.civitai.com")
 CIVITAI_API = "https://civitai.com/api/v1"
 HF_HOSTS = ("huggingface.co", "www.huggingface.co", "hf.co")
@@ -45,6 +57,10 @@ _SECRET_PARAM = re.compile(r"token|key|auth|sig|secret|pass|credential", re.IGNO
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 _CHUNK = 1 << 16  # what a cut loses at most: the bytes of the chunk being read
 _TIMEOUT = (20, 120)  # seconds to connect, and to wait for the next bytes
+_SPARE = 10**9  # left free before a download starts, so the notebook, its checkpoints and the system go on working
+_MIN_FREE = 200 * 10**6  # a download stops when the disk would keep less than this (others may write too)
+_SPACE_CHECK_EVERY = 1 << 20  # bytes between two looks at the free space while downloading
+_HUB_PATH = re.compile(r"^/(?:(datasets|spaces)/)?([^/]+(?:/[^/]+)?)/(?:resolve|blob)/([^/]+)/(.+)$")
 
 
 def model_cache_dir(folder: str | os.PathLike | None = None) -> Path:
@@ -106,15 +122,20 @@ def drive_confirm_url(page: str) -> str | None:
 
 
 def download_model(url: str, *, cache_dir: str | os.PathLike | None = None, sha256: str | None = None,
-                   retries: int = 2, progress: bool = True) -> Path:
+                   max_size: int | None = None, retries: int = 2, progress: bool = True) -> Path:
     """The model file behind `url`, downloaded into the cache the first time (later calls find it there).
 
-    `sha256`: the file's hash when you know it (checked like the one the site gives). A cut download is
-    continued up to `retries` times here, and by the next call after that.
+    `sha256`: the file's hash when you know it (checked like the one the site gives). `max_size`: the largest file
+    accepted, in bytes (default: $DREAMNB_MAX_DOWNLOAD_GB gigabytes, else 40 GB). A cut download is continued up
+    to `retries` times here, and by the next call after that, when the server confirms it is the same file.
     """
     url, token = _take_token(direct_url(url))
     shown = shown_url(url)
     _check_url(url, shown)
+    max_size = max_download_size(max_size)
+    hub = hub_file(url)
+    if hub is not None:
+        return _hub_download(hub, shown, model_cache_dir(cache_dir) / "huggingface", sha256=sha256, max_size=max_size)
     folder = model_cache_dir(cache_dir) / hashlib.sha256(shown.encode()).hexdigest()[:16]
     done = _finished_file(folder)
     if done is not None:
@@ -123,11 +144,29 @@ def download_model(url: str, *, cache_dir: str | os.PathLike | None = None, sha2
     headers = _headers(url, token)
     for attempt in itertools.count():
         try:
-            return _fetch(url, shown, folder, headers, sha256=sha256, progress=progress)
+            return _fetch(url, shown, folder, headers, sha256=sha256, max_size=max_size, progress=progress)
         except _Cut as cut:
+            resumable = _keep_if_resumable(folder / PART)
             if attempt >= retries:
-                raise ModelError(f"The download of {shown} was cut off after {cut}; run the same command again to continue where it stopped.") from None
-            log.warning("the download of %s was cut off after %s; continuing", shown, cut)
+                then = "continue where it stopped" if resumable else "download it anew (this server cannot continue it)"
+                raise ModelError(f"The download of {shown} was cut off after {cut}; run the same command again to {then}.") from None
+            log.warning("the download of %s was cut off after %s; %s", shown, cut, "continuing" if resumable else "starting again")
+
+
+def max_download_size(max_size: int | None = None) -> int:
+    """The largest file `download_model` accepts, in bytes: `max_size`, else $DREAMNB_MAX_DOWNLOAD_GB gigabytes, else 40 GB."""
+    if max_size is not None:
+        return int(max_size)
+    value = os.environ.get(MAX_SIZE_ENV, "").strip()
+    if not value:
+        return DEFAULT_MAX_SIZE
+    try:
+        gigabytes = float(value)
+        if gigabytes > 0:
+            return int(gigabytes * 10**9)
+    except (ValueError, OverflowError):
+        pass
+    raise ModelError(f"{MAX_SIZE_ENV}={value!r} is not a number of gigabytes; set it like {MAX_SIZE_ENV}=60.")
 
 
 def civitai_sha256(url: str, file_name: str, headers: dict) -> str | None:
@@ -149,29 +188,119 @@ def civitai_sha256(url: str, file_name: str, headers: dict) -> str | None:
     return None
 
 
+# --- a Hugging Face file ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HubFile:
+    """One file of a Hugging Face repository, as a `…/resolve/REV/FILE` or `…/blob/REV/FILE` link names it."""
+
+    repo_id: str
+    filename: str
+    revision: str
+    repo_type: str | None = None  # None: a model; "dataset" or "space"
+
+
+def hub_file(url: str) -> HubFile | None:
+    """The Hub file a link names, or None for any other link (a model's page, another site)."""
+    if _site(url) != "huggingface":
+        return None
+    match = _HUB_PATH.match(urlsplit(url).path)
+    if not match:
+        return None
+    kind, repo_id, revision, filename = match.groups()
+    return HubFile(repo_id, unquote(filename), unquote(revision), {"datasets": "dataset", "spaces": "space"}.get(kind or ""))
+
+
+def _hub_download(file: HubFile, shown: str, folder: Path, *, sha256: str | None, max_size: int) -> Path:
+    """The file from `huggingface_hub`, which continues a cut download, checks its size and caches it in `folder`;
+    its size is checked against `max_size` and the free space first (a dry run asks the Hub without downloading)."""
+    import huggingface_hub
+
+    folder.mkdir(parents=True, exist_ok=True)
+    where = dict(revision=file.revision, repo_type=file.repo_type, cache_dir=folder, token=resolve_hf_token())
+    try:
+        plan = huggingface_hub.hf_hub_download(file.repo_id, file.filename, dry_run=True, **where)
+        if plan.will_download:
+            _check_room(folder, plan.file_size, 0, max_size, shown)
+        path = Path(huggingface_hub.hf_hub_download(file.repo_id, file.filename, **where))
+    except ModelError:
+        raise
+    except Exception as err:
+        problem = _hub_problem(err, file, shown)
+        if problem is None:
+            raise
+        log.debug("download of %s failed: %s", shown, type(err).__name__)
+        raise ModelError(problem) from None  # the Hub's own message is not needed, and is never checked for secrets
+    _check_hub_hash(path, sha256 or (_blob_sha256(path) if plan.will_download else None), shown)
+    return path
+
+
+def _check_hub_hash(path: Path, expected: str | None, shown: str) -> None:
+    """huggingface_hub checks the size only: the SHA-256 (the caller's, or the one the Hub names an LFS blob by) is
+    checked here, once, after the download; a damaged file leaves the cache."""
+    if expected is None or _sha256_of(path).hexdigest() == expected.lower():
+        return
+    blob = path.resolve()
+    path.unlink(missing_ok=True)
+    blob.unlink(missing_ok=True)
+    raise ModelError(f"The download of {shown} was damaged (its SHA-256 is not the one the site gives) and was removed; run it again to download it anew.")
+
+
+def _blob_sha256(path: Path) -> str | None:
+    """The Hub's cache keeps a file as a link to `blobs/ETAG`, and an LFS file's ETag is its SHA-256."""
+    name = path.resolve().name
+    return name.lower() if _SHA256.match(name) else None
+
+
+def _hub_problem(err: Exception, file: HubFile, shown: str) -> str | None:
+    """The sentence for a failed Hub download, or None for an error that is not about the Hub or the network."""
+    from huggingface_hub import errors as hf
+
+    if isinstance(err, hf.GatedRepoError):
+        return f"{file.repo_id} is gated: accept its licence on its Hugging Face page, then set HF_TOKEN (or add it to Colab's secrets)."
+    if isinstance(err, hf.RepositoryNotFoundError):
+        return f"There is no repository {file.repo_id!r} on the Hugging Face Hub, or it is private; check the link, or set HF_TOKEN if it is yours."
+    if isinstance(err, hf.RevisionNotFoundError):
+        return f"{file.repo_id} has no revision {file.revision!r}; check the link (…/resolve/main/… for the newest)."
+    if isinstance(err, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)):  # before EntryNotFoundError: a subclass
+        return f"Cannot connect to the Hugging Face Hub to download {shown}, and it is not in the cache; check the internet connection and try again."
+    if isinstance(err, hf.EntryNotFoundError):
+        return f"There is no file at {shown}; check the link."
+    if isinstance(err, hf.HfHubHTTPError):
+        status = err.response.status_code if getattr(err, "response", None) is not None else "error"
+        return f"The Hugging Face Hub answered HTTP {status} for {shown}; try again later, or use another link."
+    if isinstance(err, OSError) or type(err).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "requests"):
+        return f"Cannot connect to the Hugging Face Hub to download {shown}; check the internet connection and try again."
+    return None
+
+
 # --- one download ----------------------------------------------------------------------------------
 
 class _Cut(Exception):
-    """The connection broke before the whole file arrived; what arrived is kept in the .part file."""
+    """The connection broke before the whole file arrived; what arrived is in the .part file."""
 
     def __init__(self, done: int, total: int | None) -> None:
         super().__init__(f"{_size(done)} of {_size(total)}" if total else _size(done))
 
 
-def _fetch(url: str, shown: str, folder: Path, headers: dict, *, sha256: str | None, progress: bool) -> Path:
-    from tqdm.auto import tqdm
+class _DiskFilling(Exception):
+    """Less room is left on the disk than the rest of the download needs."""
 
+    def __init__(self, free: int, done: int) -> None:
+        super().__init__()
+        self.free, self.done = free, done
+
+
+class _TooBig(Exception):
+    """More bytes arrived than `max_size` allows (the server did not say the size beforehand)."""
+
+
+def _fetch(url: str, shown: str, folder: Path, headers: dict, *, sha256: str | None, max_size: int, progress: bool) -> Path:
+    """One try: the file into `folder`/download.part (continuing it if the server confirms the same file), checked, renamed."""
     folder.mkdir(parents=True, exist_ok=True)
     part = folder / PART
-    offset = part.stat().st_size if part.exists() else 0
-    response = _get(url, shown, {**headers, "Range": f"bytes={offset}-"} if offset else headers)
+    response, offset = _start(url, shown, part, headers)
     with response:
-        if offset and (response.status_code == 416 or (response.status_code == 206 and _range_start(response) != offset)):
-            part.unlink()  # the part is no beginning of this file (it changed on the server): start again
-            return _fetch(url, shown, folder, headers, sha256=sha256, progress=progress)
-        if offset and response.status_code != 206:
-            log.info("the server of %s does not continue downloads; starting again", shown)
-            offset = 0
         total = _total_size(response)
         chunks = response.iter_content(_CHUNK)
         try:
@@ -183,32 +312,156 @@ def _fetch(url: str, shown: str, folder: Path, headers: dict, *, sha256: str | N
         name = _file_name(response, url, first)
         if name.lower().endswith(ARCHIVE_SUFFIXES):
             raise ModelError(f"{shown} is an archive ({name}), not a model file; unpack it and give the .safetensors or .ckpt file inside.")
+        _check_room(folder, total, offset, max_size, shown)
+        if not offset:
+            _save_validator(part, response)
         expected = sha256 or _linked_sha256(response) or (civitai_sha256(url, name, headers) if _site(url) == "civitai" else None)
-        _check_space(folder, (total or 0) - offset, shown)
-        digest = _sha256_of(part) if offset else hashlib.sha256()
-        done = offset
         log.info("downloading %s to %s", shown, folder / name)
+        try:
+            done, digest = _receive(part, itertools.chain([first], chunks), offset, total, max_size, name, progress)
+        except _DiskFilling as full:
+            raise ModelError(_disk_filling_message(shown, folder, full, total, kept=_keep_if_resumable(part))) from None
+        except _TooBig:
+            _remove_part(part)
+            raise ModelError(_too_big_message(shown, None, max_size)) from None
+    if total is not None and done < total:
+        raise _Cut(done, total)
+    _verify(part, done, total, _linked_size(response), expected, digest.hexdigest(), shown)
+    return _finish(part, folder / name, done)
+
+
+def _start(url: str, shown: str, part: Path, headers: dict) -> tuple[requests.Response, int]:
+    """The answer to start with, and the offset it starts at: past the part when the server confirms (206 to the
+    If-Range of the saved validator) that its file is still the one the part began, else from the first byte."""
+    validator = _saved_validator(part)
+    if part.exists() and validator is None:
+        log.info("%s cannot tell whether the file changed since the last try; downloading it from the start", shown)
+        _remove_part(part)  # without a validator, continuing could splice two versions of the file
+    offset = part.stat().st_size if part.exists() else 0
+    if not offset:
+        return _get(url, shown, headers), 0
+    response = _get(url, shown, {**headers, "Range": f"bytes={offset}-", "If-Range": validator})
+    if response.status_code == 206 and _range_start(response) == offset:
+        return response, offset
+    _remove_part(part)
+    if response.status_code == 200:  # the file changed on the server, or it does not continue downloads: this is all of it
+        log.info("the server of %s sent the whole file again (it changed, or downloads are not continued there)", shown)
+        return response, 0
+    response.close()  # 416 or a range that is not the one asked: the part is no beginning of this file
+    return _get(url, shown, headers), 0
+
+
+def _receive(part: Path, chunks, offset: int, total: int | None, max_size: int, name: str, progress: bool):
+    """Append `chunks` to `part` and hash the whole; stop before the disk fills up or the file grows past `max_size`.
+    Returns the size reached and the SHA-256 object."""
+    from tqdm.auto import tqdm
+
+    digest = _sha256_of(part) if offset else hashlib.sha256()
+    done = checked = offset
+    try:
         with (
             open(part, "ab" if offset else "wb") as file,
             tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=name, disable=not progress) as bar,
         ):
-            try:
-                for chunk in itertools.chain([first], chunks):
-                    file.write(chunk)
-                    digest.update(chunk)
-                    done += len(chunk)
-                    bar.update(len(chunk))
-            except requests.RequestException:
-                raise _Cut(done, total) from None
-    if total is not None and done < total:
-        raise _Cut(done, total)
-    _verify(part, done, total, _linked_size(response), expected, digest.hexdigest(), shown)
-    target = folder / name
+            for chunk in chunks:
+                if done + len(chunk) > max_size:
+                    raise _TooBig()
+                if done - checked >= _SPACE_CHECK_EVERY:
+                    _check_still_room(part.parent, done, total)
+                    checked = done
+                file.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                bar.update(len(chunk))
+    except requests.RequestException:
+        raise _Cut(done, total) from None
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        raise _DiskFilling(shutil.disk_usage(part.parent).free, done) from None
+    return done, digest
+
+
+def _finish(part: Path, target: Path, size: int) -> Path:
     with atomic_path(target) as tmp:  # fsync of the file and of its folder around the rename
         os.replace(part, tmp)
-    log.info("downloaded %s (%s)", target, _size(done))
+    part.with_name(VALIDATOR).unlink(missing_ok=True)
+    log.info("downloaded %s (%s)", target, _size(size))
     return target
 
+
+# --- room, size and resuming -----------------------------------------------------------------------
+
+def _check_room(folder: Path, total: int | None, offset: int, max_size: int, shown: str) -> None:
+    """Before the first byte: a file over `max_size` is refused, and the rest of it must fit with `_SPARE` left over."""
+    if total is not None and total > max_size:
+        raise ModelError(_too_big_message(shown, total, max_size))
+    needed = (total or 0) - offset + _SPARE
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        what = f"the file and {_size(_SPARE)} to spare" if total is not None else f"{_size(_SPARE)} to spare; its size is not known"
+        raise ModelError(f"{shown} needs {_size(needed)} of free space ({what}) but only {_size(free)} is free in {folder}; free some space, or set {CACHE_ENV} to a folder on a bigger disk.")
+
+
+def _check_still_room(folder: Path, done: int, total: int | None) -> None:
+    """While downloading: the disk must still hold the rest of the file (when known) and `_MIN_FREE` besides."""
+    free = shutil.disk_usage(folder).free
+    if free < max((total or 0) - done, 0) + _MIN_FREE:
+        raise _DiskFilling(free, done)
+
+
+def _too_big_message(shown: str, size: int | None, max_size: int) -> str:
+    what = f"is {_size(size)}, more than" if size is not None else "was stopped and removed after"
+    return (f"{shown} {what} {_size(max_size)}, the largest model file accepted; if it really is the model you want, "
+            f"set {MAX_SIZE_ENV} to its size in GB (or pass max_size= to download_model) and run it again.")
+
+
+def _disk_filling_message(shown: str, folder: Path, full: _DiskFilling, total: int | None, *, kept: bool) -> str:
+    need = f"at least {_size(total - full.done + _SPARE)}" if total is not None else "some space"
+    if kept:
+        return (f"The disk of {folder} is almost full ({_size(full.free)} free) after {_size(full.done)} of {shown}, so the download "
+                f"stopped and what arrived is kept; free {need} and run the same command again to continue it.")
+    return (f"The disk of {folder} is almost full ({_size(full.free)} free) after {_size(full.done)} of {shown}, so the download "
+            f"stopped and was removed (this server cannot continue it); free {need}, or set {CACHE_ENV} to a folder on a bigger disk, and run it again.")
+
+
+def _validator(response: requests.Response) -> str | None:
+    """What If-Range may send back to ask for the same file: a strong ETag (a weak one is not allowed), else Last-Modified."""
+    etag = response.headers.get("ETag", "").strip()
+    if etag and not etag.startswith("W/"):
+        return etag
+    return response.headers.get("Last-Modified", "").strip() or None
+
+
+def _save_validator(part: Path, response: requests.Response) -> None:
+    validator = _validator(response)
+    if validator and "\n" not in validator:
+        write_text(part.with_name(VALIDATOR), validator)
+    else:
+        part.with_name(VALIDATOR).unlink(missing_ok=True)
+
+
+def _saved_validator(part: Path) -> str | None:
+    try:
+        return part.with_name(VALIDATOR).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _keep_if_resumable(part: Path) -> bool:
+    """Keep the part of a stopped download when a later call can continue it safely (a validator was saved), else remove it."""
+    if part.exists() and part.stat().st_size and _saved_validator(part):
+        return True
+    _remove_part(part)
+    return False
+
+
+def _remove_part(part: Path) -> None:
+    part.unlink(missing_ok=True)
+    part.with_name(VALIDATOR).unlink(missing_ok=True)
+
+
+# --- the server's answers --------------------------------------------------------------------------
 
 def _get(url: str, shown: str, headers: dict) -> requests.Response:
     """The response for `url`, past Drive's virus-scan page; a ModelError for refusals and web pages."""
@@ -244,7 +497,7 @@ def _request(url: str, shown: str, headers: dict) -> requests.Response:
 
 def _refuse_status(response: requests.Response, url: str, shown: str, headers: dict) -> None:
     status = response.status_code
-    if status < 400 or (status == 416 and "Range" in headers):  # 416: the .part is not this file; `_fetch` starts again
+    if status < 400 or (status == 416 and "Range" in headers):  # 416: the .part is not this file; `_start` starts again
         return
     response.close()
     site, sent = _site(url), "Authorization" in headers
@@ -279,7 +532,7 @@ def _verify(part: Path, size: int, total: int | None, linked_size: int | None, e
         problem = "its SHA-256 is not the one the site gives"
     else:
         return
-    part.unlink(missing_ok=True)
+    _remove_part(part)
     raise ModelError(f"The download of {shown} was damaged ({problem}) and was removed; run it again to download it anew.")
 
 
@@ -404,12 +657,6 @@ def _linked_size(response: requests.Response) -> int | None:
         if value.isdigit():
             return int(value)
     return None
-
-
-def _check_space(folder: Path, needed: int, shown: str) -> None:
-    free = shutil.disk_usage(folder).free
-    if needed > free:
-        raise ModelError(f"{shown} needs {_size(needed)} but only {_size(free)} is free in {folder}; free some space, or set {CACHE_ENV} to a folder on a bigger disk.")
 
 
 def _sha256_of(path: Path):

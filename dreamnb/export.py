@@ -102,6 +102,7 @@ def export_attempt(
         if format == "diffusers":
             with fileio.atomic_dir(out) as tmp:
                 pipe.save_pretrained(tmp, safe_serialization=True)
+                _name_local_sources(tmp)
             log.info("wrote %s as a diffusers folder to %s", name, out)
             return out
 
@@ -171,9 +172,9 @@ def check_overwrite(out: Path, format: str, force: bool) -> None:
 def describe(session: Session, attempt: str, config: dict, base_source: str, *, family: str = "sd1",
              vae: str | None = None) -> dict[str, str]:
     """What the exported weights are, as the string metadata a .safetensors file holds (`vae`: the VAE trained with,
-    when not the base model's own)."""
+    when not the base model's own). Local models are named, never given by their path."""
     return {
-        **({"vae": vae} if vae else {}),
+        **({"vae": base_model_name(vae)} if vae else {}),
         "dreamnb_version": __version__,
         "base_model": base_model_name(base_source),
         "base_model_family": FAMILY_NAMES.get(family, family),
@@ -188,13 +189,23 @@ def describe(session: Session, attempt: str, config: dict, base_source: str, *, 
 
 def base_model_name(source: str) -> str:
     """A Hub id as it is; a local file or folder by its name only (its full path says nothing
-    elsewhere and may hold the user's name)."""
+    elsewhere and may hold the user's name). For another VAE too."""
     try:
         if source_kind(source) == "hub":
             return source
     except ModelError:
         pass
     return Path(str(source)).name or str(source)
+
+
+def _name_local_sources(folder: Path) -> None:
+    """diffusers and transformers write where each part was loaded from (`_name_or_path`) into its config file; a local
+    path there would leave the machine with the export, so it becomes the folder's name (a Hub id stays as it is)."""
+    for config_file in sorted(folder.rglob("*.json")):
+        config = json.loads(config_file.read_text())
+        keys = [k for k in ("_name_or_path", "name_or_path") if isinstance(config, dict) and isinstance(config.get(k), str)]
+        if any(base_model_name(config[k]) != config[k] for k in keys):
+            fileio.write_json(config_file, {**config, **{k: base_model_name(config[k]) for k in keys}})
 
 
 def instance_prompt(config: dict) -> str:
@@ -367,7 +378,7 @@ def model_card(
         (f"{FAMILY_NAMES.get(family, 'Stable Diffusion')} taught a new subject with DreamBooth by dreamnb {__version__}. "
          f"Write **`{token}`** in a prompt to get it, e.g. `{prompt}`."), "",
         f"- Base model: `{base_name}`",
-        *([f"- VAE: `{vae}`, trained with and used instead of the base model's own"] if vae else []),
+        *([f"- VAE: `{base_model_name(vae)}`, trained with and used instead of the base model's own"] if vae else []),
         f"- Token: `{token}`",
         f"- Class word: `{class_word}`" if class_word else "- Class word: none (a style)",
         f"- Instance prompt: `{prompt}`",

@@ -377,3 +377,30 @@ def test_a_refused_token_gives_one_clear_sentence_and_is_never_shown(trained, ba
     assert hub.repos == {} and hub.files == {}
     shown = "".join(traceback.format_exception(info.value))
     assert_token_nowhere(BAD_TOKEN, tmp_path, caplog, capfd, message, shown)
+
+
+# ------------------------------------------------------------------------- no local path leaves the machine
+
+def test_a_local_vae_is_named_but_its_path_is_in_no_export_and_no_upload(tmp_path, tiny_sd1, photo_session, hub, caplog, capfd):
+    from conftest import other_vae
+    from dreamnb.models import load_base_model
+
+    home = tmp_path / "home" / "alice-private"  # stands for the user's home: its name must not travel either
+    vae_dir = other_vae(tiny_sd1.folder, home / "my-vaes" / "sd1-vae-ft")
+    base = load_base_model(tiny_sd1.folder, vae=str(vae_dir))
+    lora = train(photo_session, quick_config(method="lora", unet_steps=2, lora_rank=RANK, lora_alpha=RANK), base, progress=False).attempt
+    assert base.info.vae == str(vae_dir)  # the session keeps the path (it stays on this machine)
+
+    texts = {}
+    for format in ("safetensors", "lora", "lora-diffusers"):
+        out = export_attempt(photo_session, base, lora, format, tmp_path / "exports" / f"{format}.safetensors")
+        with safe_open(str(out), "pt") as f:
+            texts[format] = json.dumps(f.metadata())
+            assert f.metadata()["vae"] == "sd1-vae-ft"
+    push_to_hub(photo_session, base, lora, "someone/zwx-vae", token=GOOD_TOKEN, endpoint=hub.endpoint)
+    card = hub.files["README.md"].decode()
+    assert "- VAE: `sd1-vae-ft`, trained with" in card
+    texts.update({name: data.decode("utf-8", "replace") for name, data in hub.files.items() if not name.endswith((".safetensors", ".png"))})
+    assert {"README.md", "model_index.json", "vae/config.json"} <= texts.keys()
+    for leak in (str(vae_dir), str(vae_dir.parent), str(home), home.name, str(tiny_sd1.folder), str(Path.home())):
+        assert not [name for name, text in texts.items() if leak in text], leak

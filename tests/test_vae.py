@@ -151,10 +151,10 @@ def test_cli_vae_reaches_the_model_and_later_commands_use_the_attempts(tmp_path,
     done = dreamnb("export", "--session", session, "--format", "safetensors", "--out", tmp_path / "me.safetensors")
     assert done.returncode == 0, done.stderr
     with safe_open(str(tmp_path / "me.safetensors"), "pt") as exported:
-        assert exported.metadata()["vae"] == str(sd1_vae)
+        assert exported.metadata()["vae"] == sd1_vae.name  # named, never by its local path
     config = json.loads((session / "attempts" / "attempt-1" / "config.json").read_text())
     card = model_card(open_session(session), "attempt-1", config, str(tiny_sd1.folder), vae=str(sd1_vae))
-    assert f"- VAE: `{sd1_vae}`" in card and "VAE" not in model_card(open_session(session), "attempt-1", config, str(tiny_sd1.folder))
+    assert f"- VAE: `{sd1_vae.name}`" in card and str(sd1_vae) not in card and "VAE" not in model_card(open_session(session), "attempt-1", config, str(tiny_sd1.folder))
 
     done = dreamnb("train", "--session", session, "--from", "attempt-1", "--vae", tiny_sd1.folder / "vae", "--unet-steps", "1")
     assert done.returncode == 2 and "was trained with the VAE" in done.stderr and "Traceback" not in done.stderr
