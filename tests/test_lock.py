@@ -138,3 +138,111 @@ def test_writers_in_two_threads_lose_no_update(tmp_path):
     for thread in threads:
         thread.join()
     assert [a.steps_done for a in sessions.open_session(s.path).attempts] == [50, 50]
+
+
+# --- threads of one process: the notebook's training thread and its views ------------------------------------------------
+
+def _hold_in_a_thread(hold):
+    """Run `hold(held, release)` in a thread, which sets `held` once it holds something and keeps it until `release` is
+    set; returns (thread, release) once it holds."""
+    held, release = threading.Event(), threading.Event()
+
+    def run():
+        hold(held, release)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert held.wait(10)
+    return thread, release
+
+
+def test_the_lock_belongs_to_the_thread_that_took_it(tmp_path):
+    s = sessions.create_session(tmp_path / "me")
+    sessions.add_attempt(s, "attempt-1")
+
+    def train(held, release):
+        with sessions.session_lock(s.path, "training"):
+            sessions.describe_lock(s.path, "training attempt-1")
+            with sessions.session_lock(s.path, "saving a checkpoint"):  # the holding thread may take it again
+                held.set()
+                release.wait(10)
+
+    thread, release = _hold_in_a_thread(train)
+    try:
+        assert sessions.busy_in_this_process(s.path) == "training attempt-1"
+        sentence = ("Training attempt-1 is under way in this notebook (session 'me'); stop it or wait until it ends before "
+                    "deleting attempt-1.")
+        with pytest.raises(sessions.SessionLockedError) as refused:
+            sessions.delete_attempt(s, "attempt-1")
+        assert str(refused.value) == sentence
+        with pytest.raises(sessions.SessionLockedError, match="before deleting attempt-1"):
+            sessions.refuse_while_busy(s.path, "deleting attempt-1")
+        assert s.attempt_dir("attempt-1").is_dir() and [a.name for a in sessions.open_session(s.path).attempts] == ["attempt-1"]
+        assert (s.path / sessions.LOCK_FILE).exists()
+    finally:
+        release.set()
+        thread.join(10)
+    assert sessions.busy_in_this_process(s.path) is None and not (s.path / sessions.LOCK_FILE).exists()
+    assert sessions.delete_attempt(s, "attempt-1") >= 0 and not s.attempt_dir("attempt-1").exists()
+
+
+def test_a_lock_taken_over_meanwhile_is_not_removed_by_its_old_holder(tmp_path, caplog):
+    """A runtime frozen past STALE_AFTER_S has lost its lock to another writer; when it wakes and ends, the lock it
+    removes must not be the other writer's."""
+    s = sessions.create_session(tmp_path / "me")
+    lock = s.path / sessions.LOCK_FILE
+    theirs = json.dumps({"host": "another-runtime", "pid": 7, "what": "training", "since": "now", "token": "theirs"})
+    with sessions.session_lock(s.path, "training"):
+        lock.unlink()
+        lock.write_text(theirs)
+    assert lock.read_text() == theirs and "taken over by another writer" in caplog.text
+
+
+def _tiny_base_model():
+    from types import SimpleNamespace
+
+    import torch
+
+    from dreamnb.models import BaseModel
+
+    part = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)
+    return BaseModel(info=SimpleNamespace(source="tiny/model"), pipeline=SimpleNamespace(unet=part, text_encoder=part))
+
+
+def test_the_base_model_is_not_used_by_another_thread_while_training_parks_it():
+    from dreamnb.models import ModelBusyError
+    from dreamnb.ui.base import using_model
+
+    base = _tiny_base_model()
+
+    def train(held, release):
+        with base.in_use("training attempt-1"), base.parked():
+            held.set()
+            release.wait(10)
+
+    thread, release = _hold_in_a_thread(train)
+    try:
+        with pytest.raises(ModelBusyError, match=r"^The base model is in use by training attempt-1 in this notebook"):
+            with using_model(base, "making a grid"):
+                pass
+    finally:
+        release.set()
+        thread.join(10)
+    with using_model(base, "making a grid") as used:
+        assert used is base
+
+
+def test_parking_waits_until_another_threads_use_of_the_base_model_ends():
+    base = _tiny_base_model()
+    parked = threading.Event()
+
+    def park():
+        with base.parked():
+            parked.set()
+
+    with base.in_use("making a grid"):
+        thread = threading.Thread(target=park, daemon=True)
+        thread.start()
+        assert not parked.wait(0.3)  # the grid is being made with the model: it must not move under it
+    assert parked.wait(10)
+    thread.join(10)
