@@ -10,13 +10,16 @@
 
 An attempt is named by the user as `NAME` (its final weights) or `NAME@STEP` (one of its checkpoints).
 
-`session.json` is rewritten atomically, and its last good version is kept beside it (`session.json.bak`).
+`session.json` is rewritten atomically, and its last good version is kept beside it (`session.json.bak`). A change
+reads it again and applies just itself (`change_session`), so two Session objects of one folder lose no update.
 Sessions written by older versions (no `format` key, or fewer keys) open fine: missing keys get defaults
 and unknown keys are kept as they are; a damaged file is refused with one sentence that offers the backup.
 
 Whatever writes to a session (preparing photos, training, exporting, deleting) holds its lock, `.lock`: host,
-process and a heartbeat. A second writer (a Colab runtime still training after the browser lost it, and a new
-one resuming) is refused; a lock whose heartbeat stopped (a dead runtime) is taken over. Readers need no lock.
+process, a random token and a heartbeat. A second writer (a Colab runtime still training after the browser lost it,
+and a new one resuming; or the notebook's main thread while its training thread holds it) is refused; a lock whose
+heartbeat stopped (a dead runtime) is taken over. Readers need no lock, but those that read what a training in this
+process writes ask `refuse_while_busy` first.
 """
 from __future__ import annotations
 
@@ -342,19 +345,20 @@ def save_session(session: Session) -> None:
             fileio.write_json(session.path / name, session.to_dict())
 
 
-def change_session(session: Session, change: Callable[[Session], Any]) -> None:
-    """Apply `change` to the session as session.json holds it now, save that, and bring `session` up to date. Several
+def change_session(session: Session, change: Callable[[Session], Any]) -> Any:
+    """Apply `change` to the session as session.json holds it now, save that, bring `session` up to date, and return
+    what `change` returned. Several
     Session objects of one folder (a view's and the trainer's) each write only their own change, so none undoes
     another's; writers in other processes are kept out by `session_lock`. Under `accelerate launch` the processes that
     do not write change only their own copy."""
     if not is_main_process():
-        change(session)
-        return
+        return change(session)
     with _SAVING:
         current = _as_saved(session)
-        change(current)
+        result = change(current)
         save_session(current)
         _adopt(session, current)
+    return result
 
 
 def update_session(session: Session, **changes: Any) -> None:
@@ -419,18 +423,15 @@ def new_attempt_name(session: Session) -> str:
 
 
 def add_attempt(session: Session, name: str | None = None) -> Attempt:
-    added: list[str] = []
-
-    def add(current: Session) -> None:
+    def add(current: Session) -> str:  # named against the attempts saved now, not this copy's
         new = check_name(name or new_attempt_name(current), "attempt")
         if any(a.name == new for a in current.attempts):
             raise SessionError(f"Session {current.name!r} already has an attempt {new!r}; pick another name or resume it.")
         current.attempts.append(Attempt(name=new))
         current.attempt_dir(new).mkdir(parents=True, exist_ok=True)
-        added.append(new)
+        return new
 
-    change_session(session, add)
-    return session.attempt(added[0])
+    return session.attempt(change_session(session, add))
 
 
 def update_attempt(session: Session, name: str, **changes: Any) -> Attempt:
