@@ -20,7 +20,8 @@ import math
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,10 +92,52 @@ def default_placement() -> Placement:
     return Placement(torch.device("cpu"), torch.float32)
 
 
+class ModelBusyError(UserError):
+    """The base model is in use by another thread of this process (the notebook's training, which parks it on the CPU)."""
+
+
+class _Use:
+    """Which thread uses a base model now, for what, and how deeply (the trainer parks what it already uses)."""
+
+    def __init__(self) -> None:
+        self.changed = threading.Condition()
+        self.thread: int | None = None
+        self.what = ""
+        self.depth = 0
+        self.parked = False
+
+
 @dataclass
 class BaseModel:
     info: ModelInfo
     pipeline: Any  # diffusers.StableDiffusionPipeline, on `placement`
+    _use: _Use = field(default_factory=_Use, init=False, repr=False, compare=False)
+
+    @contextlib.contextmanager
+    def in_use(self, what: str, *, wait: bool = False):
+        """Use the base model from this thread for the duration; `what` says what for, to whoever is refused. One thread
+        at a time: a training run in the notebook's background thread moves its parts to the CPU and back (`parked`),
+        and a pipeline is not made to be run from two threads. Another thread's use: ModelBusyError, or with `wait`,
+        wait until it ends. The thread that uses it may take it again."""
+        use, me = self._use, threading.get_ident()
+        with use.changed:
+            while use.thread not in (None, me):
+                if not wait:
+                    where = " (its UNet and text encoder wait on the CPU meanwhile)" if use.parked else ""
+                    raise ModelBusyError(f"The base model is in use by {use.what} in this notebook{where}; stop it or wait "
+                                         "until it ends, then try again.")
+                use.changed.wait()
+            if use.thread is None:
+                use.thread, use.what = me, what
+            use.depth += 1
+        try:
+            yield self
+        finally:
+            with use.changed:
+                use.depth -= 1
+                if not use.depth:
+                    use.thread, use.what = None, ""
+                    use.changed.notify_all()
 
     @property
     def placement(self) -> Placement:
@@ -131,23 +174,28 @@ class BaseModel:
         """On a GPU, the UNet and text encoder(s) wait on the CPU for the duration, then go back; yields whether they
         moved. A training run works on its own copies and needs the memory: 2 GB for SD 1.5, 6.7 GB for SDXL (fp16),
         which decides whether SDXL fits a T4. Moving back takes a second or two. The VAE stays, for previews.
-        Sampling graphs recorded on the UNet point at its old memory, so they are dropped."""
-        device = self.placement.device
-        if device.type != "cuda":
-            yield False
-            return
-        from .fast import drop_sampling_graphs
+        Sampling graphs recorded on the UNet point at its old memory, so they are dropped. The model is in use by this
+        thread meanwhile (`in_use`): parking waits for another thread's use to end, and another thread's use is refused
+        until the parts are back, so nothing ever runs on a half-moved model."""
+        with self.in_use("training", wait=True):  # another thread's sampling ends first; none starts while parked
+            device = self.placement.device
+            if device.type != "cuda":
+                yield False
+                return
+            from .fast import drop_sampling_graphs
 
-        parts = [m for m in (self.unet, self.text_encoder, self.text_encoder_2) if m is not None]
-        drop_sampling_graphs(self.unet)
-        for part in parts:
-            torch.nn.Module.to(part, "cpu")
-        torch.cuda.empty_cache()
-        try:
-            yield True
-        finally:
-            for part in parts:
-                torch.nn.Module.to(part, device)
+            parts = [m for m in (self.unet, self.text_encoder, self.text_encoder_2) if m is not None]
+            drop_sampling_graphs(self.unet)
+            self._use.parked = True
+            try:
+                for part in parts:
+                    torch.nn.Module.to(part, "cpu")
+                torch.cuda.empty_cache()
+                yield True
+            finally:
+                for part in parts:
+                    torch.nn.Module.to(part, device)
+                self._use.parked = False
 
 
 def resolve_hf_token() -> str | None:

@@ -10,13 +10,16 @@
 
 An attempt is named by the user as `NAME` (its final weights) or `NAME@STEP` (one of its checkpoints).
 
-`session.json` is rewritten atomically, and its last good version is kept beside it (`session.json.bak`).
+`session.json` is rewritten atomically, and its last good version is kept beside it (`session.json.bak`). A change
+reads it again and applies just itself (`change_session`), so two Session objects of one folder lose no update.
 Sessions written by older versions (no `format` key, or fewer keys) open fine: missing keys get defaults
 and unknown keys are kept as they are; a damaged file is refused with one sentence that offers the backup.
 
 Whatever writes to a session (preparing photos, training, exporting, deleting) holds its lock, `.lock`: host,
-process and a heartbeat. A second writer (a Colab runtime still training after the browser lost it, and a new
-one resuming) is refused; a lock whose heartbeat stopped (a dead runtime) is taken over. Readers need no lock.
+process, a random token and a heartbeat. A second writer (a Colab runtime still training after the browser lost it,
+and a new one resuming; or the notebook's main thread while its training thread holds it) is refused; a lock whose
+heartbeat stopped (a dead runtime) is taken over. Readers need no lock, but those that read what a training in this
+process writes ask `refuse_while_busy` first.
 """
 from __future__ import annotations
 
@@ -24,17 +27,20 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import errno
+import hashlib
+import itertools
 import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import fileio
 from .errors import UserError
@@ -316,8 +322,7 @@ def open_or_create(path: str | Path, base_model: str | None = None) -> Session:
     if (path / SESSION_FILE).exists():
         session = open_session(path)
         if base_model and not session.base_model:
-            session.base_model = base_model
-            save_session(session)
+            update_session(session, base_model=base_model)
         return session
     return create_session(path, base_model=base_model)
 
@@ -327,12 +332,63 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+_SAVING = threading.RLock()  # one read–modify–write of a session.json at a time in this process
+
+
 def save_session(session: Session) -> None:
-    """session.json, and the same good version as session.json.bak (what `repair_session` restores)."""
+    """session.json, and the same good version as session.json.bak (what `repair_session` restores), written whole from
+    `session`: for a new or repaired session. A change to an existing one goes through `change_session`."""
     if not is_main_process():
         return
-    for name in (SESSION_FILE, BACKUP_FILE):
-        fileio.write_json(session.path / name, session.to_dict())
+    with _SAVING:
+        for name in (SESSION_FILE, BACKUP_FILE):
+            fileio.write_json(session.path / name, session.to_dict())
+
+
+def change_session(session: Session, change: Callable[[Session], Any]) -> Any:
+    """Apply `change` to the session as session.json holds it now, save that, bring `session` up to date, and return
+    what `change` returned. Several
+    Session objects of one folder (a view's and the trainer's) each write only their own change, so none undoes
+    another's; writers in other processes are kept out by `session_lock`. Under `accelerate launch` the processes that
+    do not write change only their own copy."""
+    if not is_main_process():
+        return change(session)
+    with _SAVING:
+        current = _as_saved(session)
+        result = change(current)
+        save_session(current)
+        _adopt(session, current)
+    return result
+
+
+def update_session(session: Session, **changes: Any) -> None:
+    """Set the session's own fields (base_model, base_model_config), keeping what other writers saved."""
+    def update(current: Session) -> None:
+        for key, value in changes.items():
+            setattr(current, key, value)
+
+    change_session(session, update)
+
+
+def _as_saved(session: Session) -> Session:
+    """The session as its session.json holds it now; this copy of it when that cannot be read (the change then writes a
+    good file over a damaged one, as it always did)."""
+    try:
+        return open_session(session.path)
+    except SessionError as err:
+        log.warning("%s Writing this copy of the session instead.", err)
+        return dataclasses.replace(session, attempts=[dataclasses.replace(a) for a in session.attempts], extra=dict(session.extra))
+
+
+def _adopt(session: Session, current: Session) -> None:
+    """Make `session` what `current` is; its Attempt objects that are still there stay the same objects, updated."""
+    mine = {a.name: a for a in session.attempts}
+    for attempt in current.attempts:
+        if attempt.name in mine:
+            vars(mine[attempt.name]).update(vars(attempt))
+    session.attempts[:] = [mine.get(a.name, a) for a in current.attempts]
+    session.base_model, session.base_model_config = current.base_model, current.base_model_config
+    session.created, session.extra = current.created, current.extra
 
 
 def list_sessions(root: str | Path) -> list[Session]:
@@ -367,30 +423,31 @@ def new_attempt_name(session: Session) -> str:
 
 
 def add_attempt(session: Session, name: str | None = None) -> Attempt:
-    name = check_name(name or new_attempt_name(session), "attempt")
-    if any(a.name == name for a in session.attempts):
-        raise SessionError(f"Session {session.name!r} already has an attempt {name!r}; pick another name or resume it.")
-    attempt = Attempt(name=name)
-    session.attempts.append(attempt)
-    session.attempt_dir(name).mkdir(parents=True, exist_ok=True)
-    save_session(session)
-    return attempt
+    def add(current: Session) -> str:  # named against the attempts saved now, not this copy's
+        new = check_name(name or new_attempt_name(current), "attempt")
+        if any(a.name == new for a in current.attempts):
+            raise SessionError(f"Session {current.name!r} already has an attempt {new!r}; pick another name or resume it.")
+        current.attempts.append(Attempt(name=new))
+        current.attempt_dir(new).mkdir(parents=True, exist_ok=True)
+        return new
+
+    return session.attempt(change_session(session, add))
 
 
 def update_attempt(session: Session, name: str, **changes: Any) -> Attempt:
-    attempt = session.attempt(name)
-    for key, value in changes.items():
-        setattr(attempt, key, value)
-    save_session(session)
-    return attempt
+    def update(current: Session) -> None:
+        attempt = current.attempt(name)
+        for key, value in changes.items():
+            setattr(attempt, key, value)
+
+    change_session(session, update)
+    return session.attempt(name)
 
 
 def delete_attempt(session: Session, name: str) -> int:
     """Deletes the attempt and everything it wrote; bytes freed."""
     with session_lock(session.path, f"deleting {name}"):
-        attempt = session.attempt(name)
-        session.attempts.remove(attempt)
-        save_session(session)
+        change_session(session, lambda current: current.attempts.remove(current.attempt(name)))
         freed = folder_size(session.attempt_dir(name))
         shutil.rmtree(session.attempt_dir(name), ignore_errors=True)
         return freed
@@ -469,47 +526,95 @@ def delete_checkpoints(session: Session, name: str, steps: list[int] | None = No
 
 
 # --- the writers' lock ------------------------------------------------------------------------------
+#
+# The lock file is created with O_EXCL, so of several creators one succeeds. A stale one (its writer is gone) must be
+# removed first, and several contenders may judge it stale at the same moment: each then tries to create a claim named
+# after that very lock file (its content's hash, unique by the random token in it), again with O_EXCL, and only the one
+# that gets the claim removes it, after checking that the lock is still that one. Unlike flock on a guard file, this
+# needs nothing from the filesystem but O_EXCL and unlink, which Drive's FUSE mount has (flock there may lock nothing).
+# Within a process the lock belongs to one thread: the notebook trains in a thread while its views run in the main one.
 
 class SessionLockedError(SessionError):
-    """Another process is writing to the session."""
+    """Another writer (another process, or another thread of this one) is writing to the session."""
 
 
-_HELD: dict[Path, int] = {}  # locks this process holds, and how deeply (a writer may call another)
+@dataclass
+class _Held:
+    """A lock this process holds: by which thread, for what, with which token, and how deeply (a writer may call another)."""
+
+    thread: int
+    what: str
+    token: str
+    stop: threading.Event = field(default_factory=threading.Event)
+    depth: int = 1
+
+
+_HELD: dict[Path, _Held] = {}
 _HELD_GUARD = threading.Lock()
+TAKEOVER_ABANDONED_S = 60  # a claim this old belongs to a contender that died in the middle of its takeover
+TAKEOVER_WAIT_S = 5        # how long to wait for another contender's takeover before refusing
 
 
 @contextlib.contextmanager
 def session_lock(path: str | Path, what: str):
-    """Hold the session's lock while writing (`what` says what for, for whoever is refused). Another live writer:
-    SessionLockedError. A lock whose heartbeat stopped over STALE_AFTER_S ago, or whose process on this host is gone,
-    is taken over with a warning. Under `accelerate launch` only the first process takes it (the others do not write)."""
+    """Hold the session's lock while writing (`what` says what for, for whoever is refused). Another live writer, in
+    another process or another thread of this one: SessionLockedError. The thread that holds it may take it again. A lock
+    whose heartbeat stopped over STALE_AFTER_S ago, or whose process on this host is gone, is taken over with a warning.
+    Under `accelerate launch` only the first process takes it (the others do not write)."""
     path = Path(path).resolve()
     if not is_main_process():
         yield
         return
     with _HELD_GUARD:
-        if _HELD.get(path):
-            _HELD[path] += 1
-            reentered = True
+        held = _HELD.get(path)
+        if held is not None and held.thread != threading.get_ident():
+            raise SessionLockedError(_busy_here(path, held.what, what))
+        if held is not None:
+            held.depth += 1
         else:
-            _acquire(path, what)
-            _HELD[path] = 1
-            reentered = False
-            _recover(path)
-    stop = threading.Event()
-    beat = None if reentered else threading.Thread(target=_heartbeat, args=(path, stop), daemon=True, name="dreamnb-lock")
-    if beat:
-        beat.start()
+            held = _HELD[path] = _Held(threading.get_ident(), what, _acquire(path, what))
+            threading.Thread(target=_heartbeat, args=(path / LOCK_FILE, held), daemon=True, name="dreamnb-lock").start()
     try:
+        if held.depth == 1:
+            _recover(path)
         yield
     finally:
-        stop.set()
         with _HELD_GUARD:
-            _HELD[path] -= 1
-            if not _HELD[path]:
+            held.depth -= 1
+            if not held.depth:
                 del _HELD[path]
-                with contextlib.suppress(FileNotFoundError):
-                    (path / LOCK_FILE).unlink()
+                held.stop.set()
+                _release(path / LOCK_FILE, held.token)
+
+
+def busy_in_this_process(path: str | Path) -> str | None:
+    """What another thread of this process holds the session's lock for ('training attempt-3': the notebook's training
+    thread, seen from its views), or None."""
+    with _HELD_GUARD:
+        held = _HELD.get(Path(path).resolve())
+        return held.what if held is not None and held.thread != threading.get_ident() else None
+
+
+def refuse_while_busy(path: str | Path, what: str) -> None:
+    """One sentence (SessionLockedError) when another thread of this process is writing to the session: views that read
+    what training writes (compare, playground) use the lock's own answer instead of taking it."""
+    busy = busy_in_this_process(path)
+    if busy is not None:
+        raise SessionLockedError(_busy_here(Path(path), busy, what))
+
+
+def describe_lock(path: str | Path, what: str) -> None:
+    """Say what this thread holds the session's lock for, once that is known (the trainer names its attempt after
+    taking the lock), for whoever it refuses."""
+    with _HELD_GUARD:
+        held = _HELD.get(Path(path).resolve())
+        if held is not None and held.thread == threading.get_ident():
+            held.what = what
+
+
+def _busy_here(path: Path, holder: str, what: str) -> str:
+    return (f"{holder[:1].upper()}{holder[1:]} is under way in this notebook (session {path.name!r}); stop it or wait "
+            f"until it ends before {what}.")
 
 
 def _recover(path: Path) -> None:
@@ -522,50 +627,97 @@ def _recover(path: Path) -> None:
         log.warning("Finishing an interrupted write: %s", line)
 
 
-def _acquire(path: Path, what: str) -> None:
+def _acquire(path: Path, what: str) -> str:
+    """Create the lock file, taking over a stale one; the random token written in it, by which the holder knows its own."""
     lock = path / LOCK_FILE
-    mine = {"host": socket.gethostname(), "pid": os.getpid(), "what": what, "since": _now()}
+    token = secrets.token_hex(16)
+    mine = {"host": socket.gethostname(), "pid": os.getpid(), "what": what, "since": _now(), "token": token}
+    deadline = time.monotonic() + TAKEOVER_WAIT_S
     while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _read_lock(lock)
-            if not _stale(lock, holder):
-                holder = holder or {}
-                raise SessionLockedError(
-                    f"Session {path.name!r} is being changed by {holder.get('what', 'another writer')} on {holder.get('host', '?')} "
-                    f"(process {holder.get('pid', '?')}) since {holder.get('since', '?')}; wait until it ends or stop it "
-                    f"(a lock not renewed for {STALE_AFTER_S // 60} minutes is taken over).") from None
+        if _create(lock, mine):
+            return token
+        holder, seen, silent_for = _read_lock(lock)
+        if seen is None:  # released since
+            continue
+        if not _stale(holder, silent_for):
+            holder = holder or {}
+            raise SessionLockedError(
+                f"Session {path.name!r} is being changed by {holder.get('what', 'another writer')} on {holder.get('host', '?')} "
+                f"(process {holder.get('pid', '?')}) since {holder.get('since', '?')}; wait until it ends or stop it "
+                f"(a lock not renewed for {STALE_AFTER_S // 60} minutes is taken over).")
+        if _take_over(lock, seen):
             log.warning("Taking over the lock of session %r from %s: its writer stopped renewing it.", path.name,
                         f"{holder.get('what')} on {holder.get('host')} (process {holder.get('pid')})" if holder else "a damaged lock file")
-            with contextlib.suppress(FileNotFoundError):
-                lock.unlink()
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(mine, f)
-            f.flush()
-            os.fsync(f.fileno())
-        return
+        elif time.monotonic() > deadline:
+            raise SessionLockedError(f"Another writer is taking over the stale lock of session {path.name!r}; try again in a minute.")
 
 
-def _read_lock(lock: Path) -> dict | None:
+def _take_over(lock: Path, stale: str) -> bool:
+    """Remove the stale lock whose content hashes to `stale`, if this contender is the one that claims it; whether it did
+    (False: another contender is on it, or did it already). The claim is checked against the lock again, since it may
+    come after another contender's whole takeover, and then the lock is a live one. A claim whose contender died in the
+    middle is passed over once it is TAKEOVER_ABANDONED_S old."""
+    for n in itertools.count(1):
+        claim = lock.with_name(f"{LOCK_FILE}.takeover-{stale}-{n}")
+        if _create(claim, {"host": socket.gethostname(), "pid": os.getpid(), "since": _now()}):
+            break
+        if not _abandoned(claim):
+            time.sleep(0.01)
+            return False
     try:
-        holder = json.loads(lock.read_text())
-        return holder if isinstance(holder, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
-def _stale(lock: Path, holder: dict | None) -> bool:
-    try:
-        silent_for = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
+        if _read_lock(lock)[1] != stale:
+            return False
+        lock.unlink()
+        for leftover in lock.parent.glob(f"{LOCK_FILE}.takeover-{stale}-*"):  # abandoned claims: that lock is gone now
+            leftover.unlink(missing_ok=True)
         return True
+    finally:
+        claim.unlink(missing_ok=True)
+
+
+def _abandoned(claim: Path) -> bool:
+    try:
+        return time.time() - claim.stat().st_mtime > TAKEOVER_ABANDONED_S
+    except FileNotFoundError:
+        return False  # its contender is done: look at the lock again
+
+
+def _create(path: Path, content: dict) -> bool:
+    """Create `path` holding `content`, unless it exists (O_EXCL: of several creators exactly one succeeds)."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        json.dump(content, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return True
+
+
+def _read_lock(lock: Path) -> tuple[dict | None, str | None, float]:
+    """The lock's holder (None: unreadable), the hash of its content (None: no lock) and how long since it was renewed,
+    all of one and the same file."""
+    try:
+        with open(lock, "rb") as f:
+            silent_for = time.time() - os.fstat(f.fileno()).st_mtime
+            data = f.read()
+    except FileNotFoundError:
+        return None, None, 0.0
+    seen = hashlib.sha256(data).hexdigest()[:24]
+    try:
+        holder = json.loads(data)
+    except ValueError:
+        return None, seen, silent_for
+    return (holder if isinstance(holder, dict) else None), seen, silent_for
+
+
+def _stale(holder: dict | None, silent_for: float) -> bool:
     if silent_for > STALE_AFTER_S or (holder is None and silent_for > 10):  # unreadable, and not being written now
         return True
     if holder is not None and holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
         if holder["pid"] == os.getpid():
-            return True  # this process's, left by a writer that did not end normally (it holds none now)
+            return True  # this process's, left by a writer that did not end normally (no thread of it holds it now)
         try:
             os.kill(holder["pid"], 0)
         except ProcessLookupError:
@@ -575,7 +727,21 @@ def _stale(lock: Path, holder: dict | None) -> bool:
     return False
 
 
-def _heartbeat(path: Path, stop: threading.Event) -> None:
-    while not stop.wait(HEARTBEAT_S):
+def _release(lock: Path, token: str) -> None:
+    """Remove the lock if it is still this holder's: one taken over (this runtime was frozen past STALE_AFTER_S) is
+    another writer's now."""
+    holder = _read_lock(lock)[0]
+    if holder is not None and holder.get("token") == token:
+        lock.unlink(missing_ok=True)
+    else:
+        log.warning("The lock of session %r was taken over by another writer while this one held it.", lock.parent.name)
+
+
+def _heartbeat(lock: Path, held: _Held) -> None:
+    """Renew the lock every HEARTBEAT_S while it is this holder's."""
+    while not held.stop.wait(HEARTBEAT_S):
+        holder = _read_lock(lock)[0]
+        if holder is None or holder.get("token") != held.token:
+            return
         with contextlib.suppress(OSError):
-            os.utime(path / LOCK_FILE)
+            os.utime(lock)

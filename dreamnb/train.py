@@ -38,8 +38,8 @@ from .colab import gpu_has_bf16, gpu_memory_budget
 from .fast import BF16_OPTIMIZERS, AdamWBF16, GraphedStep, LossScaler
 from .models import BaseModel, family_pipeline_class, load_base_model
 from .session import (CHECKPOINTS, FINAL, LORA_FILE, OPTIMIZER_FILE, Attempt, Session, add_attempt, attempt_weights_dir,
-                      checkpoint_folders, drop_optimizer_state, open_session, reading, save_session, session_lock, split_ref,
-                      update_attempt)
+                      checkpoint_folders, describe_lock, drop_optimizer_state, open_session, reading, session_lock, split_ref,
+                      update_attempt, update_session)
 
 log = logging.getLogger(__name__)
 
@@ -309,14 +309,14 @@ def _train(session: Session, config: TrainConfig, base_model: BaseModel | str | 
     precision = plan_precision(config)
     accelerator = make_accelerator(config, precision, sdxl=base_model.info.family == "sdxl")
     session, name = (session, attempt) if resume else new_attempt(session, attempt, accelerator)
+    describe_lock(session.path, f"training {name}")  # whoever is refused meanwhile is told which attempt
     attempt_dir = session.attempt_dir(name)
     if accelerator.is_main_process:
         fileio.write_json(attempt_dir / "config.json", config.to_dict())
     checkpoint = latest_checkpoint(attempt_dir) if resume else None
 
     if session.base_model is None:
-        session.base_model, session.base_model_config = base_model.info.source, str(config_source) if config_source else None
-        save_session(session)
+        update_session(session, base_model=base_model.info.source, base_model_config=str(config_source) if config_source else None)
     if base_model.info.resolution != config.resolution:
         emit(TrainEvent("info", message=f"Training at {config.resolution} px; this base model was made for {base_model.info.resolution} px."))
     smallest = data.smallest_side(examples)

@@ -980,3 +980,57 @@ def test_a_second_runtime_training_the_same_session_is_refused_in_the_view(photo
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_while_the_notebook_trains_the_views_that_touch_its_files_or_model_refuse_with_a_sentence(photo_session, base_sd1, tmp_path):
+    """A real tiny training in the train view's thread, held at its first step: the session view deletes nothing, compare
+    and playground refuse (another session's grid too: the base model is training's), each in one sentence; once it
+    ends, they all work."""
+    from dreamnb.session import busy_in_this_process
+
+    training = ui.TrainView(photo_session, base_sd1, token="zwx", preset="object", class_word="thing", resolution=64, seed=0,
+                            with_prior_preservation=False, unet_steps=2, text_encoder_steps=0, checkpoint_every=0,
+                            log_every=1, sample_every=0)
+    inside, release, draw = threading.Event(), threading.Event(), training._on_event
+
+    def held_at_first_step(event):
+        draw(event)
+        if event.kind == "step" and not inside.is_set():
+            inside.set()
+            release.wait(120)
+
+    training._on_event = held_at_first_step
+    training.train_button.click()
+    try:
+        assert inside.wait(300), training.error_text
+        assert busy_in_this_process(photo_session.path) == "training attempt-1"
+        before = files_under(photo_session.path)
+        disk = ui.choose_session(photo_session.path.parent, photo_session.name, auto=True).housekeeping
+        disk.attempt.value = "attempt-1"
+        disk.delete_attempt_button.click()
+        assert disk.error_text == ("Training attempt-1 is under way in this notebook (session 'session'); stop it or wait "
+                                   "until it ends before deleting attempt-1.") and disk.confirm_box.layout.display == "none"
+        disk.free_button.click()
+        assert "Training attempt-1 is under way" in disk.error_text and "before freeing space" in disk.error_text
+        grid = ui.CompareView(photo_session, base_sd1, prompts=["a photo of {token}"], seeds=[1], num_inference_steps=2)
+        assert grid.compare() is None and "Training attempt-1 is under way" in grid.error_text
+        assert "before making a grid" in grid.error_text
+        images = ui.PlaygroundView(photo_session, base_sd1, attempt="base", num_inference_steps=2, batch_size=1)
+        assert images.generate() is None and "before generating images" in images.error_text
+        other = ui.CompareView(create_session(tmp_path / "other"), base_sd1, attempts=["base"], prompts=["a photo"],
+                               seeds=[1], num_inference_steps=2)
+        assert other.compare() is None and other.error_text.startswith("The base model is in use by training in this notebook")
+        assert files_under(photo_session.path) == before and not (tmp_path / "other" / "grids").exists()
+    finally:
+        release.set()
+    result = training.wait(600)
+    assert result is not None and result.status == "finished", training.error_text
+    assert busy_in_this_process(photo_session.path) is None
+    assert other.compare() is not None and other.error_text == ""
+    assert grid.compare() is not None and grid.refs == ["base", "attempt-1"], grid.error_text
+    assert images.generate() is not None, images.error_text
+    disk.refresh()
+    disk.attempt.value = "attempt-1"
+    disk.delete_attempt_button.click()
+    disk.confirm_button.click()
+    assert disk.error_text == "" and not photo_session.attempt_dir("attempt-1").exists()

@@ -261,6 +261,21 @@ def resolve_model(model: Any):
     raise UserError(f"Cannot use a {type(model).__name__} as the base model; pass the view from the base model section.")
 
 
+@contextlib.contextmanager
+def using_model(model: Any, what: str):
+    """The loaded BaseModel (as `resolve_model` gives it), in use by this thread for the duration: the one place views
+    take the base model for work. While the notebook's training thread uses it (and parks it on the CPU), one sentence
+    instead of sampling on a half-moved model (`BaseModel.in_use`)."""
+    with model_in_use(resolve_model(model), what) as base:
+        yield base
+
+
+def model_in_use(base: Any, what: str):
+    """`base.in_use(what)`; a stand-in without one (a test's fake model) has nothing to guard."""
+    in_use = getattr(base, "in_use", None)
+    return in_use(what) if callable(in_use) else contextlib.nullcontext(base)
+
+
 def loaded_model(model: Any):
     """The BaseModel if it is already loaded, else None (never loads: used for cheap previews)."""
     from ..models import BaseModel
@@ -300,6 +315,16 @@ def resolve_session(session: Any):
     if isinstance(session, (str, Path)):
         return open_session(session)
     raise UserError(f"Cannot use a {type(session).__name__} as the session; pass the view from the session section.")
+
+
+def idle_session(session: Any, what: str):
+    """The session (as `resolve_session` gives it), refused in one sentence while another thread of this notebook writes
+    to it (its training): for views that read what training writes and replaces, or run the model it has parked."""
+    from ..session import refuse_while_busy
+
+    found = resolve_session(session)
+    refuse_while_busy(found.path, what)
+    return found
 
 
 def current_text(value: Any) -> str:

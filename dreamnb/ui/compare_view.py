@@ -20,7 +20,7 @@ from ..errors import UserError
 from ..sample import PROBE_PROMPTS
 from ..session import Session
 from .attempt_picker import BASE, AttemptPicker
-from .base import Results, View, resolve_model, resolve_session, row
+from .base import Results, View, idle_session, resolve_session, row, using_model
 
 MIN_CELL_PX = 192
 
@@ -124,7 +124,7 @@ class CompareView(View):
     def compare(self, *, raise_errors: bool = False) -> Comparison | None:
         def compare() -> Comparison:
             self.refresh()
-            session = resolve_session(self._session)
+            session = idle_session(self._session, "making a grid")
             names = self.refs
             if not names:
                 raise UserError("No attempt is picked; add 'base' and at least one attempt.")
@@ -132,12 +132,12 @@ class CompareView(View):
             if twice:
                 raise UserError(f"{', '.join(twice)} is picked twice; pick each attempt or checkpoint once.")
             prompts, seeds = parse_prompts(self.prompts.value), parse_seeds(self.seeds.value)
-            model = resolve_model(self._model)
-            self.show_status(f"Generating {len(names) * len(prompts) * len(seeds)} images…")
-            comparison = self._compare(session, model, names, prompts, seeds,
-                                       num_inference_steps=self.steps.value, guidance_scale=self.guidance.value,
-                                       cell_size=self.cell_size or readable_cell_size(model),
-                                       compile_unet=self.compile_unet.value)
+            with using_model(self._model, "making a grid") as model:
+                self.show_status(f"Generating {len(names) * len(prompts) * len(seeds)} images…")
+                comparison = self._compare(session, model, names, prompts, seeds,
+                                           num_inference_steps=self.steps.value, guidance_scale=self.guidance.value,
+                                           cell_size=self.cell_size or readable_cell_size(model),
+                                           compile_unet=self.compile_unet.value)
             self.comparison = comparison
             self.grid_path = self._save(session, comparison, names)
             self.results.show("grid", comparison.grid, f"comparison grid of {', '.join(names)}: {self.grid_path}")

@@ -12,7 +12,7 @@ from .. import export as core_export
 from ..errors import UserError
 from ..session import Session
 from .attempt_picker import AttemptPicker
-from .base import View, as_path, resolve_model, resolve_session, row
+from .base import View, as_path, idle_session, resolve_session, row, using_model
 
 # One line per format of `dreamnb.export.FORMATS` (which decides what there is; a format without a line here shows
 # only its name).
@@ -88,8 +88,9 @@ class ExportView(View):
             session, name = self._chosen()
             out = as_path(self.out_text.value)  # None: the core names it in the session's exports/
             self.show_status(f"Exporting {name} as {self.format.value} to {out or 'the exports/ folder'}…")
-            self.path = Path(self._export(session, resolve_model(self._model), name, self.format.value, out,
-                                          force=self.force.value, fp16=self.fp16.value))
+            with using_model(self._model, "an export") as base:
+                self.path = Path(self._export(session, base, name, self.format.value, out, force=self.force.value,
+                                              fp16=self.fp16.value))
             self.show_status(f"Exported {name} to {self.path}.", ok=True)
             return self.path
 
@@ -102,7 +103,8 @@ class ExportView(View):
             if not repo_id or repo_id.count("/") != 1:
                 raise UserError("Type the Hub repository as your-name/model-name.")
             self.show_status(f"Exporting {name} as {self.format.value} and uploading it to {repo_id}…")
-            url = self._push(session, resolve_model(self._model), name, repo_id, private=self.private.value, format=self.format.value)
+            with using_model(self._model, "an upload") as base:
+                url = self._push(session, base, name, repo_id, private=self.private.value, format=self.format.value)
             self.url = str(url)
             self.show_status(f"Pushed {name} to {self.url}.", ok=True)
             return self.url
@@ -114,7 +116,7 @@ class ExportView(View):
         self.refresh()
         if self.picker.ref is None:
             raise UserError("There is no attempt to export yet; train one first.")
-        return resolve_session(self._session), self.picker.ref
+        return idle_session(self._session, "exporting"), self.picker.ref
 
     def _show_format(self) -> None:
         self.format_help.value = f"<i>{html.escape(format_words(self.format.value))}</i>"

@@ -24,7 +24,7 @@ from ..models import BaseModel
 from ..sample import SCHEDULERS, Sample, SampleSettings, expand_prompt, generate, save_png
 from ..session import Session, attempt_weights_dir
 from .attempt_picker import BASE, FINAL, AttemptPicker, ref_of
-from .base import HELP_STYLE, Results, View, follow_model, loaded_model, resolve_model, resolve_session, row
+from .base import HELP_STYLE, Results, View, follow_model, idle_session, loaded_model, resolve_session, row, using_model
 from .compare_view import readable_cell_size
 
 RANDOM = "random"
@@ -138,7 +138,11 @@ class PlaygroundView(View):
         """Make the images with the picked model and settings, save them with their settings, show them."""
         def make() -> list[Sample]:
             self.refresh()
-            session, base = resolve_session(self._session), resolve_model(self._model)
+            session = idle_session(self._session, "generating images")
+            with using_model(self._model, "generating images") as base:
+                return draw(session, base)
+
+        def draw(session: Session, base: BaseModel) -> list[Sample]:
             name, step = self.choice
             seed = parse_seed(self.seed.value)
             first = secrets.randbelow(SEED_RANGE - self.batch.value) if seed is None else seed

@@ -17,7 +17,8 @@ from ..errors import UserError
 from ..fileio import describe_size
 from ..images import prepared_files
 from ..session import (DiskUse, Session, check_name, create_session, default_root, delete_attempt, delete_checkpoints,
-                       describe_attempt, disk_usage, free_space, list_sessions, open_or_create, open_session)
+                       describe_attempt, disk_usage, free_space, list_sessions, open_or_create, open_session,
+                       refuse_while_busy)
 from .base import ERROR_STYLE, HELP_STYLE, Results, View, resolve_session, row
 
 NEW, RESUME = "new", "resume"
@@ -113,6 +114,7 @@ class HousekeepingView(View):
 
     def ask_delete_attempt(self) -> None:
         session, name, _ = self.picked
+        refuse_while_busy(session.path, f"deleting {name}")  # asked again when confirmed: the lock decides then
         use = disk_usage(session)[name]
         self._ask(f"Delete {name} with its final weights, {len(use.checkpoints)} checkpoint(s), samples and log? "
                   f"This frees {describe_size(use.total)} and cannot be undone.",
@@ -122,6 +124,7 @@ class HousekeepingView(View):
         session, name, steps = self.picked
         if not steps:
             raise UserError(f"Pick the checkpoints of {name} to delete first (Ctrl/Cmd-click picks several).")
+        refuse_while_busy(session.path, f"deleting checkpoints of {name}")
         sizes = disk_usage(session)[name].checkpoints
         size = sum(sizes.get(step, 0) for step in steps)
         listed = ", ".join(f"step {step}" for step in steps)
