@@ -42,6 +42,7 @@ class TrainConfig:
     unet_lr: float = _f(2e-6, "How big each UNet step is; higher learns faster but overfits and breaks sooner.", min=0.0, max=1e-2)
     lr_warmup_steps: int = _f(0, "Steps at the start of each phase during which the learning rate ramps up from zero.", min=0)
     lr_scheduler: str = _f("constant", "How the learning rate changes over a phase.", choices=("constant", "linear", "cosine"))
+    weight_decay: float = _f(1e-2, "Each step pulls every trained weight towards zero by learning rate × this × the weight (AdamW's decoupled decay); 1e-2 as diffusers' scripts; 0 turns it off.", min=0.0, max=1.0)
 
     # --- prior preservation --------------------------------------------------------------------
     with_prior_preservation: bool = _f(True, "Also trains on generic images of the class so 'a person' still means anyone, not only you (less overfitting).")

@@ -8,9 +8,9 @@ with one launch. Capture takes seconds, unlike `torch.compile`'s minutes, so it 
 the first few steps of a run.
 
 `AdamWBF16` keeps weights and both Adam moments in bfloat16 (8 bytes per parameter instead of 16)
-and rounds each update stochastically, so the small updates of a 2e-6 learning rate are not lost to
-bf16's short mantissa on average. Unlike bitsandbytes' 8-bit AdamW it is plain tensor ops, so it can
-be captured in the graph.
+and rounds the new weights and moments stochastically, so neither the small updates of a 2e-6 learning
+rate nor the second moment's slow decay is lost to bf16's short mantissa on average. On a GPU it is one
+Triton kernel launched from the graph.
 """
 from __future__ import annotations
 
@@ -32,6 +32,30 @@ def stochastic_round_to_bf16(values: torch.Tensor, generator: torch.Generator | 
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
+def add_stochastically_rounded(weights: torch.Tensor, update: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`weights + update` (fp32) rounded stochastically to bf16, unbiased even where the update is below fp32's
+    resolution at the weight (weight decay at a 2e-6 learning rate: 2e-8 of the weight, under half of fp32's step).
+
+    The sum is first rounded stochastically to one of its two fp32 neighbours, using its exact rounding error
+    (Knuth's two-sum), then to bf16 as `stochastic_round_to_bf16` does: two unbiased roundings make an unbiased
+    one. The fused kernel does the same."""
+    total = weights + update
+    lost = _two_sum_error(weights, update, total)
+    bits = total.view(torch.int32)
+    # the fp32 neighbour on the error's side: one bit pattern up where the error grows the magnitude, else down
+    toward = bits + torch.where((lost < 0) == (bits < 0), 1, -1).to(torch.int32)
+    gap = (toward.view(torch.float32) - total).abs()
+    uniform = torch.rand(total.shape, device=total.device, generator=generator)
+    bits = torch.where(uniform * gap < lost.abs(), toward, bits)
+    return stochastic_round_to_bf16(bits.view(torch.float32), generator)
+
+
+def _two_sum_error(a: torch.Tensor, b: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """(a + b) - total exactly, where total is a + b rounded to fp32 (Knuth's two-sum, exact for any a and b)."""
+    b_part = total - a
+    return (a - (total - b_part)).add_(b - b_part)
+
+
 # The bf16-weight optimizers `TrainConfig.optimizer` can name, as AdamWBF16's options. Experiment 1 of
 # benchmarks/quality compares them with fp32 AdamW at the presets' learning rates.
 BF16_OPTIMIZERS: dict[str, dict[str, str]] = {
@@ -44,12 +68,16 @@ MOMENT_FORMATS = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 class AdamWBF16(torch.optim.Optimizer):
-    """AdamW for bf16 weights: bf16 moments, fp32 arithmetic, stochastic rounding of the new weights.
+    """AdamW for bf16 weights: bf16 moments, fp32 arithmetic, stochastic rounding of the new weights and moments.
 
-    `rounding="kahan"` instead keeps the part of each update that bf16 weights cannot hold in a bf16
+    The moments are rounded stochastically too: with round-to-nearest, β2 = 0.999's decay of `exp_avg_sq` is below
+    half a bf16 step, so v only grew (1.2× fp32 AdamW's after 2000 steps of steady gradients, 1.5× after 5000, and
+    the steps that much smaller). Weight decay is its own term of the update, `lr·weight_decay·w`, rounded
+    stochastically with the rest: the factor `1 - lr·weight_decay` is exactly 1 in fp32 at a 2e-6 learning rate.
+
+    `rounding="kahan"` instead keeps the part of each weight update that bf16 weights cannot hold in a bf16
     compensation buffer and adds it back next step (compensated summation, as the optimi library does; 2 more
-    bytes per weight). `second_moment="fp32"` keeps `exp_avg_sq` in fp32 (2 more bytes per weight): in bf16
-    with round-to-nearest, β2 = 0.999's decay is below half a bf16 step, so v never decreases.
+    bytes per weight). `second_moment="fp32"` keeps `exp_avg_sq` in fp32 (2 more bytes per weight, no rounding).
 
     The weights and their gradients are re-homed as views into one flat buffer each, so an update is
     a few dozen large kernels over the whole model instead of ~25 small ones per tensor (which, even
@@ -99,37 +127,45 @@ class AdamWBF16(torch.optim.Optimizer):
         self.step_count.add_(1)
         bias1 = 1 - beta1 ** self.step_count
         bias2_sqrt = (1 - beta2 ** self.step_count).sqrt()
-        decay = 1 - lr * group["weight_decay"]
+        # Not as a factor 1 - lr·wd: at lr 2e-6 that is exactly 1 in fp32. (torch's fp32 AdamW multiplies by it, so a
+        # CPU full fine-tune at 2e-6 decays nothing; at LoRA's 1e-4 the factor is representable and decay acts.)
+        shrink = lr * group["weight_decay"]
         kernel = _fused_kernel() if self.flat_param.is_cuda else None
         if kernel is not None:  # one pass over memory: ~14 bytes per weight instead of ~100
-            coefficients = torch.stack([lr / bias1, 1 / bias2_sqrt, decay]).float()
+            coefficients = torch.stack([lr / bias1, 1 / bias2_sqrt, shrink]).float()
             seed = torch.randint(0, 2**31 - 1, (1,), device=self.flat_param.device, generator=self.generator)
             n = self.flat_param.numel()
             kahan = self.compensation is not None
             kernel[(triton_cdiv(n, _BLOCK),)](
                 self.flat_param, self.flat_grad, self.exp_avg, self.exp_avg_sq,
                 self.compensation if kahan else self.flat_param, coefficients, seed, n,
-                beta1, beta2, group["eps"], BLOCK=_BLOCK, KAHAN=kahan,
+                beta1, beta2, group["eps"], BLOCK=_BLOCK, KAHAN=kahan, V_BF16=self.exp_avg_sq.dtype == torch.bfloat16,
             )
             return None
         for start in range(0, self.flat_param.numel(), self.chunk_elements):
-            part = slice(start, start + self.chunk_elements)
-            grad = self.flat_grad[part].float()
-            m = self.exp_avg[part].float().lerp_(grad, 1 - beta1)
-            v = self.exp_avg_sq[part].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            self.exp_avg[part].copy_(m)
-            self.exp_avg_sq[part].copy_(v)
-            denom = v.sqrt().div_(bias2_sqrt).add_(group["eps"])  # not in place: an fp32 v is the state itself
-            old = self.flat_param[part].float()
-            weight = old.mul(decay).addcdiv_(m.mul_(lr / bias1), denom, value=-1)
-            if self.compensation is None:
-                self.flat_param[part].copy_(stochastic_round_to_bf16(weight, self.generator))
-                continue
-            # Kahan: the wanted change plus what earlier steps lost, rounded to nearest; the remainder is kept
-            wanted = weight.sub_(old).add_(self.compensation[part].float())
-            self.flat_param[part].copy_(old + wanted)
-            self.compensation[part].copy_(wanted.sub_(self.flat_param[part].float() - old))
+            self._step_chunk(slice(start, start + self.chunk_elements), lr / bias1, bias2_sqrt, shrink)
         return None
+
+    def _step_chunk(self, part: slice, step_size: torch.Tensor, bias2_sqrt: torch.Tensor, shrink: torch.Tensor) -> None:
+        """The update of `part` of the weights on the CPU (or a GPU without Triton), as the fused kernel does it."""
+        group = self.param_groups[0]
+        beta1, beta2 = group["betas"]
+        grad = self.flat_grad[part].float()
+        m = self.exp_avg[part].float().lerp_(grad, 1 - beta1)
+        v = self.exp_avg_sq[part].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        self.exp_avg[part].copy_(stochastic_round_to_bf16(m, self.generator))
+        if self.exp_avg_sq.dtype == torch.bfloat16:
+            self.exp_avg_sq[part].copy_(stochastic_round_to_bf16(v, self.generator))
+        denom = v.sqrt().div_(bias2_sqrt).add_(group["eps"])  # not in place: an fp32 v is the state itself
+        old = self.flat_param[part].float()
+        update = old.mul(-shrink).addcdiv_(m.mul_(step_size), denom, value=-1)
+        if self.compensation is None:
+            self.flat_param[part].copy_(add_stochastically_rounded(old, update, self.generator))
+            return
+        # Kahan: the wanted change plus what earlier steps lost, rounded to nearest; the remainder is kept
+        wanted = update.add_(self.compensation[part].float())
+        self.flat_param[part].copy_(old + wanted)
+        self.compensation[part].copy_(wanted.sub_(self.flat_param[part].float() - old))
 
     def state_dict(self) -> dict:
         # copied to the CPU: a checkpoint must not need another model's worth of GPU memory
@@ -216,31 +252,48 @@ def _fused_kernel():
 
     @triton.jit
     def adamw_bf16_sr(w_ptr, g_ptr, m_ptr, v_ptr, c_ptr, coef_ptr, seed_ptr, n, beta1, beta2, eps,
-                      BLOCK: tl.constexpr, KAHAN: tl.constexpr):
+                      BLOCK: tl.constexpr, KAHAN: tl.constexpr, V_BF16: tl.constexpr):
         offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < n
         step_size = tl.load(coef_ptr)       # lr / (1 - beta1**step)
         inv_bias2_sqrt = tl.load(coef_ptr + 1)  # 1 / sqrt(1 - beta2**step)
-        decay = tl.load(coef_ptr + 2)       # 1 - lr * weight_decay
+        shrink = tl.load(coef_ptr + 2)      # lr * weight_decay
         seed = tl.load(seed_ptr)
+        # 128 random bits per weight: 16 each to round w, m and v, and 24 for w's rounding to fp32 first
+        r0, r1, r2, _ = tl.randint4x(seed, offsets)
+        w_noise = (r0 & 0xFFFF).to(tl.int32)
+        m_noise = (r0 >> 16).to(tl.int32)
+        v_noise = (r1 & 0xFFFF).to(tl.int32)
+        uniform = (r2 >> 8).to(tl.int32).to(tl.float32) * (1.0 / 16777216.0)  # in [0, 1), as torch.rand
         w = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         m = tl.load(m_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         m = m + (1 - beta1) * (g - m)
         v = beta2 * v + (1 - beta2) * g * g
-        new = w * decay - step_size * m / (tl.sqrt(v) * inv_bias2_sqrt + eps)
+        update = -shrink * w - step_size * m / (tl.sqrt(v) * inv_bias2_sqrt + eps)
         if KAHAN:  # compensated: add what earlier steps lost, round to nearest, keep the remainder
-            wanted = new - w + tl.load(c_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            wanted = update + tl.load(c_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             rounded = (w + wanted).to(tl.bfloat16)
             tl.store(c_ptr + offsets, (wanted - (rounded.to(tl.float32) - w)).to(tl.bfloat16), mask=mask)
             tl.store(w_ptr + offsets, rounded, mask=mask)
-        else:
-            noise = (tl.randint(seed, offsets) & 0xFFFF).to(tl.int32)
-            bits = (new.to(tl.int32, bitcast=True) + noise) & -65536
+        else:  # as `add_stochastically_rounded`: to an fp32 neighbour by the sum's exact error, then to bf16
+            total = w + update
+            update_part = total - w
+            lost = (w - (total - update_part)) + (update - update_part)
+            bits = total.to(tl.int32, bitcast=True)
+            toward = bits + tl.where((lost < 0) == (bits < 0), 1, -1)
+            gap = tl.abs(toward.to(tl.float32, bitcast=True) - total)
+            bits = (tl.where(uniform * gap < tl.abs(lost), toward, bits) + w_noise) & -65536
             tl.store(w_ptr + offsets, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=mask)
-        tl.store(m_ptr + offsets, m.to(tl.bfloat16), mask=mask)
-        tl.store(v_ptr + offsets, v.to(v_ptr.dtype.element_ty), mask=mask)
+        # the moments as `stochastic_round_to_bf16` does (inline: the interpreter does not see a nested jit function)
+        m_bits = (m.to(tl.int32, bitcast=True) + m_noise) & -65536
+        tl.store(m_ptr + offsets, m_bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=mask)
+        if V_BF16:
+            v_bits = (v.to(tl.int32, bitcast=True) + v_noise) & -65536
+            tl.store(v_ptr + offsets, v_bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=mask)
+        else:
+            tl.store(v_ptr + offsets, v, mask=mask)
 
     _KERNEL.append(adamw_bf16_sr)
     return adamw_bf16_sr

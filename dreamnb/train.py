@@ -595,7 +595,7 @@ def run_phase(run: Run, phase: str) -> None:
     if models.use_graphs and accelerator.num_processes > 1:
         broadcast_weights(params)
     lr = config.text_encoder_lr if phase == "text_encoder" else config.unet_lr
-    run.optimizer = make_optimizer(params, lr, models.precision.optimizer, models.device, run.generator)
+    run.optimizer = make_optimizer(params, lr, models.precision.optimizer, models.device, run.generator, weight_decay=config.weight_decay)
     run.lr_scheduler = make_lr_scheduler(run.optimizer, config, phase_steps)
     run.loss_scaler = LossScaler() if models.precision.scales_loss_itself else None
     if start_step:
@@ -936,16 +936,20 @@ def average_gradients(optimizer, params) -> None:
         torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))
 
 
-def make_optimizer(params, lr: float, name: str, device: torch.device, generator=None) -> torch.optim.Optimizer:
+def make_optimizer(params, lr: float, name: str, device: torch.device, generator=None, *,
+                   weight_decay: float) -> torch.optim.Optimizer:
     if name == "adamw8bit":
         import bitsandbytes as bnb  # type: ignore[import-not-found]
 
-        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=1e-2)
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
     if name in BF16_OPTIMIZERS:  # re-homes the weights as bf16, whatever format they came in
-        return AdamWBF16(params, lr=lr, weight_decay=1e-2, generator=generator, **BF16_OPTIMIZERS[name])
+        return AdamWBF16(params, lr=lr, weight_decay=weight_decay, generator=generator, **BF16_OPTIMIZERS[name])
+    # torch's AdamW multiplies the weights by 1 - lr·weight_decay: at a full fine-tune's 2e-6 with 1e-2 that factor is
+    # exactly 1 in fp32, so there the decay does nothing (AdamWBF16 applies it as a term of the update instead); at
+    # LoRA's 1e-4 it acts.
     if device.type == "cuda":  # fused, and capturable with a tensor LR so a CUDA graph can replay it
-        return torch.optim.AdamW(params, lr=torch.tensor(lr, device=device), weight_decay=1e-2, fused=True, capturable=True)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+        return torch.optim.AdamW(params, lr=torch.tensor(lr, device=device), weight_decay=weight_decay, fused=True, capturable=True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 def make_lr_scheduler(optimizer, config: TrainConfig, steps: int):

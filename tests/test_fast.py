@@ -1,7 +1,7 @@
 """The pieces of the GPU fast path that can be checked on a CPU: stochastic rounding and AdamWBF16."""
 import torch
 
-from dreamnb.fast import AdamWBF16, stochastic_round_to_bf16
+from dreamnb.fast import AdamWBF16, add_stochastically_rounded, stochastic_round_to_bf16
 
 
 def test_stochastic_rounding_is_unbiased_and_lands_on_bf16_neighbours():
@@ -14,6 +14,40 @@ def test_stochastic_rounding_is_unbiased_and_lands_on_bf16_neighbours():
     assert abs(rounded.float().mean().item() - x[0].item()) < 2e-5  # unbiased: round-to-nearest would give exactly 1.0
     negative = stochastic_round_to_bf16(-x, generator)
     assert abs(negative.float().mean().item() + x[0].item()) < 2e-5
+
+
+def test_a_sum_below_fp32_resolution_is_still_rounded_without_bias():
+    """1 - 2e-8 is exactly 1 in fp32; rounded stochastically from the exact sum it is 1 - 2**-8 (bf16's step below 1, half
+    the one above) with probability 2e-8 / 2**-8, else 1. Sums of any size and sign land on average where they should."""
+    generator = torch.Generator().manual_seed(0)
+    ones = torch.ones(1 << 21)
+    assert torch.equal(ones + -2e-8, ones)  # the plain fp32 sum loses the update
+    moved = 0
+    for _ in range(8):
+        down = add_stochastically_rounded(ones, torch.full_like(ones, -2e-8), generator).float()
+        assert set(down.unique().tolist()) <= {1.0, 1 - 2 ** -8}
+        moved += int((down < 1).sum())
+    assert 60 < moved < 115, moved  # 2**24 · 2e-8 / 2**-8 ≈ 86 (±9); with the step above 1, 43
+    up = add_stochastically_rounded(ones, torch.full_like(ones, 3e-6), generator).float()
+    assert set(up.unique().tolist()) <= {1.0, 1 + 2 ** -7}
+    assert 0.8 < int((up > 1).sum()) / (ones.numel() * 3e-6 / 2 ** -7) < 1.2  # ≈ 805 (±28)
+    weights = torch.randn(1 << 16, generator=generator).to(torch.bfloat16).float()
+    update = torch.randn(1 << 16, generator=generator) * weights.abs() * 1e-3  # a fraction of a bf16 step, either way
+    error = add_stochastically_rounded(weights, update, generator).float() - weights - update
+    assert (error * update.sign()).mean().abs() < 0.05 * update.abs().mean()  # round-to-nearest: -1 × that mean
+
+
+def test_weight_decay_shrinks_bf16_weights_at_a_full_fine_tune_s_learning_rate():
+    """At lr 2e-6 and weight decay 1e-2 the factor 1 - lr·wd is exactly 1 in fp32; applied as a term of the update and
+    rounded stochastically, zero gradients shrink weights of 1 by (1 - 2e-8)**500 ≈ 1 - 1e-5 on average."""
+    n, steps = 1 << 18, 500
+    weights = torch.nn.Parameter(torch.ones(n))
+    optimizer = AdamWBF16([weights], lr=2e-6, weight_decay=1e-2, generator=torch.Generator().manual_seed(0))
+    for _ in range(steps):
+        optimizer.zero_grad()  # zero gradients: Adam's own term is 0, only the decay acts
+        optimizer.step()
+    shrink, expected = 1 - weights.float().mean().item(), 1 - (1 - 2e-6 * 1e-2) ** steps
+    assert abs(shrink / expected - 1) < 0.2, (shrink, expected)  # ~670 weights stepped down: ±4% is one sigma
 
 
 def test_adamw_bf16_keeps_tiny_updates_that_plain_bf16_would_lose():

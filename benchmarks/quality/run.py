@@ -71,6 +71,8 @@ CONFIGURATIONS = (
     Configuration("2 steps", "UNet 1600 steps", {"optimizer": "adamw", "unet_steps": 1600}),
     Configuration("2 steps", "UNet 3200 steps", {"optimizer": "adamw", "unet_steps": 3200}),
     Configuration("2 preset", "face preset (1500 + 350 steps, no flips)", {"optimizer": "adamw"}, preset="face"),
+    # the default optimizer over the face preset's longer schedule, where a bf16 v that only grew shrank the steps (#29)
+    Configuration("2 preset", "face preset, AdamWBF16 (bf16 + stochastic rounding)", {"optimizer": "adamw-bf16"}, preset="face"),
     # the style preset (no class, no prior preservation) on the style benchmark's subject, and its steps and method
     Configuration("2 preset", "style preset (2000 + 250 steps)", {"optimizer": "adamw"}, preset="style"),
     Configuration("2 preset", "style preset as shipped (optimizer 'auto')", {}, preset="style"),
