@@ -697,6 +697,7 @@ def test_a_log_cut_short_by_a_crash_resumes_and_reads_straight(photo_session, ba
           callback=lambda e: stop.set() if e.kind == "step" and e.step == 2 else None)
     log = photo_session.attempt_dir("cut") / "log.csv"
     with open(log, "a") as f:
-        f.write("3,unet,0.41\\nnot,a,row,at,all\\n\\x00\\x01")  # a row cut mid-write, and garbage
+        # rows of their own that the resume keeps by their step: one edited by hand, one cut mid-write
+        f.write("1,unet,not a loss,0.001,0.5\n2,unet,0.41")
     assert train(photo_session, None, base_sd1, progress=False, attempt="cut", resume=True).status == "finished"
     assert [int(r["step"]) for r in train_module.read_log(photo_session.attempt_dir("cut"))] == [1, 2, 3, 4]

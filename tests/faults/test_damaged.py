@@ -55,10 +55,12 @@ def damaged(path, how):
 
 @pytest.mark.parametrize("how", sorted(DAMAGE))
 @pytest.mark.parametrize("file", ["weights.safetensors", "rng.safetensors", "state.json", "optimizer.pt"])
-def test_resuming_from_a_damaged_checkpoint_is_one_sentence(stopped_session, tiny_sd1, capsys, file, how):
+def test_resuming_from_a_damaged_checkpoint_is_one_sentence(stopped_session, tiny_sd1, capsys, fault, file, how):
     path = stopped_session.attempt_dir("stopped") / "checkpoints" / "step-000005" / file
     original = damaged(path, how)
     try:
+        fault("damaged checkpoint file, on resume", how, path.read_bytes() != original, f"step-000005/{file}")
+        assert path.read_bytes() != original
         before = snapshot(stopped_session.path)
         code = main(["train", "--session", str(stopped_session.path), "--model", str(tiny_sd1.folder), "--resume", "--attempt", "stopped"])
         err = capsys.readouterr().err
@@ -77,10 +79,12 @@ def test_resuming_from_a_damaged_checkpoint_is_one_sentence(stopped_session, tin
     (["export", "--format", "safetensors", "--attempt", "done"], "done/final/text_encoder/model.safetensors"),
 ])
 @pytest.mark.parametrize("how", ["truncated", "garbage"])
-def test_reading_a_damaged_attempt_is_one_sentence(stopped_session, tmp_path, capsys, command, where, how):
+def test_reading_a_damaged_attempt_is_one_sentence(stopped_session, tmp_path, capsys, fault, command, where, how):
     path = stopped_session.path / "attempts" / where
     original = damaged(path, how)
     try:
+        fault("damaged attempt file, on reading", how, path.read_bytes() != original, f"{command[0]}: {where}")
+        assert path.read_bytes() != original
         before = snapshot(stopped_session.path)
         out = ["--out", str(tmp_path / ("x.png" if command[0] != "export" else "x.safetensors"))]
         extra = ["--prompt", "x", "--seed", "1", "--steps", "2"] if command[0] != "export" else []

@@ -32,7 +32,7 @@ def fill(folder, leave: int) -> None:
         f.write(b"\0" * max(0, stat.f_bavail * stat.f_frsize - leave))
 
 
-def test_a_full_disk_at_a_checkpoint_is_one_sentence_and_the_run_resumes_exactly(small_disk, tmp_path, tiny_sd1):
+def test_a_full_disk_at_a_checkpoint_is_one_sentence_and_the_run_resumes_exactly(small_disk, tmp_path, tiny_sd1, fault):
     from conftest import subject_photo
     from dreamnb.session import create_session
 
@@ -47,6 +47,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_sentence_and_the_run_resumes_exactly
     session = sessions[1]
     on_event = lambda e: fill(small_disk, 256 * 1024) if e.kind == "checkpoint" and e.step == 3 else None
     result = train(session, config, str(tiny_sd1.folder), progress=False, callback=on_event)
+    fault("a real full disk", "checkpoint", result.message.startswith("The disk is full"), f"the checkpoint after step {result.steps_done}")
     assert result.status == "failed" and result.steps_done == 6
     assert result.message.startswith("The disk is full") and "\n" not in result.message, result.message
     checkpoints = sorted(p.name for p in (session.attempt_dir("attempt-1") / "checkpoints").iterdir())
@@ -61,12 +62,13 @@ def test_a_full_disk_at_a_checkpoint_is_one_sentence_and_the_run_resumes_exactly
     assert not leftovers, leftovers
 
 
-def test_an_export_to_a_full_disk_is_one_sentence_and_leaves_no_partial_file(small_disk, photo_session, tiny_sd1, capsys):
+def test_an_export_to_a_full_disk_is_one_sentence_and_leaves_no_partial_file(small_disk, photo_session, tiny_sd1, capsys, fault):
     from dreamnb.cli import main
 
     train(photo_session, quick_config(unet_steps=2), str(tiny_sd1.folder), progress=False)
     fill(small_disk, 256 * 1024)
     code = main(["export", "--session", str(photo_session.path), "--format", "safetensors", "--out", str(small_disk / "me.safetensors")])
     err = capsys.readouterr().err
+    fault("a real full disk", "export", "The disk is full" in err, "writing me.safetensors")
     assert code == 2 and "The disk is full" in err and "Traceback" not in err, err
     assert sorted(p.name for p in small_disk.iterdir()) == ["ballast"]  # no partial export, no temporary file
