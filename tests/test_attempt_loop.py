@@ -5,6 +5,7 @@ import threading
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from dreamnb.cli import main
@@ -27,6 +28,27 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
+def assert_one_step_from(after: dict[str, torch.Tensor], before: dict[str, torch.Tensor], lr: float = LR) -> None:
+    """`after` is one AdamW step of a fresh optimizer from `before`: no weight moved further than one step can, and
+    most moved about lr (the first step of Adam moves every weight with a gradient by lr · |g / √g²| = lr; the tiny
+    UNet's 1×1 bottleneck leaves a quarter without one), so a child that trained no step, or started elsewhere, fails."""
+    assert max_difference(after, before) <= one_step_bound(before, lr)
+    changes = torch.cat([(after[k].float() - before[k].float()).abs().flatten() for k in before])
+    assert (changes >= 0.5 * lr).float().mean() > 0.5, (changes >= 0.5 * lr).float().mean()
+
+
+def kohya_name(peft_key: str) -> str:
+    """A checkpoint's LoRA key (peft's: `unet.<module>.lora_A.weight`) under the name kohya's loaders (A1111, ComfyUI)
+    look it up by: the module path with '.' as '_' under `lora_unet_` or `lora_te_text_model_`, A as lora_down, B as
+    lora_up. Written from the layout's description, not from the exporter's code."""
+    part, rest = peft_key.split(".", 1)
+    module, kind, _ = rest.rsplit(".", 2)
+    if part == "text_encoder":  # transformers >= 5.6 leaves `text_model.` out of CLIPTextModel's paths; kohya keeps it
+        module = "text_model." + module.removeprefix("text_model.")
+    prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_"}[part]
+    return f"{prefix}{module.replace('.', '_')}.{dict(lora_A='lora_down', lora_B='lora_up')[kind]}.weight"
+
+
 def unet_weights(folder) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
 
@@ -42,9 +64,8 @@ def test_a_continued_attempt_starts_from_the_parents_final_weights_and_records_i
     assert session.attempt(child.attempt).parent == "attempt-1@15" and child.steps_done == 1
     parent_unet, child_unet = unet_weights(parent.final_dir), unet_weights(child.final_dir)
     base_unet = {k: v for k, v in base_sd1.unet.state_dict().items()}
-    bound = one_step_bound(parent_unet)
-    assert max_difference(child_unet, parent_unet) <= bound  # one step from the parent ...
-    assert max_difference(parent_unet, base_unet) > 5 * bound  # ... which is far from the base: the test can tell
+    assert_one_step_from(child_unet, parent_unet)  # one step from the parent ...
+    assert max_difference(parent_unet, base_unet) > 5 * one_step_bound(parent_unet)  # ... which is far from the base: the test can tell
     te = "text_encoder/model.safetensors"  # not trained by the child: carried on exactly as the parent left it
     assert max_difference(load_file(str(child.final_dir / te)), load_file(str(parent.final_dir / te))) == 0
 
@@ -65,7 +86,7 @@ def test_continuing_from_a_checkpoint_and_naming_checkpoints_everywhere(photo_se
 
     child = train(photo_session, continue_config(photo_session, "attempt-1@4", unet_steps=1), base_sd1, progress=False)
     child_unet = unet_weights(child.final_dir)
-    assert max_difference(child_unet, at_4) <= one_step_bound(at_4)
+    assert_one_step_from(child_unet, at_4)
     assert max_difference(at_4, unet_weights(parent.final_dir)) > 3 * one_step_bound(at_4)  # step 4 ≠ step 8
 
     # export of a checkpoint holds that checkpoint's weights (fp32 file: exactly)
@@ -79,15 +100,18 @@ def test_continuing_from_a_checkpoint_and_naming_checkpoints_everywhere(photo_se
 
 
 def test_a_lora_attempt_continues_from_its_lora_and_exports_a_checkpoint_in_kohyas_layout(photo_session, base_sd1, tmp_path):
-    parent = train(photo_session, quick_config(method="lora", unet_steps=8, text_encoder_steps=2, checkpoint_every=4),
-                   base_sd1, progress=False)
+    rank, alpha = 4, 8  # alpha ≠ rank: an export that wrote the rank (diffusers' default) as alpha would scale by 1, not 2
+    parent = train(photo_session, quick_config(method="lora", unet_steps=8, text_encoder_steps=2, checkpoint_every=4,
+                                               lora_rank=rank, lora_alpha=alpha), base_sd1, progress=False)
     with pytest.raises(ConfigError, match="keeps attempt-1's method"):
         continue_config(photo_session, parent.attempt, method="full")
-    child = train(photo_session, continue_config(photo_session, parent.attempt, unet_steps=1), base_sd1, progress=False)
+    config = continue_config(photo_session, parent.attempt, unet_steps=1)
+    assert (config.lora_rank, config.lora_alpha) == (rank, alpha)
+    child = train(photo_session, config, base_sd1, progress=False)
     before, after = load_file(str(parent.final_dir / LORA_FILE)), load_file(str(child.final_dir / LORA_FILE))
     unet = [k for k in before if k.startswith("unet.")]
     assert unet and any(k.startswith("text_encoder.") for k in before)
-    assert max_difference({k: after[k] for k in unet}, {k: before[k] for k in unet}) <= one_step_bound(before)
+    assert_one_step_from({k: after[k] for k in unet}, {k: before[k] for k in unet})
     te = [k for k in before if k.startswith("text_encoder.")]
     assert max_difference({k: after[k] for k in te}, {k: before[k] for k in te}) == 0
     assert max(v.abs().max().item() for k, v in before.items() if k in unet and ".up." in k) > 5 * one_step_bound(before)
@@ -95,9 +119,15 @@ def test_a_lora_attempt_continues_from_its_lora_and_exports_a_checkpoint_in_kohy
     out = export_attempt(photo_session, base_sd1, "attempt-1@4", "lora", tmp_path, force=False)
     assert out.name.endswith("attempt-1-step4-lora.safetensors")
     saved = load_file(str(photo_session.attempt_dir("attempt-1") / "checkpoints" / "step-000004" / "weights.safetensors"))
+    assert {k.split(".")[0] for k in saved} == {"unet", "text_encoder"}  # step 4: both phases' adapters
+    expected = {kohya_name(k): v for k, v in saved.items()}
+    modules = {k.rsplit(".", 2)[0] for k in expected}
     kohya = load_file(str(out))
-    ups = sorted(v.sum().item() for k, v in kohya.items() if k.endswith("lora_up.weight"))
-    assert ups == pytest.approx(sorted(v.sum().item() for k, v in saved.items() if "lora_B" in k), abs=0)
+    assert kohya.keys() == expected.keys() | {f"{m}.alpha" for m in modules}
+    assert [k for k, v in expected.items() if not torch.equal(kohya[k], v)] == []  # each tensor under its own layer's name
+    assert {kohya[f"{m}.alpha"].item() for m in modules} == {alpha}
+    with safe_open(str(out), framework="pt") as f:
+        assert (f.metadata()["ss_network_dim"], f.metadata()["ss_network_alpha"]) == (str(rank), str(alpha))
 
 
 def test_only_the_newest_checkpoint_keeps_the_optimizer_and_free_space_drops_a_finished_attempts(photo_session, base_sd1):

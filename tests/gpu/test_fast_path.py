@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dreamnb.train import train
-from .gpu_util import final_weights, relative_difference, start_weights
+from .gpu_util import final_weights, graphed_sampling_matches_eager, relative_difference, start_weights
 
 
 def config(**changes):
@@ -102,20 +102,6 @@ def test_graphed_sdxl_sampling_gives_the_same_images(tiny_sdxl):
     from dreamnb.models import load_base_model
 
     graphed_sampling_matches_eager(load_base_model(tiny_sdxl.folder).pipeline)
-
-
-def graphed_sampling_matches_eager(pipe):
-    from dreamnb.fast import FastUNetForward
-    from dreamnb.sample import SampleSettings, generate
-
-    settings = [SampleSettings(prompt="photo of zwx thing", seed=s, num_inference_steps=5) for s in (1, 2, 3)]
-    eager = generate(pipe, settings, progress=False, cuda_graphs=False)
-    graphed = generate(pipe, settings, progress=False, cuda_graphs=True)
-    again = generate(pipe, settings, progress=False, cuda_graphs=True)  # replays, no new capture
-    assert isinstance(pipe.unet.forward, FastUNetForward) and len(pipe.unet.forward.graphs) == 1
-    for a, b, c in zip(eager, graphed, again):
-        a, b, c = (torch.tensor(list(x.image.getdata()), dtype=torch.float32) for x in (a, b, c))
-        assert (a - b).abs().mean() < 1.0 and torch.equal(b, c)
 
 
 def test_previews_on_the_graphed_path_leave_training_untouched(photo_session, gpu_base):

@@ -3,6 +3,8 @@ script's `main` in a fresh process), with the presets as shipped (prior preserva
 on the tiny model and on the full SD-1.5 architecture with random weights (`-m full`). Figures go to the report."""
 from __future__ import annotations
 
+import csv
+import io
 import json
 import time
 
@@ -10,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from .gpu_util import dreamnb, record
+from .gpu_util import (assert_images_tell_seeds_and_weights_apart, assert_logged_lr_follows_the_schedule,
+                       assert_trained_as_configured, dreamnb, graphed_sampling_matches_eager, record)
 
 TOKEN = "squidarth"
 
@@ -43,10 +46,14 @@ def sample_with_diffusers(model_folder, exported, kind, xl=False):
     else:
         pipe = pipeline_class.from_pretrained(model_folder, torch_dtype=torch.float16, **extra)
         pipe.load_lora_weights(str(exported))
+    base = pipeline_class.from_pretrained(model_folder, torch_dtype=torch.float16, **extra).to("cuda")
     pipe.to("cuda")
-    image = pipe(f"photo of {TOKEN} person", num_inference_steps=5, generator=torch.Generator("cuda").manual_seed(0),
+
+    def image(p, seed):
+        return p(f"photo of {TOKEN} person", num_inference_steps=5, generator=torch.Generator("cuda").manual_seed(seed),
                  output_type="np").images[0]
-    assert image.shape[-1] == 3 and image.std() > 0 and not (image != image).any()  # an image, no NaN
+
+    assert_images_tell_seeds_and_weights_apart(image(pipe, 0), image(pipe, 0), image(pipe, 1), image(base, 0))
 
 
 @pytest.mark.parametrize("preset, lora", [("face", False), ("face", True), ("style", False)])
@@ -101,6 +108,7 @@ def test_sdxl_with_an_fp16_vae_through_the_cli(tiny_sdxl, photos_512, tmp_path):
     pictures = [np.asarray(Image.open(path).convert("RGB"), np.float32) for path in
                 [tmp_path / "s.png", *sorted(session.glob("class/**/*.png"))]]
     assert len(pictures) == 5 and all(p.std() > 1 and p.mean() > 1 for p in pictures)
+    assert len({p.tobytes() for p in pictures}) == 5  # five seeds, five pictures (not one the VAE paints whatever it gets)
     record("tiny SDXL with an fp16 VAE (--vae) through the CLI", train_s=round(train_s, 1))
 
 
@@ -136,10 +144,15 @@ def test_the_face_preset_as_shipped_on_the_full_architecture(full_model, face_ru
     session, exported, log, seconds = face_run_full
     assert "on cuda" in log and "adamw-bf16" in log and "CUDA graphs on" in log, log
     sample_with_diffusers(full_model, exported, "safetensors")
-    steps = (session / "attempts" / "attempt-1" / "log.csv").read_text().splitlines()[-1].split(",")
-    assert steps[0] == "1850"
-    record("face preset as shipped, full SD-1.5 architecture, CLI", **seconds, final_loss=float(steps[2]),
-           gpu=torch.cuda.get_device_name())
+    attempt = session / "attempts" / "attempt-1"
+    config = json.loads((attempt / "config.json").read_text())
+    assert (config["preset"], config["with_prior_preservation"], config["text_encoder_steps"], config["unet_steps"]) == ("face", True, 350, 1500)
+    assert "class images" in log and len(list(next((session / "class").iterdir()).glob("*.png"))) == config["num_class_images"] == 100
+    rows = list(csv.DictReader(io.StringIO((attempt / "log.csv").read_text())))
+    assert_logged_lr_follows_the_schedule(rows, config)
+    moved = assert_trained_as_configured(attempt / "final", full_model, config, loaded_as=torch.float16)
+    record("face preset as shipped, full SD-1.5 architecture, CLI", **seconds, final_loss=float(rows[-1]["loss"]),
+           mean_change_in_lr=moved, gpu=torch.cuda.get_device_name())
 
 
 T4_PRELUDE = """
@@ -186,6 +199,7 @@ def test_sampling_through_the_users_functions_is_on_the_gpu(full_model):
 
     base = load_base_model(full_model)
     assert base.placement.device.type == "cuda" and base.placement.dtype == torch.float16
+    graphed_sampling_matches_eager(base.pipeline)  # the full architecture's graphed images are the eager ones
     settings = [SampleSettings(prompt="a photo of a person", seed=1)]
     for _ in range(2):  # warm: graphs recorded
         generate(base.pipeline, settings, progress=False)
@@ -237,14 +251,16 @@ def test_the_notebook_headless_on_the_full_architecture(full_model, photos_512, 
 def test_continuing_a_checkpoint_through_the_cli(tiny_sd1, photos_512, tmp_path):
     """The loop users work in, on the GPU (bf16 weights, CUDA graphs): train, continue from a checkpoint as a new
     attempt, compare the checkpoint with both, export the checkpoint. The child starts where the checkpoint is: after
-    10 more steps it is nearer to it than the parent's 30 further steps took the parent."""
+    10 more steps it is nearer to it than the parent's 30 further steps took the parent, and at least half as far as the
+    parent's own next 10 steps went (its fresh AdamW steps are no smaller than the parent's warm ones): a child that
+    trained no step, or started elsewhere, fails."""
     from safetensors.torch import load_file
 
     session = tmp_path / "sessions" / "me"
     dreamnb("prepare", photos_512, "--session", session, cwd=tmp_path)
     common = ["--session", session, "--model", tiny_sd1.folder]
     dreamnb("train", *common, "--token", TOKEN, "--class-word", "person", "--te-steps", "10", "--unet-steps", "50",
-            "--checkpoint-every", "30", cwd=tmp_path)
+            "--checkpoint-every", "10", "--set", "keep_checkpoints=3", cwd=tmp_path)  # kept: 30, 40, 50
     done, seconds = dreamnb("train", *common, "--from", "attempt-1@30", "--unet-steps", "10", cwd=tmp_path)
     assert "Continuing from attempt-1@30" in done.stderr and "CUDA graphs on" in done.stderr, done.stderr
     state = json.loads((session / "session.json").read_text())
@@ -253,14 +269,17 @@ def test_continuing_a_checkpoint_through_the_cli(tiny_sd1, photos_512, tmp_path)
     dreamnb("export", "--session", session, "--attempt", "attempt-1@30", "--format", "safetensors", cwd=tmp_path)
     assert (session / "exports" / "me-attempt-1-step30.safetensors").is_file()
 
-    at_30 = {k[len("unet."):]: v.float() for k, v in load_file(str(session / "attempts/attempt-1/checkpoints/step-000030/weights.safetensors")).items()}
+    def checkpoint(step):
+        return {k[len("unet."):]: v.float() for k, v in load_file(str(session / f"attempts/attempt-1/checkpoints/step-{step:06d}/weights.safetensors")).items()}
+    at_30 = checkpoint(30)
     def unet(attempt):
         return {k: v.float() for k, v in load_file(str(session / f"attempts/{attempt}/final/unet/diffusion_pytorch_model.safetensors")).items()}
     def distance(a, b):
         return float(sum(((a[k] - b[k]) ** 2).sum() for k in a).sqrt())
-    child, parent = distance(unet("attempt-2"), at_30), distance(unet("attempt-1"), at_30)
-    assert 0 < child < 0.8 * parent, (child, parent)
-    record("continue attempt-1@30 for 10 steps through the CLI, tiny model", train_s=round(seconds, 1), child_distance=child, parent_distance=parent)
+    child, parent, parent_10 = distance(unet("attempt-2"), at_30), distance(unet("attempt-1"), at_30), distance(checkpoint(40), at_30)
+    assert 0.5 * parent_10 < child < 0.8 * parent, (child, parent_10, parent)
+    record("continue attempt-1@30 for 10 steps through the CLI, tiny model", train_s=round(seconds, 1), child_distance=child,
+           parent_distance=parent, parent_10_steps_distance=parent_10)
 
 
 def test_the_demo_on_the_gpu(tmp_path):
