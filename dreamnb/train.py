@@ -324,17 +324,20 @@ def _train(session: Session, config: TrainConfig, base_model: BaseModel | str | 
         emit(TrainEvent("info", message=f"Some photos are {smallest} px, below the training size ({config.resolution} px), so they are "
                                         f"enlarged and soften the result; prepare them again with --size {config.resolution}."))
 
-    training_data = prepare_data(session, config, examples, base_model, accelerator, emit, progress)
-    with base_model.parked() as parked:
-        if parked:
-            emit(TrainEvent("info", message="The base model waits on the CPU while training, leaving the GPU's memory to training."))
-        run = start_run(session, name, config, base_model, accelerator, precision, training_data, checkpoint, emit, stop, progress)
-        status, message, final_dir = run_training(run)
-        steps_done, losses, elapsed = run.state["global_step"], run.losses, time.time() - run.started
-        # the trainer's copies, its CUDA graph's memory pool (and after an OOM the failed step's tensors) go before the
-        # base model comes back: beside them, the end of an SDXL run needed 21.4 GB against training's 16.1
-        run = None
-        accelerator.free_memory()
+    # the base model is this thread's from here on (a notebook's views in another thread are refused meanwhile): it
+    # makes class images and latents, then waits on the CPU while training
+    with base_model.in_use(f"training {name}"):
+        training_data = prepare_data(session, config, examples, base_model, accelerator, emit, progress)
+        with base_model.parked() as parked:
+            if parked:
+                emit(TrainEvent("info", message="The base model waits on the CPU while training, leaving the GPU's memory to training."))
+            run = start_run(session, name, config, base_model, accelerator, precision, training_data, checkpoint, emit, stop, progress)
+            status, message, final_dir = run_training(run)
+            steps_done, losses, elapsed = run.state["global_step"], run.losses, time.time() - run.started
+            # the trainer's copies, its CUDA graph's memory pool (and after an OOM the failed step's tensors) go before
+            # the base model comes back: beside them, the end of an SDXL run needed 21.4 GB against training's 16.1
+            run = None
+            accelerator.free_memory()
     update_attempt(session, name, status=status, steps_done=steps_done, message=message)
     emit(TrainEvent("done" if status == "finished" else ("stopped" if status == "interrupted" else "error"),
                     step=steps_done, total_steps=config.total_steps, message=message,

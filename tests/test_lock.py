@@ -246,3 +246,40 @@ def test_parking_waits_until_another_threads_use_of_the_base_model_ends():
         assert not parked.wait(0.3)  # the grid is being made with the model: it must not move under it
     assert parked.wait(10)
     thread.join(10)
+
+
+def test_train_called_in_a_thread_holds_the_base_model_from_its_class_images_on(tmp_path, tiny_sd1):
+    """`train` itself owns the base model while it runs, not only the train view: called from any thread, it makes its
+    class images with the model, and another thread that wants it meanwhile gets the sentence."""
+    from conftest import subject_photo
+    from dreamnb.models import ModelBusyError, load_base_model
+    from dreamnb.train import train
+    from dreamnb.ui.base import using_model
+    from test_train import quick_config
+
+    base = load_base_model(tiny_sd1.folder)
+    session = sessions.create_session(tmp_path / "session")
+    for i in range(2):
+        subject_photo(i).save(session.instance_dir / f"photo-{i}.png")
+    making_class_images, release, results = threading.Event(), threading.Event(), []
+
+    def on_event(event):
+        if event.kind == "info" and "class images" in (event.message or ""):
+            making_class_images.set()
+            release.wait(30)
+
+    config = quick_config(unet_steps=2, with_prior_preservation=True, num_class_images=1)
+    thread = threading.Thread(target=lambda: results.append(train(session, config, base, callback=on_event, progress=False)),
+                              daemon=True)
+    thread.start()
+    try:
+        assert making_class_images.wait(120)
+        with pytest.raises(ModelBusyError, match=r"^The base model is in use by training attempt-1 in this notebook"):
+            with using_model(base, "making a grid"):
+                pass
+    finally:
+        release.set()
+        thread.join(120)
+    assert results and results[0].status == "finished"
+    with using_model(base, "making a grid") as used:
+        assert used is base

@@ -1019,7 +1019,7 @@ def test_while_the_notebook_trains_the_views_that_touch_its_files_or_model_refus
         assert images.generate() is None and "before generating images" in images.error_text
         other = ui.CompareView(create_session(tmp_path / "other"), base_sd1, attempts=["base"], prompts=["a photo"],
                                seeds=[1], num_inference_steps=2)
-        assert other.compare() is None and other.error_text.startswith("The base model is in use by training in this notebook")
+        assert other.compare() is None and other.error_text.startswith("The base model is in use by training attempt-1 in this notebook")
         assert files_under(photo_session.path) == before and not (tmp_path / "other" / "grids").exists()
     finally:
         release.set()

@@ -266,14 +266,10 @@ def using_model(model: Any, what: str):
     """The loaded BaseModel (as `resolve_model` gives it), in use by this thread for the duration: the one place views
     take the base model for work. While the notebook's training thread uses it (and parks it on the CPU), one sentence
     instead of sampling on a half-moved model (`BaseModel.in_use`)."""
-    with model_in_use(resolve_model(model), what) as base:
+    base = resolve_model(model)
+    in_use = getattr(base, "in_use", None)  # a stand-in without one (a test's fake model) has nothing to guard
+    with (in_use(what) if callable(in_use) else contextlib.nullcontext(base)):
         yield base
-
-
-def model_in_use(base: Any, what: str):
-    """`base.in_use(what)`; a stand-in without one (a test's fake model) has nothing to guard."""
-    in_use = getattr(base, "in_use", None)
-    return in_use(what) if callable(in_use) else contextlib.nullcontext(base)
 
 
 def loaded_model(model: Any):

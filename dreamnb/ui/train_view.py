@@ -31,7 +31,7 @@ from ..session import Session, split_ref
 from ..train import TrainEvent, TrainResult, continue_config, disk_estimate, read_log, train
 from .attempt_picker import BASE, AttemptPicker
 from .base import (HELP_STYLE, Results, StepFailed, View, current_text, follow_model, loaded_model, model_family,
-                   model_in_use, png_bytes, resolve_model, resolve_session, row)
+                   png_bytes, resolve_model, resolve_session, row)
 from .config_form import ConfigForm, family_keys
 
 log = logging.getLogger(__name__)
@@ -402,10 +402,8 @@ class TrainView(View):
         """Train; show the outcome. Returns the failure sentence, or None. Runs in the training thread."""
         failure = None
         try:
-            # the base model is this thread's for the whole run: it makes class images, then waits on the CPU (parked)
-            with model_in_use(model, f"training {name}" if name else "training"):
-                result = self._trainer(session, config, model, attempt=name, resume=resume,
-                                       callback=self._on_event, stop=self.stop_event, progress=False)
+            result = self._trainer(session, config, model, attempt=name, resume=resume,
+                                   callback=self._on_event, stop=self.stop_event, progress=False)
             self.result = result
             if result.status == "failed":
                 failure = result.message
