@@ -210,9 +210,6 @@ def _tiny_base_model():
 
 
 def test_the_base_model_is_not_used_by_another_thread_while_training_parks_it():
-    from dreamnb.models import ModelBusyError
-    from dreamnb.ui.base import using_model
-
     base = _tiny_base_model()
 
     def train(held, release):
@@ -221,15 +218,7 @@ def test_the_base_model_is_not_used_by_another_thread_while_training_parks_it():
             release.wait(10)
 
     thread, release = _hold_in_a_thread(train)
-    try:
-        with pytest.raises(ModelBusyError, match=r"^The base model is in use by training attempt-1 in this notebook"):
-            with using_model(base, "making a grid"):
-                pass
-    finally:
-        release.set()
-        thread.join(10)
-    with using_model(base, "making a grid") as used:
-        assert used is base
+    _refused_until_released(base, release, thread)
 
 
 def test_parking_waits_until_another_threads_use_of_the_base_model_ends():
@@ -252,9 +241,8 @@ def test_train_called_in_a_thread_holds_the_base_model_from_its_class_images_on(
     """`train` itself owns the base model while it runs, not only the train view: called from any thread, it makes its
     class images with the model, and another thread that wants it meanwhile gets the sentence."""
     from conftest import subject_photo
-    from dreamnb.models import ModelBusyError, load_base_model
+    from dreamnb.models import load_base_model
     from dreamnb.train import train
-    from dreamnb.ui.base import using_model
     from test_train import quick_config
 
     base = load_base_model(tiny_sd1.folder)
@@ -272,14 +260,22 @@ def test_train_called_in_a_thread_holds_the_base_model_from_its_class_images_on(
     thread = threading.Thread(target=lambda: results.append(train(session, config, base, callback=on_event, progress=False)),
                               daemon=True)
     thread.start()
+    assert making_class_images.wait(120)
+    _refused_until_released(base, release, thread)
+    assert results and results[0].status == "finished"
+
+
+def _refused_until_released(base, release: threading.Event, thread: threading.Thread) -> None:
+    """While `thread` trains with `base` (until `release`), a view's use of it is refused in one sentence; after, it works."""
+    from dreamnb.models import ModelBusyError
+    from dreamnb.ui.base import using_model
+
     try:
-        assert making_class_images.wait(120)
         with pytest.raises(ModelBusyError, match=r"^The base model is in use by training attempt-1 in this notebook"):
             with using_model(base, "making a grid"):
                 pass
     finally:
         release.set()
         thread.join(120)
-    assert results and results[0].status == "finished"
     with using_model(base, "making a grid") as used:
         assert used is base
