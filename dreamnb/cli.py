@@ -149,8 +149,9 @@ def cmd_check_token(args) -> Any:
     if args.model:
         from .models import load_base_model
 
-        base = load_base_model(args.model)  # SDXL: checked with both of its tokenizers
-        tokenizer, text_encoder, tokenizer_2 = base.tokenizer, base.text_encoder, base.tokenizer_2
+        base = load_base_model(args.model)  # checked with each of its tokenizers (SDXL's two)
+        (tokenizer, *more), text_encoder = base.tokenizers, base.text_encoder
+        tokenizer_2 = more[0] if more else None
     else:
         tokenizer = load_tokenizer(args.tokenizer)
     report = check_token(args.text, tokenizer, text_encoder, tokenizer_2=tokenizer_2)
@@ -178,7 +179,7 @@ def train_config_from_args(args, session=None, model=None) -> TrainConfig:
         return continue_config(session, args.parent, **overrides, preset=args.preset, method="lora" if args.lora else None)
     from .models import detect_family
 
-    family = detect_family(model) if model else "sd1"
+    family = detect_family(model) if model else None
     method = "lora" if args.lora else overrides.get("method")
     return TrainConfig.from_preset(args.preset or "face", method, family=family, **overrides)
 

@@ -1,0 +1,175 @@
+"""What every model family answers: the one place where one family differs from another.
+
+A family is one object (a module's `FAMILY`), looked up by its key (`ModelInfo.family`: "sd1", "sd2", "sdxl") through
+`dreamnb.families.get`. The trainer's stages, sampling, previews, compare, export, the CLI and the notebook ask it and
+never name a family. What it answers, in the order a run needs it:
+
+- recognising a model: its pipeline class names (model_index.json, a Hub id's), a single file's keys, a loaded
+  pipeline's parts; a diffusers folder's parts; its label as shown to people;
+- loading and assembling: the pipeline class, its loading options, a pipeline from another's parts;
+- the parts: which part paints (`denoiser`), the text encoders and their tokenizers, where LoRA goes;
+- prompts: a `PromptEncoder` (token ids in, (embeds, pooled) out), per-image conditioning (SDXL's size and crop
+  numbers), and how the denoiser is called with them;
+- the noise schedule and training target (`noise_schedule`);
+- presets: the values that differ for this family, and the method it trains with by default;
+- export: kohya's names and metadata, the model card's tags, the single-file layout.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+
+
+SUPPORTED = "Stable Diffusion 1.x, 2.x or XL"  # what error messages offer instead
+
+
+class ModelError(UserError):
+    """A base model that cannot be used; the message says what is wrong and what to do."""
+
+
+class PromptEncoder(torch.nn.Module):
+    """The one owner of how prompts become the denoiser's conditioning: a family's text encoder(s) as one module, token
+    ids from `data.tokenize_all` in, (embeds, pooled) out (pooled is None where the family has none). One module, so a
+    phase trains, moves, freezes or wraps (DDP) all encoders alike. The encoders are attributes named as the pipeline
+    names them (`text_encoder`, `text_encoder_2`), which are also their checkpoint key prefixes."""
+
+    def __init__(self, **encoders: torch.nn.Module | None):
+        super().__init__()
+        self._names = [name for name, encoder in encoders.items() if encoder is not None]
+        for name in self._names:
+            setattr(self, name, encoders[name])
+
+    def parts(self) -> dict[str, torch.nn.Module]:
+        """The encoders by the names they are saved under."""
+        return {name: getattr(self, name) for name in self._names}
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+
+class Family:
+    """The answers of one model family; a family module subclasses it (or another family: SDXL is SD with more)."""
+
+    key: str = ""                      # as saved in ModelInfo.family and in cache keys
+    label: str = ""                    # as shown to people: "Stable Diffusion 1.x"
+    pipeline_class_name: str = ""      # the diffusers pipeline it loads as
+    denoiser: str = "unet"             # the part that paints, by its pipeline name (also its phase's name)
+    text_encoders: tuple[str, ...] = ("text_encoder",)   # the text encoders, by their pipeline names, in prompt order
+    tokenizers: tuple[str, ...] = ("tokenizer",)         # each text encoder's tokenizer, in the same order
+    folder_parts: tuple[str, ...] = ()                   # a diffusers folder's parts that must be there
+    default_method: str = "full"       # "full" or "lora": what the presets train with unless told
+    keep_vae_fp32_when_forced: bool = False  # a VAE marked force_upcast stays in fp32 (it overflows in fp16)
+    fp16_vae: str | None = None        # a VAE made for this family that stays in fp16, to suggest
+
+    # --- parts ------------------------------------------------------------------------------------------
+
+    @property
+    def trained_parts(self) -> tuple[str, ...]:
+        """The parts training may change, by the names their weights are saved under (checkpoint key prefixes, final/'s
+        folders, the prefixes of diffusers' LoRA files)."""
+        return (self.denoiser, *self.text_encoders)
+
+    def part(self, pipeline, name: str):
+        """A part of a pipeline of this family by its name; None where it has none (a refiner's first text encoder)."""
+        return getattr(pipeline, name, None)
+
+    def tokenizer_list(self, pipeline) -> list:
+        """The tokenizer of each text encoder, in the prompt encoder's order."""
+        return [t for t in (getattr(pipeline, name, None) for name in self.tokenizers) if t is not None]
+
+    def lora_targets(self, part: str) -> list[str]:
+        """The layers LoRA adapts in a part."""
+        raise NotImplementedError
+
+    # --- loading and assembling --------------------------------------------------------------------------
+
+    def pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class_name)
+
+    def load_options(self) -> dict[str, Any]:
+        """Extra keyword arguments for the pipeline's `from_pretrained` / `from_single_file`."""
+        return {}
+
+    def assemble(self, base_pipeline, **parts):
+        """A pipeline of this family with `base_pipeline`'s parts and settings, some parts replaced by `parts`."""
+        raise NotImplementedError
+
+    def claims_class(self, class_name: str | None) -> bool:
+        """Whether a diffusers pipeline class (model_index.json's `_class_name`) loads as this family."""
+        return class_name == self.pipeline_class_name
+
+    def check_pipeline(self, pipe, source: str) -> "Family":
+        """The family of a loaded pipeline of this family's class, checked against what it claimed to be (a family may
+        tell its versions apart only once loaded: SD 1.x from 2.x)."""
+        return self
+
+    def recognise_checkpoint(self, keys: list[str], shapes: dict[str, tuple[int, ...]], name: str) -> "Family | None":
+        """This family (or one of its versions) when a single file's keys are its own, else None; a ModelError for a
+        near miss that cannot be trained (an inpainting model, a refiner)."""
+        return None
+
+    # --- prompts and conditioning -------------------------------------------------------------------------
+
+    def prompt_encoder(self, **encoders) -> PromptEncoder:
+        raise NotImplementedError
+
+    def image_conditioning(self, paths: list[Path], resolution: int) -> torch.Tensor | None:
+        """Numbers each training image adds to its prompt's conditioning, a row per image; None for none."""
+        return None
+
+    def denoiser_inputs(self, pooled: torch.Tensor | None, image_rows: torch.Tensor | None) -> dict | None:
+        """The denoiser's extra inputs for a batch, from its pooled prompts and its rows of `image_conditioning`."""
+        return None
+
+    def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor, extra: dict | None):
+        """The denoiser's prediction for a batch."""
+        raise NotImplementedError
+
+    def pipeline_prompt_kwargs(self, pipe, embeds: torch.Tensor, pooled: torch.Tensor | None, i: int) -> dict:
+        """Prompt `i` of `embeds` and the empty negative prompt (the last row), as this family's pipeline takes them."""
+        raise NotImplementedError
+
+    def text_inputs(self, pipe, prompt: str, latents: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
+        """The denoiser's conditioning for `prompt` at the batch and size of `latents`, without classifier-free
+        guidance, from a pipeline's own text encoders: (embeds, extra inputs for `predict`)."""
+        raise NotImplementedError
+
+    def noise_schedule(self, scheduler, device):
+        """The training noise schedule and target, on `device`, from the pipeline's scheduler."""
+        raise NotImplementedError
+
+    def text_training_leaves_weights_unused(self) -> bool:
+        """Training the text encoders leaves some of their weights without a gradient (data parallel must be told)."""
+        return False
+
+    # --- presets -----------------------------------------------------------------------------------------
+
+    def preset_overrides(self, method: str) -> dict[str, Any]:
+        """The settings this family changes in every preset, for a method."""
+        return {}
+
+    def settings_note(self, preset_config) -> str:
+        """One line on why this family's defaults differ, for the notebook's form; '' when they don't."""
+        return ""
+
+    # --- export ------------------------------------------------------------------------------------------
+
+    hub_tags: tuple[str, ...] = ()     # the model card's tags for this family
+
+    def kohya_metadata(self) -> dict[str, str]:
+        """kohya's `ss_*` keys that name the base model's kind (A1111's and ComfyUI's LoRA browsers show them)."""
+        return {}
+
+    def kohya_key(self, key: str) -> str:
+        """A LoRA key as diffusers' `convert_state_dict_to_kohya` writes it, renamed as kohya names it for this family."""
+        return key
+
+    def single_file_state(self, pipe) -> dict[str, torch.Tensor]:
+        """The pipeline's weights in the original single-file layout A1111 and ComfyUI load."""
+        raise NotImplementedError
