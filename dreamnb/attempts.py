@@ -136,7 +136,7 @@ def denoising_error(pipe, latents: torch.Tensor, prompt: str, *, seed: int = 0, 
     errors = []
     for t in timesteps:
         noise = torch.randn(latents.shape, generator=generator)
-        t_batch = torch.full((latents.shape[0],), t, dtype=torch.long)
+        t_batch = schedule.at(torch.full((latents.shape[0],), t, dtype=torch.long))
         noisy, target = schedule.noisy_and_target(latents, noise, t_batch)
         pred = family.predict(denoiser, noisy.to(device, dtype), t_batch.to(device), embeds, extra)
         errors.append(torch.mean((pred.float().cpu() - target) ** 2).item())

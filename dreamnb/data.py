@@ -167,7 +167,7 @@ def ensure_class_images(
                 generator=generators,
                 output_type="latent",
             ).images
-            images = decode_latents(pipe, latents)
+            images = decode_latents(pipe, latents, resolution, resolution)
             for i, image in zip(indices, images):
                 fileio.save_with(wanted[i], lambda tmp, image=image: image.save(tmp, format="PNG"))
             bar.update(len(indices))

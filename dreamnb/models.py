@@ -481,15 +481,8 @@ def describe_pipeline(pipe, source: str, kind: str, family: Family) -> ModelInfo
     """What a loaded pipeline of `family`'s class is: the family checks it against what it claimed to be (and tells
     SD 1.x from 2.x), with its prediction type and native size."""
     family = family.check_pipeline(pipe, source)
-    denoiser = getattr(pipe, family.denoiser)
-    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    return ModelInfo(
-        source=source,
-        source_kind=kind,
-        family=family.key,
-        prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
-        resolution=int(denoiser.config.sample_size) * vae_scale,
-    )
+    return ModelInfo(source=source, source_kind=kind, family=family.key, prediction_type=family.prediction(pipe),
+                     resolution=family.native_resolution(pipe))
 
 
 def _short(err: BaseException) -> str:

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 from PIL import Image, PngImagePlugin
 
+from . import families
 from .fileio import save_with
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,8 @@ SCHEDULERS: dict[str, _SchedulerChoice] = {
     "euler": _SchedulerChoice("EulerDiscreteScheduler", "Euler", {"use_karras_sigmas": False}),
     "euler-a": _SchedulerChoice("EulerAncestralDiscreteScheduler", "Euler a", {}),
     "ddim": _SchedulerChoice("DDIMScheduler", "DDIM", {}),
+    # flow-matching models' (FLUX.1's) own sampler; A1111-Forge calls it Euler with the Simple schedule
+    "flow-euler": _SchedulerChoice("FlowMatchEulerDiscreteScheduler", "Euler Simple", {}),
 }
 
 
@@ -165,18 +168,18 @@ def generate(
     for item in settings:
         check_settings(item)
     device = getattr(pipe, "_execution_device", pipe.device)
-    native_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    family = families.of_pipeline(pipe)
+    native_size = family.native_resolution(pipe)
 
     groups: dict[tuple, list[int]] = {}
     for index, item in enumerate(settings):
-        key = (item.num_inference_steps, float(item.guidance_scale), item.scheduler,
+        scheduler = item.scheduler if item.scheduler in family.samplers else family.samplers[0]  # the model's own kind
+        key = (item.num_inference_steps, float(item.guidance_scale), scheduler,
                item.width or native_size, item.height or native_size)
         groups.setdefault(key, []).append(index)
 
     results: list[Sample | None] = [None] * len(settings)
-    from .fast import enable_fast_sampling
-
-    enable_fast_sampling(pipe, cuda_graphs=cuda_graphs, compile_unet=compile_unet)
+    family.fast_sampling(pipe, cuda_graphs=cuda_graphs, compile_unet=compile_unet)
     old_scheduler = pipe.scheduler
     old_progress = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(**{**old_progress, "disable": not progress})
@@ -200,9 +203,9 @@ def generate(
                     generator=[torch.Generator(device=device).manual_seed(s.seed) for s in batch],
                     output_type="latent",
                 ).images
-                images = decode_latents(pipe, latents)
+                images = decode_latents(pipe, latents, height, width)
                 for i, s, image in zip(indices[start:start + batch_size], batch, images):
-                    results[i] = Sample(image=image, settings=dataclasses.replace(s, width=width, height=height))
+                    results[i] = Sample(image=image, settings=dataclasses.replace(s, width=width, height=height, scheduler=scheduler))
                 done += len(batch)
                 if on_batch_end is not None:
                     on_batch_end(done, len(settings))
@@ -213,18 +216,18 @@ def generate(
 
 
 @torch.no_grad()
-def decode_latents(pipe, latents: torch.Tensor) -> list[Image.Image]:
+def decode_latents(pipe, latents: torch.Tensor, height: int, width: int) -> list[Image.Image]:
     """PIL images from a pipeline's final latents, as its own decoding step makes them, but with the latents cast to the
     VAE's dtype first: dreamnb keeps SDXL's VAE in fp32 under an fp16 UNet (see models.load_base_model), and diffusers'
     SDXL pipeline casts the latents for that only on Apple's MPS (elsewhere fp16 latents meet fp32 weights and fail)."""
     vae = pipe.vae
-    latents = latents.to(vae.device, vae.dtype)
+    latents = families.of_pipeline(pipe).latents_for_vae(pipe, latents, height, width).to(vae.device, vae.dtype)
     mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
     if mean is not None and std is not None:  # VAEs that normalise their latents per channel
         shape = (1, -1, 1, 1)
         latents = latents * torch.tensor(std).view(shape).to(latents) / vae.config.scaling_factor + torch.tensor(mean).view(shape).to(latents)
     else:
-        latents = latents / vae.config.scaling_factor
+        latents = latents / vae.config.scaling_factor + (vae.config.get("shift_factor") or 0.0)
     image = torch.cat([vae.decode(row[None], return_dict=False)[0] for row in latents])  # one at a time: ~3 GB each at 1024 px in fp32
     if getattr(pipe, "watermark", None) is not None:  # SDXL's invisible watermark, where the pipeline would add it
         image = pipe.watermark.apply_watermark(image)

@@ -44,7 +44,7 @@ from .session import (CHECKPOINTS, FINAL, LORA_FILE, OPTIMIZER_FILE, Attempt, Se
 
 log = logging.getLogger(__name__)
 
-PHASES = ("text_encoder", "unet")  # in training order
+TEXT_PHASE = "text_encoder"  # the first phase; the second trains the family's denoiser and is named after it ("unet")
 LOG_FIELDS = ["step", "phase", "loss", "lr", "elapsed_s"]  # log.csv's columns
 
 
@@ -114,7 +114,7 @@ def diffusion_loss(unet, latents, embeds, generator, schedule, config: TrainConf
 @dataclass
 class TrainingData:
     """What every step draws from, on the training device: latent distributions of the photos (and class
-    images), their prompts as token ids (`data.tokenize_all`: a row per photo, one row for the class prompt) and, where
+    images), their prompts as token ids (`Family.tokenize`: a row per photo, one row for the class prompt) and, where
     the family has any, each image's own conditioning (`Family.image_conditioning`: SDXL's size and crop numbers)."""
 
     instance_mean: torch.Tensor
@@ -172,12 +172,22 @@ class TrainingModels:
     once, from the config and the GPU). The caller's base model is never changed: its VAE and pipeline are only read."""
 
     family: Family
-    unet: Any
+    denoiser: Any                 # the part that paints (SD's UNet)
     text_encoders: PromptEncoder  # the text encoder (SDXL: both)
     device: torch.device
     weights_dtype: torch.dtype   # the copies' weights
     precision: Precision
     use_graphs: bool
+
+    @property
+    def phases(self) -> tuple[str, str]:
+        """The phases in training order: the text encoders', then the denoiser's (named as the part is)."""
+        return TEXT_PHASE, self.family.denoiser
+
+    def parts(self) -> dict[str, torch.nn.Module]:
+        """The models a run may change, by the names their weights are saved under (the family's part names: unet,
+        text_encoder, ...), as checkpoint key prefixes and as final/'s folders and LoRA key prefixes."""
+        return {self.family.denoiser: self.denoiser, **self.text_encoders.parts()}
 
     def autocast(self):
         """The compute format for the forward passes (off on a CPU)."""
@@ -269,6 +279,9 @@ def _train(session: Session, config: TrainConfig, base_model: BaseModel | str | 
     check_training_data(config, examples)
     if isinstance(base_model, (str, Path)):  # loaded before anything is written: a model that cannot be used changes nothing
         base_model = load_base_model(base_model, config=config_source, vae=vae)
+    if config.method not in base_model.family.methods:
+        raise ConfigError(f"{base_model.family.label} can be trained with the {' or '.join(base_model.family.methods)} method "
+                          f"here, not {config.method!r}; choose that method (or leave it to the preset).")
 
     precision = plan_precision(config)
     accelerator = make_accelerator(config, precision, base_model.family)
@@ -321,17 +334,17 @@ def start_run(session: Session, name: str, config: TrainConfig, base_model: Base
     device = models.device
     generator = torch.cuda.default_generators[device.index or 0] if models.use_graphs else torch.Generator(device=device)
     generator.manual_seed(config.seed)
-    state = {"phase": PHASES[0], "phase_step": 0, "global_step": 0}
+    state = {"phase": TEXT_PHASE, "phase_step": 0, "global_step": 0}
     attempt_dir = session.attempt_dir(name)
     if checkpoint is not None:  # a checkpoint holds every weight that differs from the base, the parent's included
         with reading(checkpoint, RESUME_ADVICE):
-            state = load_checkpoint_weights(checkpoint, models.unet, models.text_encoders, generator, config)
+            state = load_checkpoint_weights(checkpoint, models, generator, config)
         truncate_log(attempt_dir, state["global_step"])
         emit(TrainEvent("info", message=f"Resuming {name} from step {state['global_step']}."))
     elif config.parent:
         parent_weights = attempt_weights_dir(session, config.parent)
         with reading(parent_weights, "continue from another checkpoint of that attempt"):
-            load_parent_weights(parent_weights, models.unet, models.text_encoders, config)
+            load_parent_weights(parent_weights, models, config)
         emit(TrainEvent("info", message=f"Continuing from {config.parent}."))
     update_attempt(session, name, status="training", message="", base_model=base_model.info.source, vae=base_model.info.vae,
                    parent=config.parent or None)
@@ -349,14 +362,14 @@ def run_training(run: Run) -> tuple[str, str, Path | None]:
     weights' folder."""
     config, accelerator, models = run.config, run.accelerator, run.models
     try:
-        for phase in PHASES:
+        for phase in models.phases:
             run_phase(run, phase)
         if accelerator.num_processes > 1:
-            run.emit(TrainEvent("info", message=ranks_agree_message(accelerator, models.unet, models.text_encoders)))
-        final_dir = save_final(accelerator, run.attempt_dir, models.unet, models.text_encoders, config, models.family)
+            run.emit(TrainEvent("info", message=ranks_agree_message(accelerator, *models.parts().values())))
+        final_dir = save_final(accelerator, run.attempt_dir, models, config)
         return "finished", f"Finished {config.total_steps} steps; the trained model is in {final_dir}.", final_dir
     except KeyboardInterrupt:
-        path = save_checkpoint(accelerator, run.attempt_dir, run.state, models.unet, models.text_encoders, run.optimizer,
+        path = save_checkpoint(accelerator, run.attempt_dir, run.state, models, run.optimizer,
                                run.lr_scheduler, run.generator, config, run.loss_scaler)
         return ("interrupted", f"Stopped at step {run.state['global_step']} of {config.total_steps}; saved {path.name}. "
                                "Resume with --resume (or the Resume button).", None)
@@ -485,13 +498,13 @@ def prepare_data(session: Session, config: TrainConfig, examples: list[data.Exam
     info, device = base_model.info, accelerator.device
     model_key = info.cache_key
     vae, tokenizers, family = base_model.vae, base_model.tokenizers, base_model.family
-    scaling = vae.config.scaling_factor
+    scaling, shift = vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0  # as the VAE's pipeline scales them
     paths = [e.path for e in examples]
     mean, std = data.cached_latents(vae, paths, config.resolution, session.cache_dir, model_key, flip=config.random_flip)
     captions = [e.caption or config.resolved_instance_prompt() for e in examples]
     if config.random_flip:  # the mirrored rows follow the originals (a mirrored centred crop is the same crop)
         captions, paths = captions + captions, paths + paths
-    result = TrainingData((mean * scaling).to(device), (std * scaling).to(device), data.tokenize_all(tokenizers, captions).to(device))
+    result = TrainingData(((mean - shift) * scaling).to(device), (std * scaling).to(device), family.tokenize(tokenizers, captions).to(device))
     result.instance_image_cond = image_conditioning(family, paths, config.resolution, device)
     if config.with_prior_preservation:
         class_prompt = config.resolved_class_prompt()
@@ -502,8 +515,8 @@ def prepare_data(session: Session, config: TrainConfig, examples: list[data.Exam
             paths = data.ensure_class_images(base_model.pipeline, folder, class_prompt, config.num_class_images, config.resolution,
                                              progress=progress and accelerator.is_main_process)
         class_mean, class_std = data.cached_latents(vae, paths, config.resolution, session.cache_dir, model_key)
-        result.class_mean, result.class_std = (class_mean * scaling).to(device), (class_std * scaling).to(device)
-        result.class_ids = data.tokenize_all(tokenizers, [class_prompt]).to(device)
+        result.class_mean, result.class_std = ((class_mean - shift) * scaling).to(device), (class_std * scaling).to(device)
+        result.class_ids = family.tokenize(tokenizers, [class_prompt]).to(device)
         result.class_image_cond = image_conditioning(family, paths, config.resolution, device)
     return result
 
@@ -529,34 +542,34 @@ def place_models(base_model: BaseModel, config: TrainConfig, accelerator, precis
     family = base_model.family
     encoders = {name: copy_to(encoder, device, weights_dtype) for name, encoder in base_model.text_encoders.items()}
     text_encoders = family.prompt_encoder(**encoders).requires_grad_(False)
-    unet = copy_to(base_model.denoiser, device, weights_dtype).requires_grad_(False)
+    denoiser = copy_to(base_model.denoiser, device, weights_dtype).requires_grad_(False)
     if device.type == "cuda":
-        unet.to(memory_format=torch.channels_last)  # faster convolutions; before the optimizer sees the weights
+        denoiser.to(memory_format=torch.channels_last)  # faster convolutions; before the optimizer sees the weights
     if config.method == "lora":
-        add_lora_adapters(family, unet, text_encoders, config)
-        unet.requires_grad_(False)  # each phase unfreezes only its own adapters
+        add_lora_adapters(family, denoiser, text_encoders, config)
+        denoiser.requires_grad_(False)  # each phase unfreezes only its own adapters
         text_encoders.requires_grad_(False)
     if resolve_gradient_checkpointing(config, device):
-        unet.enable_gradient_checkpointing()
+        denoiser.enable_gradient_checkpointing()
         for encoder in text_encoders.parts().values():
             encoder.gradient_checkpointing_enable()
-    return TrainingModels(family, unet, text_encoders, device, weights_dtype, precision, use_graphs)
+    return TrainingModels(family, denoiser, text_encoders, device, weights_dtype, precision, use_graphs)
 
 
 def run_phase(run: Run, phase: str) -> None:
     """One phase (text encoder, then UNet), from where the run stands, with checkpoints, previews and Stop."""
     config, accelerator, models = run.config, run.accelerator, run.models
-    phase_steps = config.text_encoder_steps if phase == "text_encoder" else config.unet_steps
-    if PHASES.index(phase) < PHASES.index(run.state["phase"]) or phase_steps == 0:
+    phase_steps = config.text_encoder_steps if phase == TEXT_PHASE else config.unet_steps
+    if models.phases.index(phase) < models.phases.index(run.state["phase"]) or phase_steps == 0:
         return
     start_step = run.state["phase_step"] if phase == run.state["phase"] else 0
     if start_step >= phase_steps:
         return
-    trainable = models.text_encoders if phase == "text_encoder" else models.unet
+    trainable = models.text_encoders if phase == TEXT_PHASE else models.denoiser
     params = set_trainable(trainable, config)
     if models.use_graphs and accelerator.num_processes > 1:
         broadcast_weights(params)
-    lr = config.text_encoder_lr if phase == "text_encoder" else config.unet_lr
+    lr = config.text_encoder_lr if phase == TEXT_PHASE else config.unet_lr
     run.optimizer = make_optimizer(params, lr, models.precision.optimizer, models.device, run.generator, weight_decay=config.weight_decay)
     run.lr_scheduler = make_lr_scheduler(run.optimizer, config, phase_steps)
     run.loss_scaler = LossScaler() if models.precision.scales_loss_itself else None
@@ -583,13 +596,13 @@ def run_phase(run: Run, phase: str) -> None:
             running_loss.zero_()
             steps_since_log = 0
         if checkpoint_due:
-            path = save_checkpoint(accelerator, run.attempt_dir, run.state, models.unet, models.text_encoders, run.optimizer,
+            path = save_checkpoint(accelerator, run.attempt_dir, run.state, models, run.optimizer,
                                    run.lr_scheduler, run.generator, config, run.loss_scaler)
             run.emit(TrainEvent("checkpoint", step=step, total_steps=config.total_steps, path=str(path)))
         if config.sample_every and step % config.sample_every == 0:
             if accelerator.is_main_process:
                 with models.autocast():
-                    images, path = make_previews(config, step, models.unet, models.text_encoders, run.base_model, run.attempt_dir, models.device)
+                    images, path = make_previews(config, step, models.denoiser, models.text_encoders, run.base_model, run.attempt_dir, models.device)
                 run.emit(TrainEvent("sample", step=step, total_steps=config.total_steps, phase=phase, images=images, path=str(path)))
             accelerator.wait_for_everyone()
         if run.stop.is_set():
@@ -609,7 +622,7 @@ def make_step(run: Run, phase: str, trainable, params) -> Callable[[], torch.Ten
     (loss scaling, gradient accumulation, DDP). In the UNet phase the text encoders are frozen, so every prompt is
     embedded once and the text encoders leave the GPU."""
     config, accelerator, models, batches = run.config, run.accelerator, run.models, run.data
-    if phase == "unet":
+    if phase != TEXT_PHASE:
         with torch.no_grad(), models.autocast():
             instance_prompts = encode_for_unet(models, batches.instance_ids)
             class_prompts = None if batches.class_ids is None else encode_for_unet(models, batches.class_ids)
@@ -622,12 +635,12 @@ def make_step(run: Run, phase: str, trainable, params) -> Callable[[], torch.Ten
     def loss_for_batch() -> torch.Tensor:
         latents, rows, class_rows = draw_batch(run.generator, batches.instance_mean, batches.instance_std, batches.class_mean,
                                                batches.class_std, config, accelerator)
-        if phase == "unet":
+        if phase != TEXT_PHASE:
             embeds, pooled = cached_batch_prompts(instance_prompts, class_prompts, rows, class_rows)
         else:
             embeds, pooled = model(with_class_rows(batches.instance_ids[rows], batches.class_ids, class_rows))
         extra = models.family.denoiser_inputs(pooled, batches.image_rows(rows, class_rows))
-        return diffusion_loss(models.unet if phase == "text_encoder" else model, latents, embeds, run.generator, run.schedule, config,
+        return diffusion_loss(models.denoiser if phase == TEXT_PHASE else model, latents, embeds, run.generator, run.schedule, config,
                               len(rows), accelerator.num_processes, accelerator.process_index, extra=extra, family=models.family)
 
     if models.use_graphs:
@@ -714,24 +727,24 @@ def make_previews(config: TrainConfig, step: int, unet, text_encoders: PromptEnc
 
     prompts = config.resolved_sample_prompts()
     family = base_model.family
-    embeds, pooled = text_encoders(data.tokenize_all(base_model.tokenizers, prompts + [""]))
+    embeds, pooled = text_encoders(family.tokenize(base_model.tokenizers, prompts + [""]))
     embeds, pooled = embeds.to(device, unet.dtype), None if pooled is None else pooled.to(device, unet.dtype)
     # the base model's pipeline around the training UNet, with no text encoder (prompts come embedded)
     pipe = family.assemble(base_model.pipeline, **{family.denoiser: unet}, **dict.fromkeys(family.text_encoders))
-    set_scheduler(pipe, "dpm++")
+    set_scheduler(pipe, family.samplers[0])
     pipe.set_progress_bar_config(disable=True)
     was_training = unet.training
     unet.eval()
     try:
         latents = torch.cat([
-            pipe(**family.pipeline_prompt_kwargs(pipe, embeds, pooled, i), num_inference_steps=25, guidance_scale=7.5,
+            pipe(**family.pipeline_prompt_kwargs(pipe, embeds, pooled, i), num_inference_steps=25, guidance_scale=family.sampling_guidance,
                  height=config.resolution, width=config.resolution, generator=torch.Generator().manual_seed(config.seed),
                  output_type="latent").images
             for i in range(len(prompts))
         ])
     finally:
         unet.train(was_training)
-    images = decode_latents(pipe, latents)
+    images = decode_latents(pipe, latents, config.resolution, config.resolution)
     grid = make_grid([[image] for image in images], prompts, [f"step {step}"])
     path = attempt_dir / "samples" / f"step-{step:06d}.png"
     path.parent.mkdir(exist_ok=True)
@@ -1017,28 +1030,21 @@ def trainable_state(model, config: TrainConfig) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def model_parts(unet, text_encoders: PromptEncoder) -> dict[str, torch.nn.Module]:
-    """The models a run may change, by the names their weights are saved under: unet, text_encoder (SDXL: and
-    text_encoder_2), as checkpoint key prefixes and as final/'s folders and LoRA key prefixes."""
-    return {"unet": unet, **text_encoders.parts()}
-
-
-def save_checkpoint(accelerator, attempt_dir: Path, state: dict, unet, text_encoders, optimizer, lr_scheduler, generator, config: TrainConfig,
-                    loss_scaler: LossScaler | None = None) -> Path:
+def save_checkpoint(accelerator, attempt_dir: Path, state: dict, models: TrainingModels, optimizer, lr_scheduler, generator,
+                    config: TrainConfig, loss_scaler: LossScaler | None = None) -> Path:
     from safetensors.torch import save_file
 
     path = attempt_dir / CHECKPOINTS / f"step-{state['global_step']:06d}"
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return path
-    parts = model_parts(accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoders))
     with fileio.atomic_dir(path) as tmp:
         weights: dict[str, torch.Tensor] = {}  # every weight that differs from the base model's
-        inherited = bool(config.parent)
-        unet_changed = state["phase"] == "unet" or inherited
-        text_changed = config.changes_text_encoder and (state["phase"] == "unet" or state["phase_step"] > 0 or inherited)
-        for name, model in parts.items():
-            if unet_changed if name == "unet" else text_changed:
+        inherited, denoiser_phase = bool(config.parent), state["phase"] != TEXT_PHASE
+        denoiser_changed = denoiser_phase or inherited
+        text_changed = config.changes_text_encoder and (denoiser_phase or state["phase_step"] > 0 or inherited)
+        for name, model in models.parts().items():
+            if denoiser_changed if name == models.family.denoiser else text_changed:
                 weights.update({f"{name}.{k}": v for k, v in trainable_state(model, config).items()})
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
         if optimizer is not None:
@@ -1069,24 +1075,24 @@ RESUME_ADVICE = ("so the attempt cannot be resumed from it; continue it as a new
                  "(--from NAME@STEP) or start a new one")
 
 
-def load_checkpoint_weights(checkpoint: Path, unet, text_encoders, generator, config: TrainConfig) -> dict:
+def load_checkpoint_weights(checkpoint: Path, models: TrainingModels, generator, config: TrainConfig) -> dict:
     """Weights, random generator and step of a checkpoint; its optimizer file is opened (not read) to check it is whole."""
     from safetensors.torch import load_file
 
-    load_weights(load_file(str(checkpoint / "weights.safetensors")), unet, text_encoders, config)
+    load_weights(load_file(str(checkpoint / "weights.safetensors")), models, config)
     generator.set_state(load_file(str(checkpoint / "rng.safetensors"))["generator"])
     state = json.loads((checkpoint / "state.json").read_text())
-    if state["phase"] not in PHASES or not all(isinstance(state[k], int) for k in ("phase_step", "global_step")):
+    if state["phase"] not in models.phases or not all(isinstance(state[k], int) for k in ("phase_step", "global_step")):
         raise ValueError(f"state.json holds {state}")
     if state["phase_step"] > 0:
         torch.load(checkpoint / OPTIMIZER_FILE, map_location="cpu", weights_only=True, mmap=True)
     return state
 
 
-def load_weights(weights: dict[str, torch.Tensor], unet, text_encoders, config: TrainConfig) -> None:
-    """`unet.*`, `text_encoder.*` (and `text_encoder_2.*`) weights (whole models, or LoRA adapters in peft's names)
-    into the models."""
-    for name, model in model_parts(unet, text_encoders).items():
+def load_weights(weights: dict[str, torch.Tensor], models: TrainingModels, config: TrainConfig) -> None:
+    """`unet.*`, `text_encoder.*` (each part's name, then its own) weights (whole models, or LoRA adapters in peft's
+    names) into the models."""
+    for name, model in models.parts().items():
         part = {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")}
         if not part:
             continue
@@ -1098,7 +1104,7 @@ def load_weights(weights: dict[str, torch.Tensor], unet, text_encoders, config: 
             model.load_state_dict(part)
 
 
-def load_parent_weights(weights_dir: Path, unet, text_encoders, config: TrainConfig) -> None:
+def load_parent_weights(weights_dir: Path, models: TrainingModels, config: TrainConfig) -> None:
     """The weights of the attempt being continued: a checkpoint's, or its final/ (diffusers folders, or a LoRA file in
     diffusers' names, turned back into peft's)."""
     from safetensors.torch import load_file
@@ -1110,14 +1116,14 @@ def load_parent_weights(weights_dir: Path, unet, text_encoders, config: TrainCon
 
         saved = load_file(str(weights_dir / LORA_FILE))
         weights = {}
-        for name in model_parts(unet, text_encoders):
-            to_peft = convert_unet_state_dict_to_peft if name == "unet" else convert_state_dict_to_peft
+        for name in models.parts():
+            to_peft = convert_unet_state_dict_to_peft if name == models.family.denoiser else convert_state_dict_to_peft
             part = to_peft({k[len(name) + 1:]: v for k, v in saved.items() if k.startswith(name + ".")})
             weights.update({f"{name}.{k}": v for k, v in part.items()})
     else:
-        weights = {f"{name}.{k}": v for name in model_parts(unet, text_encoders)
+        weights = {f"{name}.{k}": v for name in models.parts()
                    for file in sorted((weights_dir / name).glob("*.safetensors")) for k, v in load_file(str(file)).items()}
-    load_weights(weights, unet, text_encoders, config)
+    load_weights(weights, models, config)
 
 
 def load_checkpoint_optimizer(checkpoint: Path, optimizer, lr_scheduler, loss_scaler: LossScaler | None = None) -> None:
@@ -1136,18 +1142,18 @@ def load_checkpoint_optimizer(checkpoint: Path, optimizer, lr_scheduler, loss_sc
         loss_scaler.load_state_dict(saved["loss_scaler"])
 
 
-def save_final(accelerator, attempt_dir: Path, unet, text_encoders, config: TrainConfig, family: Family) -> Path:
-    """final/: unet/ (and text_encoder/, SDXL: text_encoder_2/, when trained) as diffusers folders, or one LoRA file."""
+def save_final(accelerator, attempt_dir: Path, models: TrainingModels, config: TrainConfig) -> Path:
+    """final/: unet/ (and text_encoder/, SDXL: text_encoder_2/, when trained: each part under its name) as diffusers
+    folders, or one LoRA file."""
     path = attempt_dir / FINAL
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return path
-    parts = model_parts(accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoders))
-    trained = {name: model for name, model in parts.items() if name == "unet" or config.changes_text_encoder}
+    trained = {name: model for name, model in models.parts().items() if name == models.family.denoiser or config.changes_text_encoder}
     with fileio.atomic_dir(path) as tmp:
         if config.method == "lora":
             adapters = {name: trainable_state(model, config) for name, model in trained.items()}
-            save_lora_file(tmp, adapters, config.lora_rank, config.lora_alpha, family)
+            save_lora_file(tmp, adapters, config.lora_rank, config.lora_alpha, models.family)
         else:
             for name, model in trained.items():
                 model.save_pretrained(tmp / name, safe_serialization=True)

@@ -84,7 +84,7 @@ def test_lora_learns_the_photos_and_diffusers_loads_the_same_model(photo_session
         assert torch.allclose(our_embeds, their_embeds, atol=1e-5) and torch.allclose(our_pooled, their_pooled, atol=1e-5)
         noisy, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([10, 600])
         added = {"text_embeds": our_pooled, "time_ids": torch.tensor([[64., 64, 0, 0, 64, 64]] * 2)}
-        our_pred = ours.unet(noisy, t, our_embeds, added_cond_kwargs=added).sample
+        our_pred = ours.denoiser(noisy, t, our_embeds, added_cond_kwargs=added).sample
         their_pred = pipe.unet(noisy, t, our_embeds, added_cond_kwargs=added).sample
         base_pred = base_sdxl.unet(noisy, t, our_embeds, added_cond_kwargs=added).sample
     assert torch.allclose(our_pred, their_pred, atol=1e-4), (our_pred - their_pred).abs().max()
@@ -200,13 +200,13 @@ def test_a_continued_attempt_starts_from_the_parents_weights(photo_session, base
     def on_event(event):
         if event.kind == "phase":
             starts.update({n: p.detach().clone() for n, p in placed[1].text_encoders.named_parameters() if "lora_" in n})
-            starts.update({n: p.detach().clone() for n, p in placed[1].unet.named_parameters() if "lora_" in n})
+            starts.update({n: p.detach().clone() for n, p in placed[1].denoiser.named_parameters() if "lora_" in n})
 
     child_config = continue_config(open_session(photo_session.path), parent.attempt, unet_steps=2)
     assert child_config.text_encoder_steps == 0 and child_config.changes_text_encoder
     child = train(open_session(photo_session.path), child_config, base_sdxl, progress=False, callback=on_event)
     assert child.status == "finished", child.message
-    trained = {n: p for model in (placed[0].text_encoders, placed[0].unet) for n, p in model.named_parameters() if "lora_" in n}
+    trained = {n: p for model in (placed[0].text_encoders, placed[0].denoiser) for n, p in model.named_parameters() if "lora_" in n}
     assert starts.keys() == trained.keys() and any(n.startswith("text_encoder_2.") for n in starts)
     assert all(torch.allclose(starts[n], trained[n].detach(), atol=1e-6) for n in trained)
     saved = load_file(str(child.final_dir / LORA_FILE))

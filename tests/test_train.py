@@ -574,7 +574,7 @@ def test_lora_adapters_of_the_part_not_being_trained_stay_frozen(photo_session, 
 
     def on_event(event):
         if event.kind == "phase":
-            unet_lora = [p for n, p in placed[0].unet.named_parameters() if "lora_" in n]
+            unet_lora = [p for n, p in placed[0].denoiser.named_parameters() if "lora_" in n]
             seen[event.phase] = (any(p.requires_grad for p in unet_lora), [p.grad for p in unet_lora])
 
     assert train(photo_session, _lora_config(), base_sd1, progress=False, callback=on_event).status == "finished"

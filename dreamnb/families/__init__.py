@@ -5,15 +5,14 @@ a new module listed in `_MODULES`.
 from __future__ import annotations
 
 from .base import SUPPORTED, Family, ModelError, PromptEncoder
-from . import sd, sdxl
+from . import flux, sd, sdxl
 
-_MODULES = (sdxl, sd)  # in the order single files and pipeline classes are matched: SDXL's checks before SD's
+_MODULES = (sdxl, flux, sd)  # in the order single files and pipeline classes are matched: SDXL's checks before SD's
 FAMILIES: dict[str, Family] = {family.key: family for module in _MODULES for family in module.FAMILIES}
 DEFAULT = sd.SD1.key  # the family of models.DEFAULT_MODEL: whose presets apply while no model is chosen
 _UNSUPPORTED_CLASSES = {
     "StableDiffusionXLInpaintPipeline": "Stable Diffusion XL inpainting",
     "StableDiffusion3Pipeline": "Stable Diffusion 3",
-    "FluxPipeline": "Flux",
 }
 _EXAMPLE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -60,7 +59,7 @@ def from_checkpoint(keys: list[str], shapes: dict[str, tuple[int, ...]], name: s
     if has("model.diffusion_model.joint_blocks") or has("joint_blocks"):
         raise ModelError(f"{name} is a Stable Diffusion 3 checkpoint, which dreamnb does not support yet; use a {SUPPORTED} checkpoint.")
     if has("double_blocks") or has("model.diffusion_model.double_blocks"):
-        raise ModelError(f"{name} is a Flux checkpoint, which dreamnb does not support yet; use a {SUPPORTED} checkpoint.")
+        raise ModelError(f"{name} is a single FLUX.1 file, which dreamnb cannot load yet; give FLUX.1's Hub id (black-forest-labs/FLUX.1-dev) or its diffusers folder.")
     if not has("model.diffusion_model.input_blocks"):
         raise ModelError(f"{name} is not a Stable Diffusion checkpoint (no UNet weights in the original layout); give a {SUPPORTED} .safetensors or .ckpt file.")
     raise ModelError(f"{name} has no text encoder weights, so it cannot be trained; use a full {SUPPORTED} checkpoint.")

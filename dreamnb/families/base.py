@@ -24,7 +24,7 @@ import torch
 from ..errors import UserError
 
 
-SUPPORTED = "Stable Diffusion 1.x, 2.x or XL"  # what error messages offer instead
+SUPPORTED = "Stable Diffusion 1.x, 2.x or XL, or FLUX.1"  # what error messages offer instead
 
 
 class ModelError(UserError):
@@ -62,6 +62,9 @@ class Family:
     tokenizers: tuple[str, ...] = ("tokenizer",)         # each text encoder's tokenizer, in the same order
     folder_parts: tuple[str, ...] = ()                   # a diffusers folder's parts that must be there
     default_method: str = "full"       # "full" or "lora": what the presets train with unless told
+    methods: tuple[str, ...] = ("full", "lora")  # the methods it can train with
+    sampling_guidance: float = 7.5     # the guidance strength its pipeline samples with by default
+    samplers: tuple[str, ...] = ("dpm++", "dpm++-karras", "euler", "euler-a", "ddim")  # `sample.SCHEDULERS` it takes, default first
     keep_vae_fp32_when_forced: bool = False  # a VAE marked force_upcast stays in fp32 (it overflows in fp16)
     fp16_vae: str | None = None        # a VAE made for this family that stays in fp16, to suggest
 
@@ -109,12 +112,26 @@ class Family:
         tell its versions apart only once loaded: SD 1.x from 2.x)."""
         return self
 
+    def native_resolution(self, pipe) -> int:
+        """The image size a loaded pipeline of this family was made for."""
+        return int(getattr(pipe, self.denoiser).config.sample_size) * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+    def prediction(self, pipe) -> str:
+        """What its denoiser predicts ("epsilon", "v_prediction"; "flow" for flow matching), as shown and cache-keyed."""
+        return pipe.scheduler.config.get("prediction_type", "epsilon")
+
     def recognise_checkpoint(self, keys: list[str], shapes: dict[str, tuple[int, ...]], name: str) -> "Family | None":
         """This family (or one of its versions) when a single file's keys are its own, else None; a ModelError for a
         near miss that cannot be trained (an inpainting model, a refiner)."""
         return None
 
     # --- prompts and conditioning -------------------------------------------------------------------------
+
+    def tokenize(self, tokenizers: list, prompts: list[str]) -> torch.Tensor:
+        """Token ids of each prompt, a row per prompt, as this family's `PromptEncoder` reads them."""
+        from ..data import tokenize_all
+
+        return tokenize_all(tokenizers, prompts)
 
     def prompt_encoder(self, **encoders) -> PromptEncoder:
         raise NotImplementedError
@@ -134,6 +151,13 @@ class Family:
     def pipeline_prompt_kwargs(self, pipe, embeds: torch.Tensor, pooled: torch.Tensor | None, i: int) -> dict:
         """Prompt `i` of `embeds` and the empty negative prompt (the last row), as this family's pipeline takes them."""
         raise NotImplementedError
+
+    def latents_for_vae(self, pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """A pipeline's latent output (`output_type="latent"`) as the VAE's (B, C, h, w) latents, still scaled."""
+        return latents
+
+    def fast_sampling(self, pipe, *, cuda_graphs: bool, compile_unet: bool) -> None:
+        """Set up the fastest sampling path this family has on `pipe` (none by default)."""
 
     def text_inputs(self, pipe, prompt: str, latents: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
         """The denoiser's conditioning for `prompt` at the batch and size of `latents`, without classifier-free

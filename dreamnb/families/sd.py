@@ -39,6 +39,10 @@ class DDPMSchedule:
     def draw_timesteps(self, count: int, generator: torch.Generator, device) -> torch.Tensor:
         return torch.randint(0, self.num_train_timesteps, (count,), generator=generator, device=device)
 
+    def at(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """What `noisy_and_target` and the denoiser take for training timesteps (0 = no noise): the timesteps."""
+        return timesteps
+
     def noisy_and_target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
         a = self.sqrt_alpha[timesteps].view(-1, 1, 1, 1)
         s = self.sqrt_one_minus_alpha[timesteps].view(-1, 1, 1, 1)
@@ -118,6 +122,11 @@ class StableDiffusion(Family):
 
     def pipeline_prompt_kwargs(self, pipe, embeds, pooled, i):
         return dict(prompt_embeds=embeds[i:i + 1], negative_prompt_embeds=embeds[-1:])
+
+    def fast_sampling(self, pipe, *, cuda_graphs: bool, compile_unet: bool) -> None:
+        from ..fast import enable_fast_sampling
+
+        enable_fast_sampling(pipe, cuda_graphs=cuda_graphs, compile_unet=compile_unet)
 
     def text_inputs(self, pipe, prompt, latents):
         device, dtype, batch = pipe.unet.device, pipe.unet.dtype, latents.shape[0]
