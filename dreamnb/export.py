@@ -83,6 +83,9 @@ def export_attempt(
         weights_dir = attempt_weights_dir(session, name)
         config = attempt_config(session, name)
         is_lora = config.get("method") == "lora"
+        if format == "safetensors" and not base.family.single_file:
+            raise ExportError(f"A {base.family.label} model cannot be saved as one A1111/ComfyUI file yet; export it as "
+                              "'lora' (for ComfyUI and Forge), 'lora-diffusers' or 'diffusers'.")
 
         origin = describe(session, name, config, base.info.source, family=base.info.family, vae=base.info.vae)
         if format in LORA_FORMATS:
@@ -235,8 +238,6 @@ def kohya_lora(
     loaders scale B·A by alpha / rank exactly as peft did during training. Every name is checked against the base
     model's own layers. Returns the tensors and the file's metadata (kohya's `ss_*` keys plus `origin`).
     """
-    from diffusers.utils import convert_state_dict_to_kohya
-
     alpha = float(config.get("lora_alpha") or config.get("lora_rank") or 0)
     if alpha <= 0:
         raise ExportError(f"Attempt {attempt!r} has no lora_alpha in its config.json, so the LoRA's strength is unknown; train it again with the 'lora' method.")
@@ -246,19 +247,13 @@ def kohya_lora(
         module = _kohya_module_path(base, part, module, attempt)
         peft_state[f"{part}.{module}.lora_A.weight"] = weights["down"].contiguous()
         peft_state[f"{part}.{module}.lora_B.weight"] = weights["up"].contiguous()
-    state = {}
-    for key, value in convert_state_dict_to_kohya(peft_state).items():
-        key = base.family.kohya_key(key)
-        # diffusers writes alpha = rank; the attempt's own alpha is what it trained with
-        state[key] = torch.tensor(alpha, dtype=torch.float32) if key.endswith(".alpha") else value
-
     rank = next(iter(adapters.values()))["down"].shape[0]
+    state, kohya_metadata = base.family.kohya_lora(peft_state, rank, alpha)
     metadata = {
         # kohya sd-scripts' own keys: A1111's and ComfyUI's LoRA browsers show them
-        "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": f"{alpha:g}",
-        **base.family.kohya_metadata(),
+        **kohya_metadata,
         "ss_resolution": str(config.get("resolution", "")),
         "ss_output_name": attempt,
         **(origin or {}),

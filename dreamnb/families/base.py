@@ -186,13 +186,12 @@ class Family:
 
     hub_tags: tuple[str, ...] = ()     # the model card's tags for this family
 
-    def kohya_metadata(self) -> dict[str, str]:
-        """kohya's `ss_*` keys that name the base model's kind (A1111's and ComfyUI's LoRA browsers show them)."""
-        return {}
+    single_file: bool = False          # whether `single_file_state` can write the original one-file layout
 
-    def kohya_key(self, key: str) -> str:
-        """A LoRA key as diffusers' `convert_state_dict_to_kohya` writes it, renamed as kohya names it for this family."""
-        return key
+    def kohya_lora(self, peft_state: dict[str, torch.Tensor], rank: int, alpha: float) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """A LoRA in peft's names (`<part>.<layer>.lora_A.weight`) in kohya's layout, which A1111, ComfyUI and Forge
+        load, and kohya's `ss_*` metadata that names the network and the base model's kind."""
+        raise NotImplementedError
 
     def single_file_state(self, pipe) -> dict[str, torch.Tensor]:
         """The pipeline's weights in the original single-file layout A1111 and ComfyUI load."""

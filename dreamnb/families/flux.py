@@ -19,6 +19,7 @@ LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.ad
                 "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
                 "ff_context.net.2"]
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP's; T5 is not trained
+FLUX1_DEV = "black-forest-labs/FLUX.1-dev"  # gated: its licence is accepted on its Hub page, then HF_TOKEN reads it
 TRAINING_GUIDANCE = 1.0  # the guidance input while training, as kohya's sd-scripts and SimpleTuner train FLUX.1 [dev]
 T5_TOKENS = 512          # the prompt length T5 reads, as FluxPipeline's default max_sequence_length
 
@@ -155,8 +156,10 @@ class Flux(Family):
         return (f"{self.label}: LoRA on the transformer only (its T5 reads the token well, and training it needs far more "
                 f"memory); {config.resolution} px, learning rate {config.unet_lr:g}.")
 
-    def kohya_metadata(self) -> dict[str, str]:
-        return {"ss_base_model_version": "flux1", "ss_network_module": "networks.lora_flux"}
+    def kohya_lora(self, peft_state, rank, alpha):
+        from .flux_kohya import flux_lora_to_kohya
+
+        return flux_lora_to_kohya(peft_state, rank, alpha)
 
 
 def _image_ids(h: int, w: int, device, dtype) -> torch.Tensor:

@@ -137,8 +137,20 @@ class StableDiffusion(Family):
     def noise_schedule(self, scheduler, device) -> DDPMSchedule:
         return DDPMSchedule.from_scheduler(scheduler, device)
 
-    def kohya_metadata(self) -> dict[str, str]:
-        return {"ss_base_model_version": self.kohya_version, "ss_v2": str(self.key == "sd2")}
+    single_file = True
+
+    def kohya_lora(self, peft_state, rank, alpha):
+        """diffusers' own `convert_state_dict_to_kohya`: each layer's diffusers path with '.' turned into '_'
+        (`lora_unet_down_blocks_0_..._attn1_to_q`, `lora_te1_text_model_...`), alpha the attempt's own."""
+        from diffusers.utils import convert_state_dict_to_kohya
+
+        state = {}
+        for key, value in convert_state_dict_to_kohya(peft_state).items():
+            key = self.kohya_key(key)
+            # diffusers writes alpha = rank; the attempt's own alpha is what it trained with
+            state[key] = torch.tensor(alpha, dtype=torch.float32) if key.endswith(".alpha") else value
+        return state, {"ss_network_module": "networks.lora", "ss_base_model_version": self.kohya_version,
+                       "ss_v2": str(self.key == "sd2")}
 
     def kohya_key(self, key: str) -> str:
         return key.replace("lora_te1_", "lora_te_", 1)  # kohya's (and A1111's) name for the only text encoder
