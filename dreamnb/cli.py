@@ -32,7 +32,7 @@ VAE_HELP = config_module.VAE_HELP + " Default: the one the attempt was trained w
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dreamnb", description="Teach Stable Diffusion a face, a pet, an object or a style (DreamBooth).")
+    parser = argparse.ArgumentParser(prog="dreamnb", description="Teach a text-to-image model (Stable Diffusion, SDXL, FLUX.1) a face, a pet, an object or a style (DreamBooth).")
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", nargs="+", type=int, default=[1, 2])
         p.add_argument("--steps", type=int, default=25, help="inference steps")
         p.add_argument("--guidance-scale", type=float, default=7.5)
-        p.add_argument("--scheduler", default="dpm++", help="dpm++, euler or ddim")
+        p.add_argument("--scheduler", default="dpm++", help="dpm++, euler or ddim (FLUX.1 always samples with its own flow-euler)")
         p.add_argument("--compile", action="store_true", help=config_module.COMPILE_UNET_HELP)
         p.add_argument("--model", help="base model (default: the session's)")
         p.add_argument("--model-config")
@@ -149,8 +149,8 @@ def cmd_check_token(args) -> Any:
     if args.model:
         from .models import load_base_model
 
-        base = load_base_model(args.model)  # checked with each of its tokenizers (SDXL's two)
-        (tokenizer, *more), text_encoder = base.tokenizers, base.text_encoder
+        base = load_base_model(args.model)  # checked with the tokenizers its family names (SDXL's two)
+        (tokenizer, *more), text_encoder = [getattr(base.pipeline, name) for name in base.family.checked_tokenizers], base.text_encoder
         tokenizer_2 = more[0] if more else None
     else:
         tokenizer = load_tokenizer(args.tokenizer)

@@ -143,6 +143,7 @@ class BaseModel:
 
     @property
     def unet(self):
+        """SD's and SDXL's denoiser by its own name."""
         return self.pipeline.unet
 
     @property
@@ -454,7 +455,7 @@ def _load_vae(checked: _CheckedVae, own, dtype: torch.dtype, *, token: str | Non
 def _check_vae_fits(vae, pipe, info: ModelInfo, shown: str) -> None:
     """Another VAE must make the latents the model's UNet was trained on, as the model's own VAE (still `pipe.vae`)
     does: as many channels, as many times smaller, at the same scale (SD 1.x's and SDXL's VAEs differ only in scale)."""
-    new, own, channels = vae.config, pipe.vae.config, pipe.unet.config.in_channels
+    new, own, channels = vae.config, pipe.vae.config, families.get(info.family).latent_channels(pipe)
     family = families.get(info.family)
     advice = (f"give a VAE made for {family.label}" + (f" such as {family.fp16_vae}" if family.fp16_vae else "")
               + ", or none to keep the model's own")

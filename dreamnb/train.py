@@ -83,7 +83,7 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------------
 # The loss
 
-def diffusion_loss(unet, latents, embeds, generator, schedule, config: TrainConfig, n_instance: int,
+def diffusion_loss(denoiser, latents, embeds, generator, schedule, config: TrainConfig, n_instance: int,
                    world: int = 1, rank: int = 0, extra: dict | None = None, *, family: Family) -> torch.Tensor:
     """DreamBooth loss for one batch: rows [:n_instance] are the subject, the rest class images (prior).
     `schedule` is the family's noise schedule and target (`Family.noise_schedule`); `extra` the denoiser's extra
@@ -97,7 +97,7 @@ def diffusion_loss(unet, latents, embeds, generator, schedule, config: TrainConf
         noise = noise + config.offset_noise * torch.randn((world * batch, latents.shape[1], 1, 1), generator=generator, device=device)[mine]
     timesteps = schedule.draw_timesteps(world * batch, generator, device)[mine]
     noisy, target = schedule.noisy_and_target(latents, noise, timesteps)
-    pred = family.predict(unet, noisy, timesteps, embeds, extra)
+    pred = family.predict(denoiser, noisy, timesteps, embeds, extra)
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.dim())))
     weights = schedule.loss_weights(timesteps, config.min_snr_gamma)
     if weights is not None:
@@ -716,7 +716,7 @@ def log_loss(run: Run, phase: str, mean_loss: float) -> None:
 # Pieces of the loop
 
 @torch.no_grad()
-def make_previews(config: TrainConfig, step: int, unet, text_encoders: PromptEncoder, base_model: BaseModel, attempt_dir: Path,
+def make_previews(config: TrainConfig, step: int, denoiser, text_encoders: PromptEncoder, base_model: BaseModel, attempt_dir: Path,
                   device) -> tuple[list[Any], Path]:
     """Preview images of the model as it is at `step`, saved as samples/step-N.png. The prompts and seed are
     the same every time, so previews side by side show what training changed. Uses no training randomness
@@ -728,13 +728,13 @@ def make_previews(config: TrainConfig, step: int, unet, text_encoders: PromptEnc
     prompts = config.resolved_sample_prompts()
     family = base_model.family
     embeds, pooled = text_encoders(family.tokenize(base_model.tokenizers, prompts + [""]))
-    embeds, pooled = embeds.to(device, unet.dtype), None if pooled is None else pooled.to(device, unet.dtype)
+    embeds, pooled = embeds.to(device, denoiser.dtype), None if pooled is None else pooled.to(device, denoiser.dtype)
     # the base model's pipeline around the training UNet, with no text encoder (prompts come embedded)
-    pipe = family.assemble(base_model.pipeline, **{family.denoiser: unet}, **dict.fromkeys(family.text_encoders))
+    pipe = family.assemble(base_model.pipeline, **{family.denoiser: denoiser}, **dict.fromkeys(family.text_encoders))
     set_scheduler(pipe, family.samplers[0])
     pipe.set_progress_bar_config(disable=True)
-    was_training = unet.training
-    unet.eval()
+    was_training = denoiser.training
+    denoiser.eval()
     try:
         latents = torch.cat([
             pipe(**family.pipeline_prompt_kwargs(pipe, embeds, pooled, i), num_inference_steps=25, guidance_scale=family.sampling_guidance,
@@ -743,7 +743,7 @@ def make_previews(config: TrainConfig, step: int, unet, text_encoders: PromptEnc
             for i in range(len(prompts))
         ])
     finally:
-        unet.train(was_training)
+        denoiser.train(was_training)
     images = decode_latents(pipe, latents, config.resolution, config.resolution)
     grid = make_grid([[image] for image in images], prompts, [f"step {step}"])
     path = attempt_dir / "samples" / f"step-{step:06d}.png"

@@ -20,13 +20,6 @@ PROMPT = "photo of zwx thing"
 
 
 @pytest.fixture(scope="module")
-def tiny_flux(tmp_path_factory):
-    from dreamnb.tiny import save_tiny_model
-
-    return save_tiny_model(tmp_path_factory.mktemp("models"), "flux1", seed=0)
-
-
-@pytest.fixture(scope="module")
 def base_flux(tiny_flux):
     from dreamnb.models import load_base_model
 

@@ -60,6 +60,7 @@ class Family:
     denoiser: str = "unet"             # the part that paints, by its pipeline name (also its phase's name)
     text_encoders: tuple[str, ...] = ("text_encoder",)   # the text encoders, by their pipeline names, in prompt order
     tokenizers: tuple[str, ...] = ("tokenizer",)         # each text encoder's tokenizer, in the same order
+    checked_tokenizers: tuple[str, ...] = ("tokenizer",)  # the CLIP tokenizers the token check reads a trigger word with
     folder_parts: tuple[str, ...] = ()                   # a diffusers folder's parts that must be there
     default_method: str = "full"       # "full" or "lora": what the presets train with unless told
     methods: tuple[str, ...] = ("full", "lora")  # the methods it can train with
@@ -75,10 +76,6 @@ class Family:
         """The parts training may change, by the names their weights are saved under (checkpoint key prefixes, final/'s
         folders, the prefixes of diffusers' LoRA files)."""
         return (self.denoiser, *self.text_encoders)
-
-    def part(self, pipeline, name: str):
-        """A part of a pipeline of this family by its name; None where it has none (a refiner's first text encoder)."""
-        return getattr(pipeline, name, None)
 
     def tokenizer_list(self, pipeline) -> list:
         """The tokenizer of each text encoder, in the prompt encoder's order."""
@@ -115,6 +112,10 @@ class Family:
     def native_resolution(self, pipe) -> int:
         """The image size a loaded pipeline of this family was made for."""
         return int(getattr(pipe, self.denoiser).config.sample_size) * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+    def latent_channels(self, pipe) -> int:
+        """How many channels the VAE's latents must have for this pipeline's denoiser."""
+        return getattr(pipe, self.denoiser).config.in_channels
 
     def prediction(self, pipe) -> str:
         """What its denoiser predicts ("epsilon", "v_prediction"; "flow" for flow matching), as shown and cache-keyed."""

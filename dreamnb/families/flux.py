@@ -146,6 +146,9 @@ class Flux(Family):
         scale = pipe.vae_scale_factor
         return unpack(latents, height // scale, width // scale) if latents.dim() == 3 else latents
 
+    def latent_channels(self, pipe) -> int:
+        return pipe.transformer.config.in_channels // 4  # it reads 2×2 patches of them
+
     def prediction(self, pipe) -> str:
         return "flow"
 

@@ -56,6 +56,7 @@ class StableDiffusionXL(StableDiffusion):
     pipeline_class_name = "StableDiffusionXLPipeline"
     text_encoders = ("text_encoder", "text_encoder_2")
     tokenizers = ("tokenizer", "tokenizer_2")
+    checked_tokenizers = ("tokenizer", "tokenizer_2")  # CLIP's and OpenCLIP bigG's (which pads with "!")
     folder_parts = StableDiffusion.folder_parts + ("text_encoder_2", "tokenizer_2")
     default_method = "lora"            # a full fine-tune of its 2.6B-weight UNet does not fit a T4's 15 GB
     keep_vae_fp32_when_forced = True   # its own VAE overflows in fp16 (NaN latents, black images)
