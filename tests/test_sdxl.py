@@ -1,4 +1,4 @@
-"""SDXL's foundation: tiny SDXL models load from every source kind, the refiner/SD3/Flux are refused,
+"""SDXL's foundation: tiny SDXL models load from every source kind, the refiner, SD3 and single FLUX.1 files are refused,
 training accepts SDXL (its own tests: test_sdxl_train.py, test_sdxl_export.py), and the token check reads both SDXL
 tokenizers."""
 import json
