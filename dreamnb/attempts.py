@@ -159,7 +159,7 @@ def comparison_grid(
     *,
     negative_prompt: str = "",
     num_inference_steps: int = 25,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     scheduler: str = "dpm++",
     checkpoint: int | None = None,
     cell_size: int | None = None,

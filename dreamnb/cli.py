@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--negative-prompt", default="")
         p.add_argument("--seed", nargs="+", type=int, default=[1, 2])
         p.add_argument("--steps", type=int, default=25, help="inference steps")
-        p.add_argument("--guidance-scale", type=float, default=7.5)
+        p.add_argument("--guidance-scale", type=float, help="how closely images follow the prompt (default: the model's own: 7.5 for Stable Diffusion, 3.5 for FLUX.1)")
         p.add_argument("--scheduler", default="dpm++", help="dpm++, euler or ddim (FLUX.1 always samples with its own flow-euler)")
         p.add_argument("--compile", action="store_true", help=config_module.COMPILE_UNET_HELP)
         p.add_argument("--model", help="base model (default: the session's)")

@@ -72,12 +72,16 @@ class Placement:
     dtype: torch.dtype
 
 
-def default_placement() -> Placement:
+def default_placement(family: Family | None = None) -> Placement:
     """The GPU when there is one, in fp16 (what sampling uses; a full fine-tune copies its weights from it: fp16 has
-    more significant bits than bf16 training weights, though magnitudes under 6e-5 keep fewer); else the CPU in fp32.
+    more significant bits than bf16 training weights, though magnitudes under 6e-5 keep fewer), or in bf16 for a family
+    made in bf16 whose activations outgrow fp16 (FLUX.1) where the GPU has it; else the CPU in fp32.
     Under `accelerate launch` each process takes its own GPU (LOCAL_RANK)."""
     if torch.cuda.is_available():
-        return Placement(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))), torch.float16)
+        from .colab import gpu_has_bf16
+
+        dtype = torch.bfloat16 if family is not None and family.prefers_bf16 and gpu_has_bf16() else torch.float16
+        return Placement(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))), dtype)
     return Placement(torch.device("cpu"), torch.float32)
 
 
@@ -321,7 +325,7 @@ def load_base_model(
     vae: str | os.PathLike | None = None,
 ) -> BaseModel:
     """Load a base model as its family's pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline) plus what it is
-    (family, prediction, size), on `placement` (default: `default_placement()`, the GPU in fp16 when there is one).
+    (family, prediction, size), on `placement` (default: `default_placement`, the GPU in fp16 when there is one).
 
     `config` is only for single files: a diffusers folder or Hub id whose configs describe the file
     (diffusers guesses one from the weights when it is None). `prediction_type` overrides what was
@@ -329,10 +333,10 @@ def load_base_model(
     the model's own: a Hub id such as madebyollin/sdxl-vae-fp16-fix, a diffusers folder of one, or a single file.
     """
     token = resolve_hf_token()
-    placement = placement or default_placement()
     checked = _check_source(str(source), token=token, local_files_only=local_files_only)
     checked_vae = _check_vae_source(str(vae), token=token, local_files_only=local_files_only) if vae else None
     family = checked.family
+    placement = placement or default_placement(family)
     pipeline_class = family.pipeline_class()
     common: dict[str, Any] = dict(dtype=placement.dtype, **family.load_options())
     what = f"a {family.label}"
@@ -341,16 +345,14 @@ def load_base_model(
         pipe = _load(lambda: pipeline_class.from_pretrained(str(path), **common), source, what)
     elif checked.kind in ("single_file", "url"):
         extra: dict[str, Any] = {}
-        if config is not None:
-            extra["config"] = str(config)
-            if Path(str(config)).is_dir():
-                extra["local_files_only"] = True
+        if config is not None and Path(str(config)).is_dir():
+            extra["local_files_only"] = True
         yaml = path.with_suffix(".yaml")
         if yaml.is_file() and config is None:
             extra["original_config"] = str(yaml)
         if checked.v_prediction and prediction_type is None:
             prediction_type = "v_prediction"
-        pipe = _load(lambda: pipeline_class.from_single_file(str(path), token=token, **common, **extra), source, what)
+        pipe = _load(lambda: family.load_single_file(path, config=config, token=token, **common, **extra), source, what)
     else:
         pipe = _load(
             lambda: pipeline_class.from_pretrained(source, token=token, local_files_only=bool(local_files_only), **common),

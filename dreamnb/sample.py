@@ -36,7 +36,7 @@ class SampleSettings:
     negative_prompt: str = ""
     seed: int = 0
     num_inference_steps: int = 25
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None  # None: the model's own (7.5 for Stable Diffusion, 3.5 for FLUX.1)
     scheduler: str = "dpm++"
     width: int | None = None   # None: the model's native size
     height: int | None = None
@@ -134,7 +134,7 @@ def check_settings(settings: SampleSettings) -> None:
         raise ValueError(f"The seed must be a whole number of 0 or more, not {settings.seed!r}.")
     if not isinstance(settings.num_inference_steps, int) or settings.num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be a whole number of 1 or more, not {settings.num_inference_steps!r}.")
-    if settings.guidance_scale < 0:
+    if settings.guidance_scale is not None and settings.guidance_scale < 0:
         raise ValueError(f"guidance_scale must be 0 or more, not {settings.guidance_scale!r}.")
     for name in ("width", "height"):
         value = getattr(settings, name)
@@ -174,7 +174,8 @@ def generate(
     groups: dict[tuple, list[int]] = {}
     for index, item in enumerate(settings):
         scheduler = item.scheduler if item.scheduler in family.samplers else family.samplers[0]  # the model's own kind
-        key = (item.num_inference_steps, float(item.guidance_scale), scheduler,
+        guidance = family.sampling_guidance if item.guidance_scale is None else float(item.guidance_scale)
+        key = (item.num_inference_steps, guidance, scheduler,
                item.width or native_size, item.height or native_size)
         groups.setdefault(key, []).append(index)
 
@@ -205,7 +206,8 @@ def generate(
                 ).images
                 images = decode_latents(pipe, latents, height, width)
                 for i, s, image in zip(indices[start:start + batch_size], batch, images):
-                    results[i] = Sample(image=image, settings=dataclasses.replace(s, width=width, height=height, scheduler=scheduler))
+                    results[i] = Sample(image=image, settings=dataclasses.replace(s, width=width, height=height, scheduler=scheduler,
+                                                                                      guidance_scale=guidance))
                 done += len(batch)
                 if on_batch_end is not None:
                     on_batch_end(done, len(settings))

@@ -137,10 +137,9 @@ UNET = "model.diffusion_model.input_blocks.0.0.weight"
 
 @pytest.mark.parametrize("keys, message", [
     (["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "text_encoders.clip_l.x"], "is a Stable Diffusion 3 checkpoint"),
-    (["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"], "is a single FLUX.1 file, which dreamnb cannot load yet"),
     (["conditioner.embedders.0.model.transformer.resblocks.0.ln_1.weight", UNET], REFINER),
 ])
-def test_sd3_flux_and_refiner_keys_are_refused(tmp_path, keys, message):
+def test_sd3_and_refiner_keys_are_refused(tmp_path, keys, message):
     path = tmp_path / "model.safetensors"
     save_file({k: torch.zeros(2, 2) for k in keys}, str(path))
     with pytest.raises(ModelError, match=message) as err:

@@ -58,8 +58,6 @@ def from_checkpoint(keys: list[str], shapes: dict[str, tuple[int, ...]], name: s
             return found
     if has("model.diffusion_model.joint_blocks") or has("joint_blocks"):
         raise ModelError(f"{name} is a Stable Diffusion 3 checkpoint, which dreamnb does not support yet; use a {SUPPORTED} checkpoint.")
-    if has("double_blocks") or has("model.diffusion_model.double_blocks"):
-        raise ModelError(f"{name} is a single FLUX.1 file, which dreamnb cannot load yet; give FLUX.1's Hub id (black-forest-labs/FLUX.1-dev) or its diffusers folder.")
     if not has("model.diffusion_model.input_blocks"):
         raise ModelError(f"{name} is not a Stable Diffusion checkpoint (no UNet weights in the original layout); give a {SUPPORTED} .safetensors or .ckpt file.")
     raise ModelError(f"{name} has no text encoder weights, so it cannot be trained; use a full {SUPPORTED} checkpoint.")

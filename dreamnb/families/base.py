@@ -66,6 +66,7 @@ class Family:
     methods: tuple[str, ...] = ("full", "lora")  # the methods it can train with
     sampling_guidance: float = 7.5     # the guidance strength its pipeline samples with by default
     samplers: tuple[str, ...] = ("dpm++", "dpm++-karras", "euler", "euler-a", "ddim")  # `sample.SCHEDULERS` it takes, default first
+    prefers_bf16: bool = False         # placed in bf16 (not fp16) on a GPU that has it: made in bf16, outgrows fp16
     keep_vae_fp32_when_forced: bool = False  # a VAE marked force_upcast stays in fp32 (it overflows in fp16)
     fp16_vae: str | None = None        # a VAE made for this family that stays in fp16, to suggest
 
@@ -95,6 +96,11 @@ class Family:
     def load_options(self) -> dict[str, Any]:
         """Extra keyword arguments for the pipeline's `from_pretrained` / `from_single_file`."""
         return {}
+
+    def load_single_file(self, path, *, config, token, **options):
+        """A pipeline from one checkpoint file, its configs from `config` (a diffusers folder or Hub id; None: diffusers
+        guesses from the weights); `options` go to the loader (dtype, local_files_only, ...)."""
+        return self.pipeline_class().from_single_file(str(path), token=token, **({"config": str(config)} if config else {}), **options)
 
     def assemble(self, base_pipeline, **parts):
         """A pipeline of this family with `base_pipeline`'s parts and settings, some parts replaced by `parts`."""

@@ -84,6 +84,7 @@ class Flux(Family):
     folder_parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
     default_method = "lora"  # 12B weights: a full fine-tune needs far more than one GPU's memory
     methods = ("lora",)
+    prefers_bf16 = True
     hub_tags = ("flux", "flux-diffusers")
     sampling_guidance = 3.5  # FluxPipeline's default guidance input
     samplers = ("flow-euler",)
@@ -98,7 +99,18 @@ class Flux(Family):
         return self.pipeline_class()(**{**base_pipeline.components, **parts})
 
     def recognise_checkpoint(self, keys, shapes, name):
-        return None  # a single FLUX.1 file is refused for now, with the registry's sentence
+        """A transformer in Black Forest Labs' layout, as civitai and ComfyUI share it (some with ComfyUI's prefix)."""
+        return self if any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys) else None
+
+    def load_single_file(self, path, *, config, token, local_files_only=False, **options):
+        """Such a file holds the transformer alone; the text encoders, VAE and scheduler come from `config`, FLUX.1
+        [dev]'s Hub repository unless another is given (--model-config: a diffusers folder or Hub id)."""
+        from diffusers import FluxTransformer2DModel
+
+        source = str(config or FLUX1_DEV)
+        hub = dict(token=token, local_files_only=local_files_only)
+        transformer = FluxTransformer2DModel.from_single_file(str(path), config=source, subfolder="transformer", **hub, **options)
+        return self.pipeline_class().from_pretrained(source, transformer=transformer, **hub, **options)
 
     def native_resolution(self, pipe) -> int:
         return pipe.default_sample_size * pipe.vae_scale_factor

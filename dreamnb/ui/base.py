@@ -288,6 +288,13 @@ def model_family(model: Any) -> str:
     return getattr(getattr(loaded_model(model), "info", None), "family", None) or DEFAULT
 
 
+def model_guidance(model: Any) -> float:
+    """The guidance strength the loaded base model's family samples with (the default model's while none is loaded)."""
+    from ..families import get
+
+    return get(model_family(model)).sampling_guidance
+
+
 def training_size(model: Any, preset: str = "face") -> int:
     """The training resolution the presets give the loaded base model's family (512 until a model is loaded)."""
     from ..config import TrainConfig
