@@ -453,12 +453,12 @@ def test_data_parallel_under_accelerate_launch_on_cpu_ends_identical_and_resumes
         from dreamnb.session import open_session
         t.resolve_mixed_precision = lambda config: "bf16"  # what a GPU gets; the CPU refuses it as a setting
         real = t.save_checkpoint
-        def spy(accelerator, attempt_dir, state, unet, text_encoder, *rest):
-            model = accelerator.unwrap_model(unet)
+        def spy(accelerator, attempt_dir, state, models, *rest):
+            model = models.denoiser
             digest = hashlib.sha256(b"".join(p.detach().float().numpy().tobytes() for p in model.parameters())).hexdigest()
             open(os.path.join({str(tmp_path)!r}, f"rank{{accelerator.process_index}}.txt"), "w").write(
                 f"{{accelerator.num_processes}} {{state['global_step']}} {{next(model.parameters()).dtype}} {{digest}} {{losses}}")
-            return real(accelerator, attempt_dir, state, unet, text_encoder, *rest)
+            return real(accelerator, attempt_dir, state, models, *rest)
         t.save_checkpoint = spy
         stop = threading.Event()
         losses = []  # each process's view of the loss: the mean over both, so the same on each
