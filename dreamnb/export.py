@@ -83,9 +83,6 @@ def export_attempt(
         weights_dir = attempt_weights_dir(session, name)
         config = attempt_config(session, name)
         is_lora = config.get("method") == "lora"
-        if format == "safetensors" and not base.family.single_file:
-            raise ExportError(f"A {base.family.label} model cannot be saved as one A1111/ComfyUI file yet; export it as "
-                              "'lora' (for ComfyUI and Forge), 'lora-diffusers' or 'diffusers'.")
 
         origin = describe(session, name, config, base.info.source, family=base.info.family, vae=base.info.vae)
         if format in LORA_FORMATS:
@@ -382,7 +379,7 @@ def model_card(
         "| setting | value |", "|---|---|", settings, "",
         "## Use it", "",
         *_usage(format, repo_id or "path/to/this/model", weights_file, base_name if base_is_hub else "path/to/the/base/model", prompt,
-                kind.pipeline_class_name),
+                kind),
     ]
     if grid_file:
         lines += ["", "## Samples", "", f"![Sample grid: prompts down, seeds across]({grid_file})"]
@@ -399,26 +396,25 @@ def _matters(key: str, config: dict) -> bool:
     return True
 
 
-def _usage(format: str, where: str, weights_file: str | None, base: str, prompt: str, pipeline: str) -> list[str]:
-    fence = "```"
-    generate = f'image = pipe("{prompt}", num_inference_steps=25, guidance_scale=7.5).images[0]'
+def _usage(format: str, where: str, weights_file: str | None, base: str, prompt: str, family: families.Family) -> list[str]:
+    fence, pipeline = "```", family.pipeline_class_name
+    dtype = "torch.bfloat16" if family.prefers_bf16 else "torch.float16"
+    generate = f'image = pipe("{prompt}", num_inference_steps=25, guidance_scale={family.sampling_guidance:g}).images[0]'
     if format == "diffusers":
         return ["With 🧨 diffusers:", "", fence + "python", "import torch", f"from diffusers import {pipeline}", "",
-                f'pipe = {pipeline}.from_pretrained("{where}", torch_dtype=torch.float16).to("cuda")',
+                f'pipe = {pipeline}.from_pretrained("{where}", torch_dtype={dtype}).to("cuda")',
                 generate, fence]
     file = weights_file or "model.safetensors"
     if format == "safetensors":
-        return [("In AUTOMATIC1111 put the file in `models/Stable-diffusion/`, in ComfyUI in `models/checkpoints/`. "
-                 "With 🧨 diffusers:"), "", fence + "python", "import torch", f"from diffusers import {pipeline}",
+        elsewhere, imports, load = family.single_file_usage(base, dtype)
+        return [f"{elsewhere} With 🧨 diffusers:", "", fence + "python", "import torch", *imports,
                 "from huggingface_hub import hf_hub_download", "",
-                f'path = hf_hub_download("{where}", "{file}")',
-                f'pipe = {pipeline}.from_single_file(path, torch_dtype=torch.float16).to("cuda")',
-                generate, fence]
+                f'path = hf_hub_download("{where}", "{file}")', *load, generate, fence]
     where_else = (f"In AUTOMATIC1111 put the file in `models/Lora/` and add `<lora:{Path(file).stem}:1>` to the prompt; "
                   "in ComfyUI put it in `models/loras/`. ") if format == "lora" else ""
     return [where_else + "With 🧨 diffusers:", "", fence + "python", "import torch",
             f"from diffusers import {pipeline}", "",
-            f'pipe = {pipeline}.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")',
+            f'pipe = {pipeline}.from_pretrained("{base}", torch_dtype={dtype}).to("cuda")',
             f'pipe.load_lora_weights("{where}", weight_name="{file}")', generate, fence]
 
 

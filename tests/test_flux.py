@@ -3,6 +3,7 @@ FLUX.1's shift and scale, CLIP + T5 with a T5 tokenizer trained here, FLUX.1 [de
 recognised and loaded, its LoRA run lowers the photos' flow-matching error, diffusers' own FluxPipeline loads the LoRA
 file and reproduces the trained transformer, and a stopped run resumes exactly."""
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -149,3 +150,33 @@ def test_sampling_a_flux_attempt_uses_its_own_sampler(photo_session, base_flux):
     assert [s.settings.guidance_scale for s in samples] == [3.5] * 3     # the model's own guidance, as its PNGs say
     assert samples[0].image.size == (64, 64)
     assert samples[0].image.tobytes() == samples[1].image.tobytes() != samples[2].image.tobytes()
+
+
+def test_a_flux_attempt_exported_as_one_file_loads_back_as_the_base_with_its_lora(photo_session, base_flux, tiny_flux, monkeypatch):
+    """'safetensors' for FLUX.1 is its transformer in Black Forest Labs' layout (ComfyUI's diffusion model): dreamnb
+    loads that file as a base model, with the rest from the tiny model's folder (--model-config), and its transformer
+    is the attempt's, the LoRA fused in. diffusers' reader splits single blocks at FLUX.1's real width only, so the tiny
+    width's copy of it is put in its place (tests/test_flux_bfl.py)."""
+    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+
+    from dreamnb.export import export_attempt, model_card
+    from dreamnb.models import load_base_model
+    from test_flux_bfl import reader_for_width
+
+    result = train(photo_session, flux_config(unet_steps=4), base_flux, progress=False)
+    out = export_attempt(photo_session, base_flux, result.attempt, "safetensors", photo_session.path / "flux.safetensors", fp16=False)
+    monkeypatch.setitem(SINGLE_FILE_LOADABLE_CLASSES["FluxTransformer2DModel"], "checkpoint_mapping_fn", reader_for_width(32))
+    loaded = load_base_model(out, config=tiny_flux.folder)
+    assert (loaded.info.family, loaded.info.source_kind) == ("flux1", "single_file")
+    attempt = attempt_pipeline(base_flux, photo_session, result.attempt)
+    attempt.unload_lora_weights()  # the fused LoRA stays in the weights; its empty adapter layers go, as export does
+    theirs, ours = loaded.denoiser.state_dict(), attempt.transformer.state_dict()
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
+    base_q = base_flux.denoiser.transformer_blocks[0].attn.to_q.weight
+    assert not torch.equal(theirs["transformer_blocks.0.attn.to_q.weight"], base_q)  # the LoRA is in there
+
+    card = model_card(photo_session, result.attempt, json.loads((photo_session.attempt_dir(result.attempt) / "config.json").read_text()),
+                      "black-forest-labs/FLUX.1-dev", format="safetensors", repo_id="me/flux", weights_file="flux.safetensors",
+                      family="flux1")
+    assert "FluxTransformer2DModel.from_single_file(path, config=\"black-forest-labs/FLUX.1-dev\"" in card
+    assert "guidance_scale=3.5" in card and "torch.bfloat16" in card and "models/diffusion_models/" in card

@@ -193,8 +193,6 @@ class Family:
 
     hub_tags: tuple[str, ...] = ()     # the model card's tags for this family
 
-    single_file: bool = False          # whether `single_file_state` can write the original one-file layout
-
     def kohya_lora(self, peft_state: dict[str, torch.Tensor], rank: int, alpha: float) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """A LoRA in peft's names (`<part>.<layer>.lora_A.weight`) in kohya's layout, which A1111, ComfyUI and Forge
         load, and kohya's `ss_*` metadata that names the network and the base model's kind."""
@@ -203,3 +201,10 @@ class Family:
     def single_file_state(self, pipe) -> dict[str, torch.Tensor]:
         """The pipeline's weights in the original single-file layout A1111 and ComfyUI load."""
         raise NotImplementedError
+
+    def single_file_usage(self, base: str, dtype: str) -> tuple[str, list[str], list[str]]:
+        """For a model card: where other tools take that file, and the diffusers imports and lines that load it from
+        `path` (`base`: the base model's Hub id, for what the file lacks)."""
+        cls = self.pipeline_class_name
+        return ("In AUTOMATIC1111 put the file in `models/Stable-diffusion/`, in ComfyUI in `models/checkpoints/`.",
+                [f"from diffusers import {cls}"], [f'pipe = {cls}.from_single_file(path, torch_dtype={dtype}).to("cuda")'])

@@ -171,6 +171,19 @@ class Flux(Family):
         return (f"{self.label}: LoRA on the transformer only (its T5 reads the token well, and training it needs far more "
                 f"memory); {config.resolution} px, learning rate {config.unet_lr:g}.")
 
+    def single_file_state(self, pipe) -> dict[str, torch.Tensor]:
+        """The transformer alone in Black Forest Labs' layout: the file ComfyUI loads as a diffusion model (beside its
+        own CLIP, T5 and VAE files) and civitai shares; `load_single_file` reads it back."""
+        from .flux_bfl import transformer_to_bfl
+
+        return transformer_to_bfl(pipe.transformer.state_dict())
+
+    def single_file_usage(self, base, dtype):
+        return ("In ComfyUI put the file in `models/diffusion_models/` and load it with FLUX.1's own CLIP-L, T5 and VAE files.",
+                ["from diffusers import FluxPipeline, FluxTransformer2DModel"],
+                [f'transformer = FluxTransformer2DModel.from_single_file(path, config="{base}", subfolder="transformer", torch_dtype={dtype})',
+                 f'pipe = FluxPipeline.from_pretrained("{base}", transformer=transformer, torch_dtype={dtype}).to("cuda")'])
+
     def kohya_lora(self, peft_state, rank, alpha):
         from .flux_kohya import flux_lora_to_kohya
 

@@ -137,8 +137,6 @@ class StableDiffusion(Family):
     def noise_schedule(self, scheduler, device) -> DDPMSchedule:
         return DDPMSchedule.from_scheduler(scheduler, device)
 
-    single_file = True
-
     def kohya_lora(self, peft_state, rank, alpha):
         """diffusers' own `convert_state_dict_to_kohya`: each layer's diffusers path with '.' turned into '_'
         (`lora_unet_down_blocks_0_..._attn1_to_q`, `lora_te1_text_model_...`), alpha the attempt's own."""
