@@ -266,7 +266,8 @@ def a1111_parameters(settings: SampleSettings) -> str:
     fields: dict[str, Any] = {
         "Steps": settings.num_inference_steps,
         "Sampler": _scheduler_choice(settings.scheduler).a1111_name,
-        "CFG scale": float(settings.guidance_scale),
+        # None: the model's own, which `generate` writes in before its samples are saved
+        **({} if settings.guidance_scale is None else {"CFG scale": float(settings.guidance_scale)}),
         "Seed": settings.seed,
     }
     if settings.width is not None and settings.height is not None:
