@@ -137,7 +137,8 @@ class Flux(Family):
         device, dtype = noisy.device, embeds.dtype
         img_ids = self._positions(("img", h, w, device, dtype), lambda: _image_ids(h // 2, w // 2, device, dtype))
         txt_ids = self._positions(("txt", embeds.shape[1], device, dtype), lambda: torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype))
-        guidance = torch.full((b,), TRAINING_GUIDANCE, device=device) if denoiser.config.guidance_embeds else None
+        config = getattr(denoiser, "module", denoiser).config  # under data parallel, DDP wraps the transformer
+        guidance = torch.full((b,), TRAINING_GUIDANCE, device=device) if config.guidance_embeds else None
         out = denoiser(hidden_states=pack(noisy), timestep=timesteps.to(noisy.dtype), guidance=guidance,
                        pooled_projections=extra["pooled"], encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=img_ids,
                        return_dict=False)[0]
