@@ -5,6 +5,7 @@
     python benchmarks/bench.py --reference .ref # also run diffusers' train_dreambooth(.py|_lora.py) from .ref/
     python benchmarks/bench.py --reference .ref --reference-gpu 1   # 2 GPUs: the reference beside, in half the time
     python benchmarks/bench.py --reference .ref --configs xl-lora16,xl-t4,xl-sample   # SDXL (see benchmarks/README.md)
+    python benchmarks/bench.py --reference .ref --configs flux-lora16,flux-lora16-1024  # FLUX.1 [dev]
 
 Builds the SD-1.5 UNet (859.5M), text encoder (123.1M) and VAE (83.7M) from their configs with random
 weights (nothing is downloaded), 20 generated 512 px photos, and measures each configuration in a fresh
@@ -15,7 +16,9 @@ Prints a table; `--json FILE` keeps the raw figures with the machine and version
 
 The `xl-` configurations do the same for SDXL base (UNet 2567.5M, text encoders 123.1M + 694.7M, VAE 83.7M, from
 SDXL's configs with random weights), at 1024 px beside diffusers' train_dreambooth_lora_sdxl.py, and sample with
-dreamnb's `generate` against a plain diffusers StableDiffusionXLPipeline (`xl-sample`).
+dreamnb's `generate` against a plain diffusers StableDiffusionXLPipeline (`xl-sample`). The `flux-` configurations
+train a LoRA of FLUX.1 [dev]'s architecture (transformer 11.9B, T5 encoder 4.8B, built in bf16 on the GPU) beside
+diffusers' train_dreambooth_lora_flux.py, at 512 and 1024 px.
 """
 from __future__ import annotations
 
@@ -76,6 +79,17 @@ CONFIGS = {
     "xl-lora16": ("SDXL: LoRA rank 16 (UNet), 1024 px, batch 1, bf16; grad. checkpointing off in both (it fits)",
                   dict(method="lora", lora_rank=16, lora_alpha=16, text_encoder_steps=0, unet_lr=1e-4, gradient_checkpointing="off"),
                   ("train_dreambooth_lora_sdxl.py", ["--rank", "16", "--mixed_precision", "bf16", "--learning_rate", "1e-4"])),
+    # FLUX.1 [dev] (issue 30): the face preset's FLUX.1 values (`Family.preset_overrides`: LoRA rank 16 on the
+    # transformer, text encoders frozen, guidance input 1) on the architecture built by `flux_pipeline`; the reference
+    # is diffusers' train_dreambooth_lora_flux.py with its own default LoRA targets (the same layers) at the same rank.
+    "flux-lora16": ("FLUX.1 [dev]: LoRA rank 16 (transformer), 512 px, batch 1, bf16; grad. checkpointing off in both",
+                    dict(lora_rank=16, lora_alpha=16, gradient_checkpointing="off"),
+                    ("train_dreambooth_lora_flux.py", ["--rank", "16", "--mixed_precision", "bf16", "--learning_rate", "1e-4",
+                                                       "--guidance_scale", "1"])),
+    "flux-lora16-1024": ("FLUX.1 [dev]: LoRA rank 16 (transformer), 1024 px, batch 1, bf16; grad. checkpointing off in both",
+                         dict(lora_rank=16, lora_alpha=16, gradient_checkpointing="off", resolution=1024),
+                         ("train_dreambooth_lora_flux.py", ["--rank", "16", "--mixed_precision", "bf16", "--learning_rate", "1e-4",
+                                                            "--guidance_scale", "1", "--resolution", "1024"])),
     "xl-t4": ("SDXL T4 stand-in: the face preset's SDXL defaults as shipped (LoRA rank 16, 1024 px, prior preservation: "
               "1 photo + 1 class image, checkpointing 'auto') in fp16 math, 15 GB cap, no bitsandbytes",
               dict(mixed_precision="fp16", with_prior_preservation=True),
@@ -88,17 +102,21 @@ T4_FP16_TFLOPS = 65  # the T4's published fp16 tensor-core peak; projections ass
 DEFAULT_RUN = (350, 1500)  # text-encoder steps, UNet steps: what the face preset trains (SDXL: 0 + 1500)
 
 
-def is_xl(name: str) -> bool:
-    return name.startswith("xl-")
+def family_of(name: str) -> str:
+    """The model family a configuration runs on (`dreamnb.families` key), from its name's prefix."""
+    return "sdxl" if name.startswith("xl-") else "flux1" if name.startswith("flux-") else "sd1"
 
 
-def model_paths(workdir: Path, xl: bool) -> tuple[Path, Path]:
+def model_paths(workdir: Path, family: str) -> tuple[Path, Path]:
     """The saved base model and the photos of one family (SDXL's at 1024 px)."""
-    return (workdir / "model-xl", workdir / "photos-xl") if xl else (workdir / "model", workdir / "photos")
+    suffix = {"sd1": "", "sdxl": "-xl", "flux1": "-flux"}[family]
+    return workdir / f"model{suffix}", workdir / f"photos{suffix}"
 
 
 def resolution_for(name: str, tiny: bool) -> int:
-    return 64 if tiny else 1024 if is_xl(name) else 512
+    if tiny:
+        return 64
+    return CONFIGS.get(name, ("", {}, None))[1].get("resolution") or {"sdxl": 1024}.get(family_of(name), 512)
 
 
 # --- the model and photos ------------------------------------------------------------------------------
@@ -192,6 +210,53 @@ def sdxl_pipeline(tiny: bool):
     )
 
 
+def flux_pipeline(tiny: bool):
+    """FLUX.1 [dev] with random weights (tiny: dreamnb.tiny's). The configs are black-forest-labs/FLUX.1-dev's
+    (transformer/, vae/, scheduler/ config.json; text_encoder: openai/clip-vit-large-patch14's text model; text_encoder_2:
+    google/t5-v1_1-xxl's encoder), as diffusers' own tests and docs give them: transformer 19 double + 38 single blocks,
+    24 heads of 128, joint_attention_dim 4096, pooled 768, guidance embedding, rope axes (16, 56, 56); VAE 16 latent
+    channels, scale 0.3611, shift 0.1159, no quant convs. T5's vocabulary cannot be downloaded here: its tokenizer is
+    dreamnb.tiny's (ids below T5's 32128), which changes nothing the benchmark measures (512 tokens are padded anyway).
+    Built in bf16 on the GPU (11.9B + 4.8B weights: fp32 would not fit beside each other)."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+
+    from dreamnb.tiny import TOKENIZER_DIR, tiny_flux_pipeline, tiny_t5_tokenizer
+
+    if tiny:
+        return tiny_flux_pipeline(seed=0)
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
+                                                 attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                                                 pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+            vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                                layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+                                up_block_types=("UpDecoderBlock2D",) * 4, sample_size=1024, scaling_factor=0.3611,
+                                shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+            text_encoder = CLIPTextModel(CLIPTextConfig(
+                vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, bos_token_id=49406,
+                eos_token_id=49407, pad_token_id=49407))
+            text_encoder_2 = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_heads=64,
+                                                     num_layers=24, feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6))
+    finally:
+        torch.set_default_dtype(default_dtype)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(scheduler=scheduler, vae=vae.cpu(), text_encoder=text_encoder.cpu(), text_encoder_2=text_encoder_2.cpu(),
+                        tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR), tokenizer_2=tiny_t5_tokenizer(),
+                        transformer=transformer.cpu())
+
+
+PIPELINES = {"sd1": sd15_pipeline, "sdxl": sdxl_pipeline, "flux1": flux_pipeline}
+
+
 def unet_step_tflop(unet_config: dict, batch: int, resolution: int) -> dict:
     """FLOPs of one training step of a UNet with frozen weights (LoRA: the adapters' own ~2% left out), counted with
     torch.utils.flop_counter on the meta device (no memory, no GPU): forward, and backward through the activations.
@@ -236,18 +301,19 @@ def make_photos(folder: Path, count: int, size: int) -> None:
         img.save(folder / f"photo-{i:02d}.png")
 
 
-def prepare(workdir: Path, tiny: bool, xl: bool = False) -> dict:
-    model_dir, photos = model_paths(workdir, xl)
-    size = 64 if tiny else 1024 if xl else 512
+def prepare(workdir: Path, tiny: bool, family: str = "sd1") -> dict:
+    from dreamnb.families import get
+
+    model_dir, photos = model_paths(workdir, family)
+    size = 64 if tiny else 1024 if family == "sdxl" else 512
     if not (model_dir / "model_index.json").exists():
         t = time.time()
-        pipe = sdxl_pipeline(tiny) if xl else sd15_pipeline(tiny)
-        parts = ("unet", "text_encoder", "text_encoder_2", "vae") if xl else ("unet", "text_encoder", "vae")
-        counts = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) / 1e6 for name in parts}
-        if xl and not tiny:  # saved in fp16, as the Hub's fp16 variant: half the 14 GB to write and read; every
-            pipe.to(dtype=__import__("torch").float16)  # loader casts to its own dtype anyway
+        pipe = PIPELINES[family](tiny)
+        counts = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) / 1e6 for name in (*get(family).trained_parts, "vae")}
+        if family == "sdxl" and not tiny:  # saved in fp16, as the Hub's fp16 variant: half the 14 GB to write and read;
+            pipe.to(dtype=__import__("torch").float16)  # every loader casts to its own dtype anyway (FLUX.1's: bf16 as built)
         pipe.save_pretrained(model_dir, safe_serialization=True)
-        (workdir / ("params-xl.json" if xl else "params.json")).write_text(json.dumps(counts))
+        (model_dir.parent / f"params{model_dir.name[len('model'):]}.json").write_text(json.dumps(counts))
         print(f"built the model in {time.time() - t:.0f} s: " + ", ".join(f"{k} {v:.1f}M" for k, v in counts.items()), flush=True)
     if not photos.exists():
         make_photos(photos, 20, size)
@@ -275,8 +341,8 @@ def run_dreamnb(name: str, workdir: Path, tiny: bool, unet_steps: int, te_steps:
     # one process, or this one of several under accelerate launch (on the CPU when --tiny: the trainer's Accelerator agrees)
     processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     cuda = torch.cuda.is_available()
-    xl = is_xl(name)
-    model_dir, photos_dir = model_paths(workdir, xl)
+    family = family_of(name)
+    model_dir, photos_dir = model_paths(workdir, family)
     if name in T4_STAND_INS and cuda:  # a Colab T4 has 15 GB
         torch.cuda.set_per_process_memory_fraction(15e9 / torch.cuda.get_device_properties(0).total_memory)
     if cuda:
@@ -297,7 +363,7 @@ def run_dreamnb(name: str, workdir: Path, tiny: bool, unet_steps: int, te_steps:
         overrides.pop("mixed_precision", None)  # fp16 needs a GPU; the CPU run only checks the script
     settings = dict(token="zwx", resolution=resolution_for(name, tiny), seed=0, unet_steps=unet_steps,
                     with_prior_preservation=False, num_class_images=20, checkpoint_every=0, log_every=10)
-    config = TrainConfig.from_preset("face", family="sdxl" if xl else "sd1", **{**settings, **overrides})
+    config = TrainConfig.from_preset("face", family=family, **{**settings, **overrides})
     from dreamnb.models import load_base_model
 
     base = load_base_model(model_dir)
@@ -340,11 +406,11 @@ def run_dreamnb(name: str, workdir: Path, tiny: bool, unet_steps: int, te_steps:
         config = TrainConfig.from_dict(json.loads((session.attempt_dir(result.attempt) / "config.json").read_text()))
     out = {"name": name, "messages": messages, "memory": memory, "wall_s": time.time() - started, "steps_done": result.steps_done, "rank": processes.process_index, "processes": processes.num_processes,
            "images_per_step": config.train_batch_size * (2 if config.with_prior_preservation else 1) * processes.num_processes}
-    for phase in ("text_encoder", "unet"):
+    for phase, key in (("text_encoder", "text_encoder"), (base.family.denoiser, "unet")):  # "unet": the denoiser's phase
         points = [(step, t) for p, step, t in marks if p == phase]
         if len(points) >= 3:  # skip the first logged interval: warm-up and graph capture
             (s0, t0), (s1, t1) = points[1], points[-2 if len(points) >= 4 else -1]  # the last may hold a checkpoint write
-            out[f"{phase}_s_per_step"] = (t1 - t0) / (s1 - s0)
+            out[f"{key}_s_per_step"] = (t1 - t0) / (s1 - s0)
     first = marks[0] if marks else None
     per_step = out.get(f"{first[0]}_s_per_step", 0) if first else 0
     out["startup_s"] = (first[2] - started) - first[1] * per_step if first else None
@@ -446,7 +512,7 @@ def run_sampling_xl(workdir: Path, tiny: bool) -> dict:
     from dreamnb.sample import SampleSettings, generate
 
     cuda = torch.cuda.is_available()
-    model_dir, _ = model_paths(workdir, True)
+    model_dir, _ = model_paths(workdir, "sdxl")
     # --tiny checks the script: 5 steps (the CPU's time means nothing here)
     size, steps, guidance, prompt = 64 if tiny else 1024, 5 if tiny else 30, 7.5, "photo of zwx person"
     out: dict = {"name": "xl-sample", "steps": steps, "size": size}
@@ -498,15 +564,15 @@ def decode_probe(pipe, size: int, cuda: bool) -> dict:
     from dreamnb.sample import decode_latents
 
     latents = torch.randn(1, 4, size // 8, size // 8, device=pipe.vae.device, generator=torch.Generator(pipe.vae.device).manual_seed(0))
-    out = {"vae_dtype": str(pipe.vae.dtype), f"{pipe.vae.dtype}_s".replace("torch.", ""): timed_warm(lambda: decode_latents(pipe, latents), cuda)}
+    out = {"vae_dtype": str(pipe.vae.dtype), f"{pipe.vae.dtype}_s".replace("torch.", ""): timed_warm(lambda: decode_latents(pipe, latents, size, size), cuda)}
     if cuda and pipe.vae.dtype == torch.float32:
         import numpy as np
 
-        exact = np.asarray(decode_latents(pipe, latents)[0], np.float32)
+        exact = np.asarray(decode_latents(pipe, latents, size, size)[0], np.float32)
         pipe.vae.to(torch.bfloat16)
         try:
-            out["bfloat16_s"] = timed_warm(lambda: decode_latents(pipe, latents), cuda)
-            out["bfloat16_mean_abs_pixel_diff"] = float(np.abs(np.asarray(decode_latents(pipe, latents)[0], np.float32) - exact).mean())
+            out["bfloat16_s"] = timed_warm(lambda: decode_latents(pipe, latents, size, size), cuda)
+            out["bfloat16_mean_abs_pixel_diff"] = float(np.abs(np.asarray(decode_latents(pipe, latents, size, size)[0], np.float32) - exact).mean())
         finally:
             pipe.vae.to(torch.float32)
     return out
@@ -569,7 +635,7 @@ def run_reference(name: str, workdir: Path, reference_dir: Path, steps: int, gpu
     (argparse keeps the last value: the LoRA configurations' --learning_rate)."""
     script, extra = CONFIGS[name][2]
     out_dir = workdir / f"reference-{name}"
-    model_dir, photos_dir = model_paths(workdir, is_xl(name))
+    model_dir, photos_dir = model_paths(workdir, family_of(name))
     args = [sys.executable, str(reference_dir / script), "--pretrained_model_name_or_path", str(model_dir),
             "--instance_data_dir", str(photos_dir), "--instance_prompt", "photo of zwx person",
             "--output_dir", str(out_dir), "--resolution", str(resolution_for(name, tiny)), "--train_batch_size", "1", "--learning_rate", "2e-6",
@@ -603,7 +669,7 @@ def generate_class_images(workdir: Path, count: int, tiny: bool, xl: bool = Fals
     folder = workdir / ("class-xl" if xl else "class")
     if len(list(folder.glob("*.png"))) >= count:
         return
-    base = load_base_model(model_paths(workdir, xl)[0])
+    base = load_base_model(model_paths(workdir, "sdxl" if xl else "sd1")[0])
     ensure_class_images(base.pipeline, folder, "photo of a person", count, 64 if tiny else 1024 if xl else 512)
 
 
@@ -773,13 +839,14 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU (checks the script)")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "dreamnb-bench"))
     parser.add_argument("--configs", default="a,a-gc,b,c,d4,d16,e,f",
-                        help="comma-separated: a a-gc b c d4 d16 e f (SD 1.5), xl-lora16 xl-t4 xl-sample (SDXL)")
+                        help="comma-separated: a a-gc b c d4 d16 e f (SD 1.5), xl-lora16 xl-t4 xl-sample (SDXL), "
+                             "flux-lora16 flux-lora16-1024 (FLUX.1 [dev])")
     parser.add_argument("--unet-steps", type=int, default=200, help="UNet steps measured per configuration")
     parser.add_argument("--te-steps", type=int, default=60, help="text-encoder steps measured where trained")
     parser.add_argument("--full-run", action="store_true", help="train (a) for the whole default run (1500 + 350)")
     parser.add_argument("--headline", action="store_true", help="first, the face preset as a user runs it through the CLI, wall time")
     parser.add_argument("--reference", type=Path, help="folder with diffusers' train_dreambooth.py, train_dreambooth_lora.py "
-                        "and train_dreambooth_lora_sdxl.py")
+                        "train_dreambooth_lora_sdxl.py and train_dreambooth_lora_flux.py")
     parser.add_argument("--reference-steps", type=int, default=60)
     parser.add_argument("--reference-gpu", type=int, help="run the reference on this GPU (1 or more) while dreamnb runs on GPU 0")
     parser.add_argument("--json", type=Path, help="write the raw figures here")
@@ -815,10 +882,8 @@ def main() -> None:
     unknown = [n for n in names if n not in CONFIGS and n not in SAMPLING]
     if unknown:
         parser.error(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join([*CONFIGS, *SAMPLING])}.")
-    if args.headline or any(not is_xl(n) for n in names):
-        prepare(workdir, args.tiny)
-    if any(is_xl(n) for n in names):
-        prepare(workdir, args.tiny, xl=True)
+    for family in dict.fromkeys([*(["sd1"] if args.headline else []), *map(family_of, names)]):
+        prepare(workdir, args.tiny, family)
     if args.headline:
         headline = run_headline(workdir, args.tiny)
         print(f"Headline — `dreamnb train --preset face` as shipped, through the CLI on {gpu_name()}: {headline['train_wall_s']} s "

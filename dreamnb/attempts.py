@@ -3,7 +3,8 @@
 An attempt stores only what training changed (final/unet, final/text_encoder, SDXL's final/text_encoder_2, or one
 LoRA file), so switching between attempts loads those parts and shares the VAE, tokenizers and any frozen part
 with the base pipeline instead of reading the whole model from disk again. SD 1.x/2.x and SDXL attempts go the same
-way; only the pipeline class (`models.family_pipeline_class`) and the UNet's extra SDXL inputs (`unet_text_inputs`) differ.
+way; what differs between them (the pipeline class, the parts, the denoiser's conditioning) the family answers
+(`BaseModel.family`).
 """
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from typing import Any
 
 import torch
 
-from .models import BaseModel, family_pipeline_class
+from . import families
+from .models import BaseModel
 from .session import FINAL, LORA_FILE, Session, attempt_weights_dir, reading
-from .train import TRAINED_PARTS, add_lora, lora_targets
+from .train import add_lora
 
 log = logging.getLogger(__name__)
 
@@ -33,21 +35,12 @@ def attempt_config(session: Session, name: str | None = None) -> dict:
 
 
 def attempt_pipeline(base: BaseModel, session: Session, name: str | None = None, checkpoint: int | None = None):
-    """A pipeline of the base model's class (StableDiffusionPipeline or StableDiffusionXLPipeline) with the weights of
+    """A pipeline of the base model's class (its family's: StableDiffusionPipeline, StableDiffusionXLPipeline) with the weights of
     attempt `name` (NAME or NAME@STEP; or `checkpoint`'s step); parts it did not change are the base's own objects."""
     weights_dir = attempt_weights_dir(session, name, checkpoint)
     config = attempt_config(session, name)
     with reading(weights_dir, "use another checkpoint of the attempt, or train it again"):
         return pipeline_with_weights(base, weights_dir, config)
-
-
-def new_pipeline(base: BaseModel, components: dict):
-    """A pipeline of the base's class from `components`, with the base pipeline's own settings carried over."""
-    pipeline_class = family_pipeline_class(base.info.family)
-    if base.info.family != "sdxl":
-        return pipeline_class(**components, requires_safety_checker=False)
-    return pipeline_class(**components, force_zeros_for_empty_prompt=base.pipeline.config.force_zeros_for_empty_prompt,
-                                  add_watermarker=getattr(base.pipeline, "watermark", None) is not None)
 
 
 def pipeline_with_weights(base: BaseModel, weights_dir: Path, config: dict):
@@ -58,26 +51,26 @@ def pipeline_with_weights(base: BaseModel, weights_dir: Path, config: dict):
         return _with_lora_file(base, weights_dir / LORA_FILE)
     else:
         components.update(_from_folders(base, weights_dir))
-    return new_pipeline(base, components)
+    return base.family.assemble(base.pipeline, **components)
 
 
-def lora_file_parts(lora_file: Path) -> list[str]:
-    """The parts a LoRA file in diffusers' names adapts (its keys start `unet.`, `text_encoder.`, `text_encoder_2.`)."""
+def lora_file_parts(base: BaseModel, lora_file: Path) -> list[str]:
+    """The parts a LoRA file in diffusers' names adapts (its keys start with the part's name: `unet.`, `text_encoder.`)."""
     from safetensors import safe_open
 
     with safe_open(str(lora_file), framework="pt") as f:
         prefixes = {key.split(".", 1)[0] for key in f.keys()}
-    return [part for part in TRAINED_PARTS if part in prefixes]
+    return [part for part in base.family.trained_parts if part in prefixes]
 
 
 def _with_lora_file(base: BaseModel, lora_file: Path):
     """diffusers' own loader reads the file (alpha/rank from its metadata) into copies of the parts it adapts, then fuses
     it, so the pipeline samples as fast as the base."""
     components = dict(base.pipeline.components)
-    parts = lora_file_parts(lora_file)
+    parts = lora_file_parts(base, lora_file)
     for part in parts:
         components[part] = copy.deepcopy(components[part])
-    pipe = new_pipeline(base, components)
+    pipe = base.family.assemble(base.pipeline, **components)
     pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
     pipe.fuse_lora(components=parts)
     return pipe
@@ -87,7 +80,7 @@ def _from_folders(base: BaseModel, weights_dir: Path) -> dict:
     """A full fine-tune's final/: a diffusers folder for each part it trained, loaded with the base part's own class
     (UNet2DConditionModel, CLIPTextModel, SDXL's CLIPTextModelWithProjection), dtype and device."""
     parts = {}
-    for part in TRAINED_PARTS:
+    for part in base.family.trained_parts:
         module = getattr(base.pipeline, part, None)
         if module is not None and (weights_dir / part).is_dir():
             parts[part] = type(module).from_pretrained(weights_dir / part, dtype=module.dtype).to(module.device)
@@ -100,7 +93,7 @@ def _from_checkpoint(base: BaseModel, checkpoint_dir: Path, config: dict) -> dic
 
     weights = load_file(str(checkpoint_dir / "weights.safetensors"))
     parts = {}
-    for part in TRAINED_PARTS:
+    for part in base.family.trained_parts:
         prefix, module = part + ".", getattr(base.pipeline, part, None)
         state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
         if not state or module is None:
@@ -109,7 +102,7 @@ def _from_checkpoint(base: BaseModel, checkpoint_dir: Path, config: dict) -> dic
         if config.get("method") == "lora":
             from peft.utils import set_peft_model_state_dict
 
-            add_lora(model, config["lora_rank"], config["lora_alpha"], lora_targets(part))
+            add_lora(model, config["lora_rank"], config["lora_alpha"], base.family.lora_targets(part))
             set_peft_model_state_dict(model, state)
             merge_lora(model)
         else:
@@ -132,40 +125,22 @@ def merge_lora(model) -> None:
 
 @torch.no_grad()
 def denoising_error(pipe, latents: torch.Tensor, prompt: str, *, seed: int = 0, timesteps=(100, 300, 500, 700)) -> float:
-    """How well a model denoises given latents under a prompt (mean squared error of its prediction
-    at fixed timesteps and noise). A model that learned the instance photos scores lower on them."""
-    from diffusers import DDPMScheduler
-
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    device, dtype = pipe.unet.device, pipe.unet.dtype
-    embeds, extra = unet_text_inputs(pipe, prompt, latents)
+    """How well a model denoises given latents under a prompt (mean squared error of its prediction of the family's
+    training target at fixed timesteps and noise). A model that learned the instance photos scores lower on them."""
+    family = families.of_pipeline(pipe)
+    denoiser = getattr(pipe, family.denoiser)
+    device, dtype = denoiser.device, denoiser.dtype
+    schedule = family.noise_schedule(pipe.scheduler, "cpu")
+    embeds, extra = family.text_inputs(pipe, prompt, latents)
     generator = torch.Generator().manual_seed(seed)
     errors = []
     for t in timesteps:
         noise = torch.randn(latents.shape, generator=generator)
-        t_batch = torch.full((latents.shape[0],), t, dtype=torch.long)
-        noisy = scheduler.add_noise(latents, noise, t_batch)
-        target = scheduler.get_velocity(latents, noise, t_batch) if scheduler.config.prediction_type == "v_prediction" else noise
-        pred = pipe.unet(noisy.to(device, dtype), t_batch.to(device), embeds, **extra).sample
+        t_batch = schedule.at(torch.full((latents.shape[0],), t, dtype=torch.long))
+        noisy, target = schedule.noisy_and_target(latents, noise, t_batch)
+        pred = family.predict(denoiser, noisy.to(device, dtype), t_batch.to(device), embeds, extra)
         errors.append(torch.mean((pred.float().cpu() - target) ** 2).item())
     return sum(errors) / len(errors)
-
-
-def unet_text_inputs(pipe, prompt: str, latents: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """The UNet's conditioning for `prompt` at the batch and size of `latents`, as the pipeline computes it without
-    classifier-free guidance: the text embeddings, and the keyword arguments SDXL adds (its second encoder's pooled
-    embedding and the size/crop "time ids", here: made at the latents' size, uncropped)."""
-    device, dtype, batch = pipe.unet.device, pipe.unet.dtype, latents.shape[0]
-    if getattr(pipe, "text_encoder_2", None) is None:
-        ids = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
-                             return_tensors="pt").input_ids
-        return pipe.text_encoder(ids.to(device))[0].expand(batch, -1, -1).to(dtype), {}
-    embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, do_classifier_free_guidance=False)
-    size = (latents.shape[-2] * pipe.vae_scale_factor, latents.shape[-1] * pipe.vae_scale_factor)
-    time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=dtype,
-                                      text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
-    added = {"text_embeds": pooled.expand(batch, -1).to(dtype), "time_ids": time_ids.to(device).expand(batch, -1)}
-    return embeds.expand(batch, -1, -1).to(dtype), {"added_cond_kwargs": added}
 
 
 @dataclass
@@ -184,7 +159,7 @@ def comparison_grid(
     *,
     negative_prompt: str = "",
     num_inference_steps: int = 25,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     scheduler: str = "dpm++",
     checkpoint: int | None = None,
     cell_size: int | None = None,

@@ -32,7 +32,7 @@ VAE_HELP = config_module.VAE_HELP + " Default: the one the attempt was trained w
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dreamnb", description="Teach Stable Diffusion a face, a pet, an object or a style (DreamBooth).")
+    parser = argparse.ArgumentParser(prog="dreamnb", description="Teach a text-to-image model (Stable Diffusion, SDXL, FLUX.1) a face, a pet, an object or a style (DreamBooth).")
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--negative-prompt", default="")
         p.add_argument("--seed", nargs="+", type=int, default=[1, 2])
         p.add_argument("--steps", type=int, default=25, help="inference steps")
-        p.add_argument("--guidance-scale", type=float, default=7.5)
-        p.add_argument("--scheduler", default="dpm++", help="dpm++, euler or ddim")
+        p.add_argument("--guidance-scale", type=float, help="how closely images follow the prompt (default: the model's own: 7.5 for Stable Diffusion, 3.5 for FLUX.1)")
+        p.add_argument("--scheduler", default="dpm++", help="dpm++, euler or ddim (FLUX.1 always samples with its own flow-euler)")
         p.add_argument("--compile", action="store_true", help=config_module.COMPILE_UNET_HELP)
         p.add_argument("--model", help="base model (default: the session's)")
         p.add_argument("--model-config")
@@ -149,8 +149,9 @@ def cmd_check_token(args) -> Any:
     if args.model:
         from .models import load_base_model
 
-        base = load_base_model(args.model)  # SDXL: checked with both of its tokenizers
-        tokenizer, text_encoder, tokenizer_2 = base.tokenizer, base.text_encoder, base.tokenizer_2
+        base = load_base_model(args.model)  # checked with the tokenizers its family names (SDXL's two)
+        (tokenizer, *more), text_encoder = [getattr(base.pipeline, name) for name in base.family.checked_tokenizers], base.text_encoder
+        tokenizer_2 = more[0] if more else None
     else:
         tokenizer = load_tokenizer(args.tokenizer)
     report = check_token(args.text, tokenizer, text_encoder, tokenizer_2=tokenizer_2)
@@ -178,7 +179,7 @@ def train_config_from_args(args, session=None, model=None) -> TrainConfig:
         return continue_config(session, args.parent, **overrides, preset=args.preset, method="lora" if args.lora else None)
     from .models import detect_family
 
-    family = detect_family(model) if model else "sd1"
+    family = detect_family(model) if model else None
     method = "lora" if args.lora else overrides.get("method")
     return TrainConfig.from_preset(args.preset or "face", method, family=family, **overrides)
 

@@ -89,9 +89,9 @@ class TrainConfig:
         return cls(**values)
 
     @classmethod
-    def from_preset(cls, preset: str = "face", method: str | None = None, *, family: str = "sd1", **overrides: Any) -> "TrainConfig":
+    def from_preset(cls, preset: str = "face", method: str | None = None, *, family: str | None = None, **overrides: Any) -> "TrainConfig":
         """The preset's values for the chosen method (None: the model family's default, see `default_method`) and
-        base model family (`ModelInfo.family`: "sdxl" has its own defaults), then the caller's overrides (None means 'keep')."""
+        base model family (`ModelInfo.family`: SDXL has its own defaults), then the caller's overrides (None means 'keep')."""
         values = preset_values(preset, method, family)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(values)
@@ -157,33 +157,19 @@ _PRESETS: dict[str, dict[str, Any]] = {
 _LORA_OVERRIDES: dict[str, Any] = dict(unet_lr=1e-4, text_encoder_lr=5e-5)
 
 
-# SDXL (a UNet three times SD 1.5's, two text encoders, made at 1024 px) changes these, whatever the preset.
-_SDXL_OVERRIDES: dict[str, dict[str, Any]] = {
-    "common": dict(
-        resolution=1024,       # SDXL's own size: it paints at 1024 px and loses detail when trained smaller
-        text_encoder_steps=0,  # UNet only, as in diffusers' SDXL DreamBooth recipe: its two text encoders already read
-                               # a rare token apart, and training both (one is 700M weights) needs far more GPU memory
-    ),
-    "lora": dict(
-        unet_lr=1e-4,          # diffusers' SDXL DreamBooth LoRA README and script (rank 4 there; 16 here, as for SD 1.x,
-                               # for a face's detail: about 90 MB of adapters in fp32)
-        text_encoder_lr=5e-6,  # diffusers' SDXL script's text-encoder rate, for when text-encoder steps are turned on
-    ),
-    "full": dict(),            # the preset's rates: full fine-tuning moves every weight, so small steps as for SD 1.x
-}
+def default_method(family: str | None = None) -> str:
+    """What a model family trains with unless told: 'lora' or 'full' (`Family.default_method`)."""
+    from . import families
+
+    return families.get(family).default_method
 
 
-PRESET_FAMILIES = ("sd1", "sdxl")  # the model families `preset_values` tells apart (SD 2.x takes SD 1.x's values)
+def preset_values(preset: str, method: str | None = None, family: str | None = None) -> dict[str, Any]:
+    """The one place where settings depend on the preset, the method and the base model's family (whose own values
+    are `Family.preset_overrides`)."""
+    from . import families
 
-
-def default_method(family: str = "sd1") -> str:
-    """'lora' for SDXL (a full fine-tune of its 2.6B-weight UNet does not fit a T4's 15 GB), else 'full'."""
-    return "lora" if family == "sdxl" else "full"
-
-
-def preset_values(preset: str, method: str | None = None, family: str = "sd1") -> dict[str, Any]:
-    """The one place where settings depend on the preset, the method and the base model's family."""
-    method = method or default_method(family)
+    method = method or families.get(family).default_method
     if preset not in PRESETS:
         raise ConfigError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
     if method not in METHODS:
@@ -191,8 +177,7 @@ def preset_values(preset: str, method: str | None = None, family: str = "sd1") -
     values = dict(_PRESETS[preset], preset=preset, method=method)
     if method == "lora":
         values.update(_LORA_OVERRIDES)
-    if family == "sdxl":
-        values.update(_SDXL_OVERRIDES["common"], **_SDXL_OVERRIDES[method])
+    values.update(families.get(family).preset_overrides(method))
     return values
 
 

@@ -384,7 +384,14 @@ def save_single_file(
     *,
     text_encoder_2=None,
 ) -> Path:
-    """Write the pipeline as one A1111/ComfyUI-style `.safetensors` file, atomically (SDXL when `text_encoder_2`).
+    """Write the pipeline as one A1111/ComfyUI-style `.safetensors` file, atomically (SDXL when `text_encoder_2`)."""
+    with torch.no_grad():
+        return save_state_file(pipeline_to_ldm(unet, vae, text_encoder, text_encoder_2), path, dtype, metadata)
+
+
+def save_state_file(state: dict[str, torch.Tensor], path: str | Path, dtype: torch.dtype = torch.float16,
+                    metadata: dict[str, str] | None = None) -> Path:
+    """Write an original-layout state dict as one `.safetensors` file, atomically.
 
     Floating-point tensors are cast to `dtype` (fp16 by default: half the size, what those tools
     load anyway); every tensor is made contiguous and moved to the CPU, as safetensors requires.
@@ -400,7 +407,6 @@ def save_single_file(
         raise ValueError("safetensors metadata must map strings to strings; convert the values with str() first.")
 
     with torch.no_grad():
-        state = pipeline_to_ldm(unet, vae, text_encoder, text_encoder_2)
         tensors = {
             key: (value.detach().to("cpu", dtype) if value.is_floating_point() else value.detach().cpu()).contiguous()
             for key, value in state.items()

@@ -49,7 +49,7 @@ def smallest_side(examples: list[Example]) -> int:
     return min(sides)
 
 
-def _centre_square(width: int, height: int) -> tuple[int, int, int]:
+def centre_square(width: int, height: int) -> tuple[int, int, int]:
     """(left, top, side) of the centred square that training cuts from a non-square image."""
     side = min(width, height)
     return (width - side) // 2, (height - side) // 2, side
@@ -60,24 +60,10 @@ def load_image_tensor(path: Path, resolution: int) -> torch.Tensor:
     with Image.open(path) as img:
         img = img.convert("RGB")
         if img.size != (resolution, resolution):
-            left, top, side = _centre_square(*img.size)
+            left, top, side = centre_square(*img.size)
             img = img.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.LANCZOS)
         array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-
-
-def image_time_ids(path: Path, resolution: int) -> tuple[int, int, int, int, int, int]:
-    """SDXL's size and crop conditioning for one training image, as diffusers' SDXL DreamBooth script makes it:
-    (original height, original width, crop top, crop left, target height, target width), the crop in the resized image.
-    The "original" is the image file as training reads it: `prepare_photos` keeps no record of the photo it was cut
-    from, so a prepared photo counts as uncropped (crop 0, 0) at its prepared size; only a non-square file (crop="none")
-    gets the centred crop `load_image_tensor` takes. A photo prepared smaller than `resolution` says so, which is
-    what SDXL learned such a size to mean (softer detail)."""
-    with Image.open(path) as img:
-        width, height = img.size
-    left, top, side = _centre_square(width, height)
-    scale = resolution / side
-    return height, width, round(top * scale), round(left * scale), resolution, resolution
 
 
 def _file_digest(path: Path) -> str:
@@ -142,34 +128,6 @@ def tokenize_all(tokenizers: list, prompts: list[str]) -> torch.Tensor:
     return torch.stack([tokenize(tokenizer, prompts) for tokenizer in tokenizers], dim=1)
 
 
-class PromptEncoder(torch.nn.Module):
-    """The one owner of how prompts become the UNet's conditioning: the model's text encoder(s) as one module, token ids
-    from `tokenize_all` in, (embeds, pooled) out. SD 1.x/2.x: embeds are the encoder's last hidden state and pooled is
-    None. SDXL (as its pipeline and diffusers' training script do): embeds are both encoders' penultimate hidden states
-    side by side, and pooled is the second encoder's projected output, which joins the size/crop numbers (time ids)
-    in the UNet's `added_cond_kwargs`. One module, so a phase trains, moves, freezes or wraps (DDP) both alike."""
-
-    def __init__(self, text_encoder, text_encoder_2=None):
-        super().__init__()
-        self.text_encoder = text_encoder
-        self.text_encoder_2 = text_encoder_2
-
-    def parts(self) -> dict[str, torch.nn.Module]:
-        """The encoders by the names they are saved under (`text_encoder`, and `text_encoder_2` for SDXL)."""
-        return {name: part for name, part in (("text_encoder", self.text_encoder), ("text_encoder_2", self.text_encoder_2))
-                if part is not None}
-
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        device = self.text_encoder.device
-        if self.text_encoder_2 is None:
-            return self.text_encoder(input_ids[:, 0].to(device))[0], None
-        hidden = []
-        for i, encoder in enumerate((self.text_encoder, self.text_encoder_2)):
-            out = encoder(input_ids[:, i].to(device), output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
-        return torch.cat(hidden, dim=-1), out[0]  # out[0]: CLIPTextModelWithProjection's text_embeds
-
-
 def class_images_dir(class_root: Path, model_key: str, class_prompt: str, resolution: int) -> Path:
     """Class images are reusable by every attempt with the same base model, prompt and size."""
     digest = hashlib.sha256(f"{model_key}|{class_prompt}|{resolution}".encode()).hexdigest()[:12]
@@ -209,7 +167,7 @@ def ensure_class_images(
                 generator=generators,
                 output_type="latent",
             ).images
-            images = decode_latents(pipe, latents)
+            images = decode_latents(pipe, latents, resolution, resolution)
             for i, image in zip(indices, images):
                 fileio.save_with(wanted[i], lambda tmp, image=image: image.save(tmp, format="PNG"))
             bar.update(len(indices))

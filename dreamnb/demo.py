@@ -71,7 +71,7 @@ def run_demo(out_dir: str | Path = "demo-output", *, unet_steps: int | None = No
 
     base = load_base_model(out / "model")
     log(f"3/5 training (text encoder, then UNet) with prior preservation, on {base.placement.device.type}")
-    rates = preset_values("object", None, "sd1")  # the object preset, shortened to fit two minutes on two cores: 10× its rates
+    rates = preset_values("object")  # the object preset, shortened to fit two minutes on two cores: 10× its rates
     config = TrainConfig.from_preset(
         "object", token=DEMO_TOKEN, class_word=DEMO_CLASS, instance_prompt=INSTANCE_PROMPT,
         class_prompt=CLASS_PROMPT, resolution=64, seed=0, unet_steps=unet_steps or 200, unet_lr=10 * rates["unet_lr"],

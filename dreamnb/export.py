@@ -9,7 +9,8 @@
   layout A1111 and ComfyUI read, and one diffusers' `load_lora_weights` converts by itself;
 - "lora-diffusers": the same add-on weights in diffusers' own names and metadata, as `save_lora_weights` writes them.
 
-SD 1.x/2.x and SDXL export alike; the pipeline class comes from dreamnb.models.family_pipeline_class.
+SD 1.x/2.x and SDXL export alike; what differs (the pipeline class, kohya's names, the single-file layout, the card's
+tags) the base model's family answers (`dreamnb.families`).
 
 Every export is written atomically and never replaces an existing one without `force`.
 `push_to_hub` uploads an export with a model card; the token is only ever handed to
@@ -30,9 +31,10 @@ from . import __version__, fileio
 from .attempts import attempt_config, attempt_pipeline
 from .config import TrainConfig
 from .errors import UserError
-from .models import FAMILY_NAMES, BaseModel, ModelError, family_pipeline_class, resolve_hf_token, source_kind
+from . import families
+from .models import BaseModel, ModelError, resolve_hf_token, source_kind
 from .session import FINAL, LORA_FILE, Session, attempt_weights_dir, canonical_ref, session_lock
-from .train import TRAINED_PARTS, save_lora_file
+from .train import save_lora_file
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ CARD_SETTINGS = (
     "gradient_accumulation_steps", "offset_noise", "min_snr_gamma", "lora_rank", "lora_alpha", "seed", "parent",
 )
 _LORA_KEY = re.compile(
-    r"^(unet|text_encoder_2|text_encoder)\.(.+)\.(lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up|lora_A|lora_B)\.weight$"
+    r"^(\w+?)\.(.+)\.(lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up|lora_A|lora_B)\.weight$"
 )
 
 
@@ -87,7 +89,7 @@ def export_attempt(
             if format == "lora":
                 state, metadata = kohya_lora(lora_weights_file(weights_dir), config, base, name, origin)
             else:
-                state, metadata = diffusers_lora(weights_dir, config, base.info.family, origin)
+                state, metadata = diffusers_lora(weights_dir, config, base.family, origin)
             from safetensors.torch import save_file
 
             fileio.save_with(out, lambda tmp: save_file(state, str(tmp), metadata=metadata))
@@ -106,10 +108,10 @@ def export_attempt(
             log.info("wrote %s as a diffusers folder to %s", name, out)
             return out
 
-        from .convert import save_single_file
+        from .convert import save_state_file
 
-        return save_single_file(pipe.unet, pipe.vae, pipe.text_encoder, out, text_encoder_2=getattr(pipe, "text_encoder_2", None),
-                                dtype=torch.float16 if fp16 else torch.float32, metadata={"format": "pt", **origin})
+        return save_state_file(base.family.single_file_state(pipe), out, dtype=torch.float16 if fp16 else torch.float32,
+                               metadata={"format": "pt", **origin})
 
 
 def check_export(session: Session, attempt: str | None, format: str, out: str | Path | None, *, force: bool = False) -> Path:
@@ -169,7 +171,7 @@ def check_overwrite(out: Path, format: str, force: bool) -> None:
         raise ExportError(f"{out} exists and is not a file, so it is not replaced; choose another path.")
 
 
-def describe(session: Session, attempt: str, config: dict, base_source: str, *, family: str = "sd1",
+def describe(session: Session, attempt: str, config: dict, base_source: str, *, family: str | None = None,
              vae: str | None = None) -> dict[str, str]:
     """What the exported weights are, as the string metadata a .safetensors file holds (`vae`: the VAE trained with,
     when not the base model's own). Local models are named, never given by their path."""
@@ -177,7 +179,7 @@ def describe(session: Session, attempt: str, config: dict, base_source: str, *, 
         **({"vae": base_model_name(vae)} if vae else {}),
         "dreamnb_version": __version__,
         "base_model": base_model_name(base_source),
-        "base_model_family": FAMILY_NAMES.get(family, family),
+        "base_model_family": families.get(family).label,
         "token": str(config.get("token", "")),
         "class_word": str(config.get("class_word", "")),
         "instance_prompt": instance_prompt(config),
@@ -233,8 +235,6 @@ def kohya_lora(
     loaders scale B·A by alpha / rank exactly as peft did during training. Every name is checked against the base
     model's own layers. Returns the tensors and the file's metadata (kohya's `ss_*` keys plus `origin`).
     """
-    from diffusers.utils import convert_state_dict_to_kohya
-
     alpha = float(config.get("lora_alpha") or config.get("lora_rank") or 0)
     if alpha <= 0:
         raise ExportError(f"Attempt {attempt!r} has no lora_alpha in its config.json, so the LoRA's strength is unknown; train it again with the 'lora' method.")
@@ -244,22 +244,13 @@ def kohya_lora(
         module = _kohya_module_path(base, part, module, attempt)
         peft_state[f"{part}.{module}.lora_A.weight"] = weights["down"].contiguous()
         peft_state[f"{part}.{module}.lora_B.weight"] = weights["up"].contiguous()
-    state = {}
-    for key, value in convert_state_dict_to_kohya(peft_state).items():
-        if base.info.family != "sdxl":  # kohya's (and A1111's) name for the only text encoder of SD 1.x/2.x
-            key = key.replace("lora_te1_", "lora_te_", 1)
-        # diffusers writes alpha = rank; the attempt's own alpha is what it trained with
-        state[key] = torch.tensor(alpha, dtype=torch.float32) if key.endswith(".alpha") else value
-
     rank = next(iter(adapters.values()))["down"].shape[0]
-    family = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}.get(base.info.family, base.info.family)
+    state, kohya_metadata = base.family.kohya_lora(peft_state, rank, alpha)
     metadata = {
         # kohya sd-scripts' own keys: A1111's and ComfyUI's LoRA browsers show them
-        "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": f"{alpha:g}",
-        "ss_base_model_version": family,
-        "ss_v2": str(base.info.family == "sd2"),
+        **kohya_metadata,
         "ss_resolution": str(config.get("resolution", "")),
         "ss_output_name": attempt,
         **(origin or {}),
@@ -293,7 +284,7 @@ def _kohya_module_path(base: BaseModel, part: str, module: str, attempt: str) ->
     model = getattr(base.pipeline, part, None)
     if model is None:
         raise ExportError(f"The LoRA of attempt {attempt!r} adapts a {part} that the base model does not have; export it with the base model it was trained on.")
-    if part == "unet":
+    if part == base.family.denoiser:
         _check_linear(model, module, attempt)
         return module
     module = module.removeprefix("text_model.")
@@ -301,7 +292,7 @@ def _kohya_module_path(base: BaseModel, part: str, module: str, attempt: str) ->
     return "text_model." + module
 
 
-def diffusers_lora(weights_dir: Path, config: dict, family: str, origin: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def diffusers_lora(weights_dir: Path, config: dict, family: families.Family, origin: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The attempt's LoRA in diffusers' names, for `load_lora_weights` of the base model's pipeline class: final/'s file
     as it is, or a checkpoint's adapters (peft's names) written the way training writes final/. Its metadata keeps
     diffusers' own (the adapters' rank and alpha) and adds `origin`."""
@@ -318,11 +309,11 @@ def diffusers_lora(weights_dir: Path, config: dict, family: str, origin: dict[st
         return load_file(str(lora_file)), {**metadata, **origin}
 
 
-def _save_checkpoint_as_diffusers_lora(checkpoint_file: Path, config: dict, family: str, folder: Path) -> None:
+def _save_checkpoint_as_diffusers_lora(checkpoint_file: Path, config: dict, family: families.Family, folder: Path) -> None:
     from safetensors.torch import load_file
 
     weights = load_file(str(checkpoint_file))
-    adapters = {part: {k[len(part) + 1:]: v for k, v in weights.items() if k.startswith(part + ".")} for part in TRAINED_PARTS}
+    adapters = {part: {k[len(part) + 1:]: v for k, v in weights.items() if k.startswith(part + ".")} for part in family.trained_parts}
     save_lora_file(folder, {part: state for part, state in adapters.items() if state}, config["lora_rank"], config["lora_alpha"], family)
 
 
@@ -349,7 +340,7 @@ def model_card(
     format: str = "diffusers",
     repo_id: str | None = None,
     weights_file: str | None = None,
-    family: str = "sd1",
+    family: str | None = None,
     vae: str | None = None,
 ) -> str:
     """README.md text for the Hub: YAML front matter, what the token means, the settings that
@@ -361,8 +352,8 @@ def model_card(
     prompt = instance_prompt(config)
     base_name = base_model_name(base_source)
     base_is_hub = base_name == base_source and "/" in base_name
-    tags = (["dreambooth", "stable-diffusion"] + (["stable-diffusion-xl"] if family == "sdxl" else [])
-            + ["dreamnb", "text-to-image", "diffusers"] + (["lora"] if format in LORA_FORMATS else []))
+    kind = families.get(family)
+    tags = (["dreambooth", *kind.hub_tags] + ["dreamnb", "text-to-image", "diffusers"] + (["lora"] if format in LORA_FORMATS else []))
     data = ModelCardData(
         base_model=base_source if base_is_hub else None,  # the Hub only accepts a Hub id here
         library_name="diffusers",
@@ -375,7 +366,7 @@ def model_card(
     lines = [
         "---", data.to_yaml(), "---", "",
         f"# {title} (DreamBooth, attempt {attempt_name})", "",
-        (f"{FAMILY_NAMES.get(family, 'Stable Diffusion')} taught a new subject with DreamBooth by dreamnb {__version__}. "
+        (f"{kind.label} taught a new subject with DreamBooth by dreamnb {__version__}. "
          f"Write **`{token}`** in a prompt to get it, e.g. `{prompt}`."), "",
         f"- Base model: `{base_name}`",
         *([f"- VAE: `{base_model_name(vae)}`, trained with and used instead of the base model's own"] if vae else []),
@@ -388,7 +379,7 @@ def model_card(
         "| setting | value |", "|---|---|", settings, "",
         "## Use it", "",
         *_usage(format, repo_id or "path/to/this/model", weights_file, base_name if base_is_hub else "path/to/the/base/model", prompt,
-                family_pipeline_class(family).__name__),
+                kind),
     ]
     if grid_file:
         lines += ["", "## Samples", "", f"![Sample grid: prompts down, seeds across]({grid_file})"]
@@ -405,26 +396,25 @@ def _matters(key: str, config: dict) -> bool:
     return True
 
 
-def _usage(format: str, where: str, weights_file: str | None, base: str, prompt: str, pipeline: str) -> list[str]:
-    fence = "```"
-    generate = f'image = pipe("{prompt}", num_inference_steps=25, guidance_scale=7.5).images[0]'
+def _usage(format: str, where: str, weights_file: str | None, base: str, prompt: str, family: families.Family) -> list[str]:
+    fence, pipeline = "```", family.pipeline_class_name
+    dtype = "torch.bfloat16" if family.prefers_bf16 else "torch.float16"
+    generate = f'image = pipe("{prompt}", num_inference_steps=25, guidance_scale={family.sampling_guidance:g}).images[0]'
     if format == "diffusers":
         return ["With 🧨 diffusers:", "", fence + "python", "import torch", f"from diffusers import {pipeline}", "",
-                f'pipe = {pipeline}.from_pretrained("{where}", torch_dtype=torch.float16).to("cuda")',
+                f'pipe = {pipeline}.from_pretrained("{where}", torch_dtype={dtype}).to("cuda")',
                 generate, fence]
     file = weights_file or "model.safetensors"
     if format == "safetensors":
-        return [("In AUTOMATIC1111 put the file in `models/Stable-diffusion/`, in ComfyUI in `models/checkpoints/`. "
-                 "With 🧨 diffusers:"), "", fence + "python", "import torch", f"from diffusers import {pipeline}",
+        elsewhere, imports, load = family.single_file_usage(base, dtype)
+        return [f"{elsewhere} With 🧨 diffusers:", "", fence + "python", "import torch", *imports,
                 "from huggingface_hub import hf_hub_download", "",
-                f'path = hf_hub_download("{where}", "{file}")',
-                f'pipe = {pipeline}.from_single_file(path, torch_dtype=torch.float16).to("cuda")',
-                generate, fence]
+                f'path = hf_hub_download("{where}", "{file}")', *load, generate, fence]
     where_else = (f"In AUTOMATIC1111 put the file in `models/Lora/` and add `<lora:{Path(file).stem}:1>` to the prompt; "
                   "in ComfyUI put it in `models/loras/`. ") if format == "lora" else ""
     return [where_else + "With 🧨 diffusers:", "", fence + "python", "import torch",
             f"from diffusers import {pipeline}", "",
-            f'pipe = {pipeline}.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")',
+            f'pipe = {pipeline}.from_pretrained("{base}", torch_dtype={dtype}).to("cuda")',
             f'pipe.load_lora_weights("{where}", weight_name="{file}")', generate, fence]
 
 

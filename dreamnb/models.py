@@ -4,9 +4,9 @@ What each source is gets checked before the (slow) load, so a wrong one fails at
 sentence saying what is wrong and what to do: the SDXL refiner, SD3, Flux, a LoRA given as a base
 model, a damaged download, a folder that is not a diffusers model, a Hub id while offline.
 
-Whether a source is SDXL or SD 1.x/2.x is decided once, before loading, by `_check_source` (from
-model_index.json's `_class_name` or the checkpoint's keys); it picks the pipeline class, and the
-loaded model carries it on as `ModelInfo.family`.
+Which model family a source is (`dreamnb.families`: SD 1.x/2.x, SDXL) is decided once, before loading, by
+`_check_source` (from model_index.json's `_class_name` or the checkpoint's keys); the family picks the pipeline class,
+and the loaded model carries it on as `ModelInfo.family` (its key; `BaseModel.family` is the family itself).
 
 Another VAE can replace the model's own (`load_base_model(vae=...)`), above all madebyollin/sdxl-vae-fp16-fix: SDXL's
 own VAE overflows in fp16 and is kept in fp32, this one stays in fp16. It is checked like the model, before the load.
@@ -27,41 +27,30 @@ from typing import Any
 
 import torch
 
+from . import families
 from .config import SDXL_FP16_VAE
 from .errors import UserError
+from .families import SUPPORTED, Family, ModelError
+from .families.sdxl import SDXL_MODEL
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-SDXL_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_SDXL_CLASS = "StableDiffusionXLPipeline"
-_UNSUPPORTED_CLASSES = {
-    "StableDiffusionXLInpaintPipeline": "Stable Diffusion XL inpainting",
-    "StableDiffusion3Pipeline": "Stable Diffusion 3",
-    "FluxPipeline": "Flux",
-}
-_REFINER_CLASS = "StableDiffusionXLImg2ImgPipeline"  # what the SDXL refiner is saved as
-_SUPPORTED = "Stable Diffusion 1.x, 2.x or XL"
-FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
-
-
-class ModelError(UserError):
-    """A base model that cannot be used; the message says what is wrong and what to do."""
 
 
 @dataclass
 class ModelInfo:
     source: str            # what the user gave
     source_kind: str       # "hub" | "folder" | "single_file" | "url"
-    family: str            # "sd1" | "sd2" | "sdxl"
+    family: str            # the family's key (`dreamnb.families`): "sd1" | "sd2" | "sdxl"
     prediction_type: str   # "epsilon" | "v_prediction"
     resolution: int        # native image size: 512 or 768 for SD 1.x/2.x, 1024 for SDXL
     vae: str | None = None  # another VAE used instead of the model's own, as given; None: its own
 
     def describe(self) -> str:
-        family = FAMILY_NAMES[self.family]
+        family = families.get(self.family).label
         vae = f", VAE {self.vae}" if self.vae else ""
         return f"{family}, {self.prediction_type}, {self.resolution} px ({self.source_kind}: {self.source}{vae})"
 
@@ -83,12 +72,16 @@ class Placement:
     dtype: torch.dtype
 
 
-def default_placement() -> Placement:
+def default_placement(family: Family | None = None) -> Placement:
     """The GPU when there is one, in fp16 (what sampling uses; a full fine-tune copies its weights from it: fp16 has
-    more significant bits than bf16 training weights, though magnitudes under 6e-5 keep fewer); else the CPU in fp32.
+    more significant bits than bf16 training weights, though magnitudes under 6e-5 keep fewer), or in bf16 for a family
+    made in bf16 whose activations outgrow fp16 (FLUX.1) where the GPU has it; else the CPU in fp32.
     Under `accelerate launch` each process takes its own GPU (LOCAL_RANK)."""
     if torch.cuda.is_available():
-        return Placement(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))), torch.float16)
+        from .colab import gpu_has_bf16
+
+        dtype = torch.bfloat16 if family is not None and family.prefers_bf16 and gpu_has_bf16() else torch.float16
+        return Placement(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))), dtype)
     return Placement(torch.device("cpu"), torch.float32)
 
 
@@ -110,7 +103,7 @@ class _Use:
 @dataclass
 class BaseModel:
     info: ModelInfo
-    pipeline: Any  # diffusers.StableDiffusionPipeline, on `placement`
+    pipeline: Any  # a diffusers pipeline of the family's class, on `placement`
     _use: _Use = field(default_factory=_Use, init=False, repr=False, compare=False)
 
     @contextlib.contextmanager
@@ -140,11 +133,21 @@ class BaseModel:
                     use.changed.notify_all()
 
     @property
+    def family(self) -> Family:
+        return families.get(self.info.family)
+
+    @property
     def placement(self) -> Placement:
-        return Placement(self.pipeline.unet.device, self.pipeline.unet.dtype)
+        return Placement(self.denoiser.device, self.denoiser.dtype)
+
+    @property
+    def denoiser(self):
+        """The part that paints (SD's UNet)."""
+        return getattr(self.pipeline, self.family.denoiser)
 
     @property
     def unet(self):
+        """SD's and SDXL's denoiser by its own name."""
         return self.pipeline.unet
 
     @property
@@ -160,18 +163,18 @@ class BaseModel:
         return self.pipeline.tokenizer
 
     @property
-    def text_encoder_2(self):
-        """SDXL's second text encoder (OpenCLIP bigG, with projection); None for SD 1.x/2.x."""
-        return getattr(self.pipeline, "text_encoder_2", None)
+    def text_encoders(self) -> dict[str, Any]:
+        """The text encoders by their pipeline names, in the family's prompt order (SDXL: `text_encoder_2` too)."""
+        return {name: part for name in self.family.text_encoders if (part := getattr(self.pipeline, name, None)) is not None}
 
     @property
-    def tokenizer_2(self):
-        """SDXL's second tokenizer (OpenCLIP bigG's: CLIP's vocabulary, padded with "!"); None for SD 1.x/2.x."""
-        return getattr(self.pipeline, "tokenizer_2", None)
+    def tokenizers(self) -> list:
+        """The tokenizer of each text encoder, in the same order."""
+        return self.family.tokenizer_list(self.pipeline)
 
     @contextlib.contextmanager
     def parked(self):
-        """On a GPU, the UNet and text encoder(s) wait on the CPU for the duration, then go back; yields whether they
+        """On a GPU, the denoiser (UNet) and text encoder(s) wait on the CPU for the duration, then go back; yields whether they
         moved. A training run works on its own copies and needs the memory: 2 GB for SD 1.5, 6.7 GB for SDXL (fp16),
         which decides whether SDXL fits a T4. Moving back takes a second or two. The VAE stays, for previews.
         Sampling graphs recorded on the UNet point at its old memory, so they are dropped. The model is in use by this
@@ -184,8 +187,8 @@ class BaseModel:
                 return
             from .fast import drop_sampling_graphs
 
-            parts = [m for m in (self.unet, self.text_encoder, self.text_encoder_2) if m is not None]
-            drop_sampling_graphs(self.unet)
+            parts = [self.denoiser, *self.text_encoders.values()]
+            drop_sampling_graphs(self.denoiser)
             self._use.parked = True
             try:
                 for part in parts:
@@ -228,32 +231,15 @@ def source_kind(source: str | os.PathLike) -> str:
 
 # --- checks before loading --------------------------------------------------------------------------
 
-def _refiner_error(where: str) -> ModelError:
-    return ModelError(f"{where} is an SDXL refiner, and the SDXL refiner is not a base model for training; use an SDXL base model such as {SDXL_MODEL}.")
-
-
-def _check_pipeline_class(class_name: str | None, where: str) -> str:
-    """'sdxl' for an SDXL base pipeline, 'sd' for SD 1.x/2.x (told apart once loaded); a ModelError for anything else."""
-    if class_name == _REFINER_CLASS:
-        raise _refiner_error(where)
-    if class_name in _UNSUPPORTED_CLASSES:
-        raise ModelError(f"{where} is a {_UNSUPPORTED_CLASSES[class_name]} model, which dreamnb does not support yet; use a {_SUPPORTED} model such as {DEFAULT_MODEL}.")
-    if class_name and not class_name.startswith("StableDiffusion"):
-        raise ModelError(f"{where} is a {class_name}, not a {_SUPPORTED} model; use a model such as {DEFAULT_MODEL}.")
-    return "sdxl" if class_name == _SDXL_CLASS else "sd"
-
-
-def check_folder(path: Path) -> str:
-    """'sdxl' or 'sd' for a usable diffusers folder; a ModelError saying what is wrong otherwise."""
+def check_folder(path: Path) -> Family:
+    """The family of a usable diffusers folder; a ModelError saying what is wrong otherwise."""
     index = path / "model_index.json"
     if not index.is_file():
         raise ModelError(f"{path} is a folder but not a diffusers model (it has no model_index.json); give the folder that contains model_index.json, or a .safetensors file.")
-    family = _check_pipeline_class(_class_name(index), str(path))
-    parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler") + (("text_encoder_2", "tokenizer_2") if family == "sdxl" else ())
-    missing = [part for part in parts if not (path / part).is_dir()]
+    family = families.from_class_name(_class_name(index), str(path))
+    missing = [part for part in family.folder_parts if not (path / part).is_dir()]
     if missing:
-        what = "Stable Diffusion XL" if family == "sdxl" else "Stable Diffusion"
-        raise ModelError(f"{path} lacks the {', '.join(missing)} part(s) of a {what} model; download the whole model folder again.")
+        raise ModelError(f"{path} lacks the {', '.join(missing)} part(s) of a {family.label} model; download the whole model folder again.")
     return family
 
 
@@ -286,43 +272,10 @@ def read_checkpoint_keys(path: Path) -> tuple[list[str], dict[str, tuple[int, ..
     while isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ModelError(f"{path.name} does not contain model weights; give a Stable Diffusion checkpoint.")
+        raise ModelError(f"{path.name} does not contain model weights; give a {SUPPORTED} checkpoint.")
     keys = [k for k, v in state.items() if isinstance(v, torch.Tensor)]
     shapes = {k: tuple(state[k].shape) for k in keys if k.endswith("input_blocks.0.0.weight")}
     return keys, shapes
-
-
-def classify_checkpoint(keys: list[str], shapes: dict[str, tuple[int, ...]], name: str) -> str:
-    """'sd1', 'sd2' or 'sdxl' for a supported checkpoint; a ModelError naming what it is otherwise.
-
-    SDXL files keep their text encoders under `conditioner.embedders`: the base has CLIP ViT-L
-    (`0.transformer.`, Hugging Face names) and OpenCLIP bigG (`1.model.`); the refiner has only
-    OpenCLIP bigG, as `0.model.`."""
-    def has(prefix: str) -> bool:
-        return any(k.startswith(prefix) for k in keys)
-
-    if any(("lora_down" in k or "lora_up" in k or "lora_A" in k or "lora_B" in k or k.startswith("lora_")) for k in keys):
-        raise ModelError(f"{name} is a LoRA (small add-on weights), not a base model; choose a base model such as {DEFAULT_MODEL} and load the LoRA after training or sampling.")
-    if has("conditioner.embedders.0.model."):
-        raise _refiner_error(name)
-    if has("model.diffusion_model.joint_blocks") or has("joint_blocks"):
-        raise ModelError(f"{name} is a Stable Diffusion 3 checkpoint, which dreamnb does not support yet; use a {_SUPPORTED} checkpoint.")
-    if has("double_blocks") or has("model.diffusion_model.double_blocks"):
-        raise ModelError(f"{name} is a Flux checkpoint, which dreamnb does not support yet; use a {_SUPPORTED} checkpoint.")
-    if not has("model.diffusion_model.input_blocks"):
-        raise ModelError(f"{name} is not a Stable Diffusion checkpoint (no UNet weights in the original layout); give a {_SUPPORTED} .safetensors or .ckpt file.")
-    in_shape = next(iter(shapes.values()), None)
-    if in_shape is not None and len(in_shape) == 4 and in_shape[1] != 4:
-        raise ModelError(f"{name} is an inpainting or other special model ({in_shape[1]} input channels); use a normal {_SUPPORTED} checkpoint.")
-    if has("conditioner.embedders"):
-        if has("conditioner.embedders.0.transformer.") and has("conditioner.embedders.1.model."):
-            return "sdxl"
-        raise ModelError(f"{name} is a Stable Diffusion XL checkpoint without both of its text encoders (CLIP ViT-L and OpenCLIP bigG), so it cannot be trained; use a full SDXL base checkpoint.")
-    if has("cond_stage_model.model."):
-        return "sd2"
-    if has("cond_stage_model.transformer."):
-        return "sd1"
-    raise ModelError(f"{name} has no text encoder weights, so it cannot be trained; use a full {_SUPPORTED} checkpoint.")
 
 
 # --- loading ----------------------------------------------------------------------------------------
@@ -334,13 +287,13 @@ class _CheckedSource:
     kind: str          # as source_kind
     path: Path         # the local folder or file (a URL's downloaded file)
     shown: str         # the source as shown and saved (a URL without any token in it)
-    family: str        # "sdxl" or "sd" (1.x and 2.x are told apart once loaded, by describe_pipeline)
+    family: Family     # which loads it (SD 1.x and 2.x load alike and are told apart once loaded, by describe_pipeline)
     v_prediction: bool = False  # a single file marked as v-prediction (a `v_pred` key)
 
 
 def _check_source(source: str, *, token: str | None, local_files_only: bool | None) -> _CheckedSource:
-    """Check a source before loading it and decide which pipeline loads it: the one place where SDXL vs SD 1.x/2.x is
-    decided, from model_index.json's `_class_name` (a folder or Hub id) or from the checkpoint's keys (a single file)."""
+    """Check a source before loading it and decide which family loads it: the one place where that is decided, from
+    model_index.json's `_class_name` (a folder or Hub id) or from the checkpoint's keys (a single file)."""
     kind = source_kind(source)
     path, shown = Path(source).expanduser(), source
     if kind == "url":  # downloaded once into a cache, then checked and loaded as the single file it is
@@ -351,15 +304,15 @@ def _check_source(source: str, *, token: str | None, local_files_only: bool | No
         return _CheckedSource(kind, path, shown, check_folder(path))
     if kind in ("single_file", "url"):
         keys, shapes = read_checkpoint_keys(path)
-        family = "sdxl" if classify_checkpoint(keys, shapes, path.name) == "sdxl" else "sd"
-        return _CheckedSource(kind, path, shown, family, v_prediction="v_pred" in keys)
+        return _CheckedSource(kind, path, shown, families.from_checkpoint(keys, shapes, path.name), v_prediction="v_pred" in keys)
     return _CheckedSource(kind, path, shown, check_hub_model(source, token=token, local_files_only=local_files_only))
 
 
 def detect_family(source: str | os.PathLike, *, local_files_only: bool | None = None) -> str:
-    """'sdxl' or 'sd' (1.x/2.x) without loading the model: the check `load_base_model` starts with, so settings that
-    depend on the family (`config.preset_values`) can be chosen before the slow load."""
-    return _check_source(str(source), token=resolve_hf_token(), local_files_only=local_files_only).family
+    """The family's key without loading the model (SD 2.x shows as SD 1.x until loaded; their presets are the same):
+    the check `load_base_model` starts with, so settings that depend on the family (`config.preset_values`) can be
+    chosen before the slow load."""
+    return _check_source(str(source), token=resolve_hf_token(), local_files_only=local_files_only).family.key
 
 
 def load_base_model(
@@ -371,8 +324,8 @@ def load_base_model(
     local_files_only: bool | None = None,
     vae: str | os.PathLike | None = None,
 ) -> BaseModel:
-    """Load a base model as a StableDiffusionPipeline (SDXL: a StableDiffusionXLPipeline) plus what it is (family,
-    prediction, size), on `placement` (default: `default_placement()`, the GPU in fp16 when there is one).
+    """Load a base model as its family's pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline) plus what it is
+    (family, prediction, size), on `placement` (default: `default_placement`, the GPU in fp16 when there is one).
 
     `config` is only for single files: a diffusers folder or Hub id whose configs describe the file
     (diffusers guesses one from the weights when it is None). `prediction_type` overrides what was
@@ -380,30 +333,26 @@ def load_base_model(
     the model's own: a Hub id such as madebyollin/sdxl-vae-fp16-fix, a diffusers folder of one, or a single file.
     """
     token = resolve_hf_token()
-    placement = placement or default_placement()
     checked = _check_source(str(source), token=token, local_files_only=local_files_only)
     checked_vae = _check_vae_source(str(vae), token=token, local_files_only=local_files_only) if vae else None
-    xl = checked.family == "sdxl"
-    pipeline_class = family_pipeline_class(checked.family)
-    common: dict[str, Any] = dict(dtype=placement.dtype)
-    if not xl:  # SDXL's pipeline has no safety checker
-        common.update(safety_checker=None, requires_safety_checker=False)
-    what = "a Stable Diffusion XL" if xl else "a Stable Diffusion 1.x or 2.x"
+    family = checked.family
+    placement = placement or default_placement(family)
+    pipeline_class = family.pipeline_class()
+    common: dict[str, Any] = dict(dtype=placement.dtype, **family.load_options())
+    what = f"a {family.label}"
     source, path = checked.shown, checked.path
     if checked.kind == "folder":
         pipe = _load(lambda: pipeline_class.from_pretrained(str(path), **common), source, what)
     elif checked.kind in ("single_file", "url"):
         extra: dict[str, Any] = {}
-        if config is not None:
-            extra["config"] = str(config)
-            if Path(str(config)).is_dir():
-                extra["local_files_only"] = True
+        if config is not None and Path(str(config)).is_dir():
+            extra["local_files_only"] = True
         yaml = path.with_suffix(".yaml")
         if yaml.is_file() and config is None:
             extra["original_config"] = str(yaml)
         if checked.v_prediction and prediction_type is None:
             prediction_type = "v_prediction"
-        pipe = _load(lambda: pipeline_class.from_single_file(str(path), token=token, **common, **extra), source, what)
+        pipe = _load(lambda: family.load_single_file(path, config=config, token=token, **common, **extra), source, what)
     else:
         pipe = _load(
             lambda: pipeline_class.from_pretrained(source, token=token, local_files_only=bool(local_files_only), **common),
@@ -411,13 +360,13 @@ def load_base_model(
         )
     if prediction_type is not None and pipe.scheduler.config.get("prediction_type") != prediction_type:
         pipe.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config, prediction_type=prediction_type)
-    info = describe_pipeline(pipe, source, checked.kind)
+    info = describe_pipeline(pipe, source, checked.kind, family)
     if checked_vae is not None:  # before `to`: the model's own VAE never reaches the GPU
         other = _load_vae(checked_vae, pipe.vae, placement.dtype, token=token, local_files_only=local_files_only)
         _check_vae_fits(other, pipe, info, checked_vae.shown)
         pipe.vae, info.vae = other, checked_vae.shown
     pipe.to(placement.device)
-    if xl and placement.dtype == torch.float16 and pipe.vae.config.get("force_upcast", True):
+    if families.get(info.family).keep_vae_fp32_when_forced and placement.dtype == torch.float16 and pipe.vae.config.get("force_upcast", True):
         # SDXL's own VAE overflows in fp16 (NaN latents, black images); diffusers marks such a VAE `force_upcast`
         # and its pipeline upcasts it around each decode. Kept in fp32 here instead, so encoding photos for training
         # is safe too. A VAE fine-tuned to stay in fp16 range (madebyollin/sdxl-vae-fp16-fix) says force_upcast=False
@@ -427,19 +376,11 @@ def load_base_model(
     return BaseModel(info=info, pipeline=pipe)
 
 
-def family_pipeline_class(family: str):
-    """The diffusers pipeline class of a model family ('sdxl', else SD 1.x/2.x): the one place it is chosen, for loading
-    the base model and for every pipeline built around it later (attempts, previews, LoRA files, export)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-
-
-def check_hub_model(repo_id: str, *, token: str | None, local_files_only: bool | None = None) -> str:
-    """Fetch only model_index.json first: fails fast (offline, gated, wrong kind) before gigabytes move. 'sdxl' or 'sd'."""
+def check_hub_model(repo_id: str, *, token: str | None, local_files_only: bool | None = None) -> Family:
+    """Fetch only model_index.json first: fails fast (offline, gated, wrong kind) before gigabytes move. Its family."""
     index = _hub_file(repo_id, "model_index.json", token=token, local_files_only=local_files_only,
                       missing=f"{repo_id} on the Hugging Face Hub is not a diffusers model (no model_index.json); give a diffusers model id, or download its .safetensors file and give that path.")
-    return _check_pipeline_class(_class_name(index), repo_id)
+    return families.from_class_name(_class_name(index), repo_id)
 
 
 def _hub_file(repo_id: str, filename: str, *, token: str | None, local_files_only: bool | None, missing: str) -> Path:
@@ -516,8 +457,9 @@ def _load_vae(checked: _CheckedVae, own, dtype: torch.dtype, *, token: str | Non
 def _check_vae_fits(vae, pipe, info: ModelInfo, shown: str) -> None:
     """Another VAE must make the latents the model's UNet was trained on, as the model's own VAE (still `pipe.vae`)
     does: as many channels, as many times smaller, at the same scale (SD 1.x's and SDXL's VAEs differ only in scale)."""
-    new, own, channels = vae.config, pipe.vae.config, pipe.unet.config.in_channels
-    advice = (f"give a VAE made for {FAMILY_NAMES[info.family]}" + (f" such as {SDXL_FP16_VAE}" if info.family == "sdxl" else "")
+    new, own, channels = vae.config, pipe.vae.config, families.get(info.family).latent_channels(pipe)
+    family = families.get(info.family)
+    advice = (f"give a VAE made for {family.label}" + (f" such as {family.fp16_vae}" if family.fp16_vae else "")
               + ", or none to keep the model's own")
     if new.latent_channels != channels:
         raise ModelError(f"The VAE {shown} makes latents of {new.latent_channels} channels but {info.source}'s UNet takes {channels}; {advice}.")
@@ -538,26 +480,12 @@ def _load(load, source: str, what: str):
         raise ModelError(f"{source} could not be loaded as {what} model ({_short(err)}); check that it is complete and of a supported kind.") from err
 
 
-def describe_pipeline(pipe, source: str, kind: str) -> ModelInfo:
-    """What a loaded pipeline is. SDXL or not was decided before loading (the pipeline class); here its UNet is
-    checked against that, and SD 1.x is told from 2.x."""
-    te_config = pipe.text_encoder.config
-    unet_config = pipe.unet.config
-    xl = getattr(pipe, "text_encoder_2", None) is not None
-    extra_conditioning = getattr(unet_config, "addition_embed_type", None)
-    if xl and extra_conditioning != "text_time":
-        raise ModelError(f"{source} is saved as an SDXL pipeline but its UNet lacks SDXL's size and crop conditioning; use an SDXL base model such as {SDXL_MODEL}.")
-    if not xl and extra_conditioning:
-        raise ModelError(f"{source} is not a {_SUPPORTED} model (its UNet takes extra conditioning, like SDXL, but it is saved as an SD 1.x/2.x pipeline).")
-    sd2 = getattr(te_config, "hidden_act", "quick_gelu") == "gelu" or bool(unet_config.use_linear_projection)
-    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    return ModelInfo(
-        source=source,
-        source_kind=kind,
-        family="sdxl" if xl else "sd2" if sd2 else "sd1",
-        prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
-        resolution=int(unet_config.sample_size) * vae_scale,
-    )
+def describe_pipeline(pipe, source: str, kind: str, family: Family) -> ModelInfo:
+    """What a loaded pipeline of `family`'s class is: the family checks it against what it claimed to be (and tells
+    SD 1.x from 2.x), with its prediction type and native size."""
+    family = family.check_pipeline(pipe, source)
+    return ModelInfo(source=source, source_kind=kind, family=family.key, prediction_type=family.prediction(pipe),
+                     resolution=family.native_resolution(pipe))
 
 
 def _short(err: BaseException) -> str:

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 from PIL import Image, PngImagePlugin
 
+from . import families
 from .fileio import save_with
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class SampleSettings:
     negative_prompt: str = ""
     seed: int = 0
     num_inference_steps: int = 25
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None  # None: the model's own (7.5 for Stable Diffusion, 3.5 for FLUX.1)
     scheduler: str = "dpm++"
     width: int | None = None   # None: the model's native size
     height: int | None = None
@@ -105,6 +106,8 @@ SCHEDULERS: dict[str, _SchedulerChoice] = {
     "euler": _SchedulerChoice("EulerDiscreteScheduler", "Euler", {"use_karras_sigmas": False}),
     "euler-a": _SchedulerChoice("EulerAncestralDiscreteScheduler", "Euler a", {}),
     "ddim": _SchedulerChoice("DDIMScheduler", "DDIM", {}),
+    # flow-matching models' (FLUX.1's) own sampler; A1111-Forge calls it Euler with the Simple schedule
+    "flow-euler": _SchedulerChoice("FlowMatchEulerDiscreteScheduler", "Euler Simple", {}),
 }
 
 
@@ -131,7 +134,7 @@ def check_settings(settings: SampleSettings) -> None:
         raise ValueError(f"The seed must be a whole number of 0 or more, not {settings.seed!r}.")
     if not isinstance(settings.num_inference_steps, int) or settings.num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be a whole number of 1 or more, not {settings.num_inference_steps!r}.")
-    if settings.guidance_scale < 0:
+    if settings.guidance_scale is not None and settings.guidance_scale < 0:
         raise ValueError(f"guidance_scale must be 0 or more, not {settings.guidance_scale!r}.")
     for name in ("width", "height"):
         value = getattr(settings, name)
@@ -165,18 +168,19 @@ def generate(
     for item in settings:
         check_settings(item)
     device = getattr(pipe, "_execution_device", pipe.device)
-    native_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    family = families.of_pipeline(pipe)
+    native_size = family.native_resolution(pipe)
 
     groups: dict[tuple, list[int]] = {}
     for index, item in enumerate(settings):
-        key = (item.num_inference_steps, float(item.guidance_scale), item.scheduler,
+        scheduler = item.scheduler if item.scheduler in family.samplers else family.samplers[0]  # the model's own kind
+        guidance = family.sampling_guidance if item.guidance_scale is None else float(item.guidance_scale)
+        key = (item.num_inference_steps, guidance, scheduler,
                item.width or native_size, item.height or native_size)
         groups.setdefault(key, []).append(index)
 
     results: list[Sample | None] = [None] * len(settings)
-    from .fast import enable_fast_sampling
-
-    enable_fast_sampling(pipe, cuda_graphs=cuda_graphs, compile_unet=compile_unet)
+    family.fast_sampling(pipe, cuda_graphs=cuda_graphs, compile_unet=compile_unet)
     old_scheduler = pipe.scheduler
     old_progress = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(**{**old_progress, "disable": not progress})
@@ -200,9 +204,10 @@ def generate(
                     generator=[torch.Generator(device=device).manual_seed(s.seed) for s in batch],
                     output_type="latent",
                 ).images
-                images = decode_latents(pipe, latents)
+                images = decode_latents(pipe, latents, height, width)
                 for i, s, image in zip(indices[start:start + batch_size], batch, images):
-                    results[i] = Sample(image=image, settings=dataclasses.replace(s, width=width, height=height))
+                    results[i] = Sample(image=image, settings=dataclasses.replace(s, width=width, height=height, scheduler=scheduler,
+                                                                                      guidance_scale=guidance))
                 done += len(batch)
                 if on_batch_end is not None:
                     on_batch_end(done, len(settings))
@@ -213,18 +218,18 @@ def generate(
 
 
 @torch.no_grad()
-def decode_latents(pipe, latents: torch.Tensor) -> list[Image.Image]:
+def decode_latents(pipe, latents: torch.Tensor, height: int, width: int) -> list[Image.Image]:
     """PIL images from a pipeline's final latents, as its own decoding step makes them, but with the latents cast to the
     VAE's dtype first: dreamnb keeps SDXL's VAE in fp32 under an fp16 UNet (see models.load_base_model), and diffusers'
     SDXL pipeline casts the latents for that only on Apple's MPS (elsewhere fp16 latents meet fp32 weights and fail)."""
     vae = pipe.vae
-    latents = latents.to(vae.device, vae.dtype)
+    latents = families.of_pipeline(pipe).latents_for_vae(pipe, latents, height, width).to(vae.device, vae.dtype)
     mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
     if mean is not None and std is not None:  # VAEs that normalise their latents per channel
         shape = (1, -1, 1, 1)
         latents = latents * torch.tensor(std).view(shape).to(latents) / vae.config.scaling_factor + torch.tensor(mean).view(shape).to(latents)
     else:
-        latents = latents / vae.config.scaling_factor
+        latents = latents / vae.config.scaling_factor + (vae.config.get("shift_factor") or 0.0)
     image = torch.cat([vae.decode(row[None], return_dict=False)[0] for row in latents])  # one at a time: ~3 GB each at 1024 px in fp32
     if getattr(pipe, "watermark", None) is not None:  # SDXL's invisible watermark, where the pipeline would add it
         image = pipe.watermark.apply_watermark(image)
@@ -261,7 +266,8 @@ def a1111_parameters(settings: SampleSettings) -> str:
     fields: dict[str, Any] = {
         "Steps": settings.num_inference_steps,
         "Sampler": _scheduler_choice(settings.scheduler).a1111_name,
-        "CFG scale": float(settings.guidance_scale),
+        # None: the model's own, which `generate` writes in before its samples are saved
+        **({} if settings.guidance_scale is None else {"CFG scale": float(settings.guidance_scale)}),
         "Seed": settings.seed,
     }
     if settings.width is not None and settings.height is not None:

@@ -171,13 +171,13 @@ def tiny_sdxl_pipeline(kind: str = "sdxl", seed: int = 0):
     )
 
 
-def tiny_vae(seed: int, **config):
+def tiny_vae(seed: int, latent_channels: int = 4, **config):
     """The tiny VAE (the real AutoencoderKL, 8× down), its latents scaled to unit variance on the sample images."""
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 16, 32, 32), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=8, sample_size=64, **config)
+                        latent_channels=latent_channels, norm_num_groups=8, sample_size=64, **config)
     vae.register_to_config(scaling_factor=unit_variance_scaling(vae, _sample_images(seed)))
     return vae
 
@@ -197,14 +197,58 @@ def unit_variance_scaling(vae, images: torch.Tensor) -> float:
     return round(1.0 / latents.std().item(), 5)
 
 
+def tiny_t5_tokenizer(vocab_size: int = 300):
+    """A T5 tokenizer (T5TokenizerFast, SentencePiece-style Unigram with `</s>` at the end) trained here on a few
+    prompts: T5's own vocabulary cannot be downloaded, and FLUX.1's pipeline only needs one of its class."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import T5TokenizerFast
+
+    words = "a an the photo painting portrait of in on with by style oil person dog thing zwx sks ohwx man woman cat".split()
+    corpus = [" ".join(words[i:] + words[:i]) for i in range(len(words))] + ["Vincent van Gogh Rembrandt Monet"]
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.normalizer = normalizers.NFKC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.train_from_iterator(corpus, trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                                                   unk_token="<unk>"))
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tokenizer.token_to_id("</s>"))])
+    return T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0,
+                           model_max_length=512)
+
+
+def tiny_flux_pipeline(seed: int = 0):
+    """A randomly initialised (seeded) tiny FluxPipeline: FLUX.1's transformer (one double and one single block, guidance
+    embedding), a 16-channel VAE with FLUX.1's shift and scale, CLIP (pooled) and T5 text encoders, and FLUX.1 [dev]'s
+    flow-matching scheduler."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    t5_tokenizer = tiny_t5_tokenizer()
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4))
+    clip = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                                        vocab_size=49408, projection_dim=32, max_position_embeddings=77))
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                         guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    vae = tiny_vae(seed, latent_channels=16, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR),
+                        text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer)
+    return pipe
+
+
 def save_tiny_model(out_dir: str | Path, kind: str = "sd1", seed: int = 0, single_file: bool = True) -> TinyModelPaths:
     """Save a tiny model (a TINY_KINDS or TINY_SDXL_KINDS kind) as a diffusers folder and a single .safetensors file under out_dir."""
     out_dir = Path(out_dir)
     folder = out_dir / f"tiny-{kind}"
-    pipe = tiny_sdxl_pipeline(kind, seed) if kind in TINY_SDXL_KINDS else tiny_pipeline(kind, seed)
+    if kind == "flux1":
+        pipe = tiny_flux_pipeline(seed)
+    else:
+        pipe = tiny_sdxl_pipeline(kind, seed) if kind in TINY_SDXL_KINDS else tiny_pipeline(kind, seed)
     pipe.save_pretrained(folder, safe_serialization=True)
     file_path = None
-    if single_file:
+    if single_file and kind != "flux1":  # a single FLUX.1 file is not loaded yet
         file_path = out_dir / f"tiny-{kind}.safetensors"
         from .convert import save_single_file
 

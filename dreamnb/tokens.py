@@ -151,7 +151,7 @@ def check_token(text: str, tokenizer, text_encoder=None, *, tokenizer_2=None, n_
     "risky" (a known collision, a real word inside, or too many pieces), "good" (one or two
     rare pieces). Suggestions are filled in when the verdict is not good.
 
-    `tokenizer_2` is SDXL's second tokenizer (OpenCLIP bigG's; `BaseModel.tokenizer_2`): the trigger word
+    `tokenizer_2` is SDXL's second tokenizer (OpenCLIP bigG's; the second of `BaseModel.tokenizers`): the trigger word
     reaches both text encoders, so it is checked with both. SDXL's two tokenizers share CLIP's vocabulary and
     merges (only the padding differs), so they split every text alike and one check speaks for both; were
     their vocabularies different, each would be checked and the worse verdict kept.

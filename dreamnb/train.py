@@ -36,25 +36,16 @@ from . import data, fileio
 from .config import ConfigError, TrainConfig, validate
 from .colab import gpu_has_bf16, gpu_memory_budget
 from .fast import BF16_OPTIMIZERS, AdamWBF16, GraphedStep, LossScaler
-from .models import BaseModel, family_pipeline_class, load_base_model
+from .families import Family, PromptEncoder
+from .models import BaseModel, load_base_model
 from .session import (CHECKPOINTS, FINAL, LORA_FILE, OPTIMIZER_FILE, Attempt, Session, add_attempt, attempt_weights_dir,
                       checkpoint_folders, describe_lock, drop_optimizer_state, open_session, reading, session_lock, split_ref,
                       update_attempt, update_session)
 
 log = logging.getLogger(__name__)
 
-PHASES = ("text_encoder", "unet")  # in training order
+TEXT_PHASE = "text_encoder"  # the first phase; the second trains the family's denoiser and is named after it ("unet")
 LOG_FIELDS = ["step", "phase", "loss", "lr", "elapsed_s"]  # log.csv's columns
-UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-# The parts training may change, by the names their weights are saved under (checkpoint key prefixes, final/'s folders,
-# the prefixes of diffusers' LoRA files); text_encoder_2 is SDXL's.
-TRAINED_PARTS = ("unet", "text_encoder", "text_encoder_2")
-
-
-def lora_targets(part: str) -> list[str]:
-    """The layers LoRA adapts in a part: the UNet's attention, or a CLIP text encoder's (both of SDXL's alike)."""
-    return UNET_LORA_TARGETS if part == "unet" else TEXT_LORA_TARGETS
 
 
 class TrainingError(RuntimeError):
@@ -90,35 +81,13 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Noise schedule helpers, on the device (diffusers' add_noise copies its tables to the device each call).
+# The loss
 
-@dataclass
-class NoiseSchedule:
-    sqrt_alpha: torch.Tensor
-    sqrt_one_minus_alpha: torch.Tensor
-    snr: torch.Tensor
-    prediction_type: str
-    num_train_timesteps: int
-
-    @classmethod
-    def from_scheduler(cls, scheduler, device) -> "NoiseSchedule":
-        from diffusers import DDPMScheduler
-
-        ddpm = DDPMScheduler.from_config(scheduler.config)
-        alphas = ddpm.alphas_cumprod.to(device=device, dtype=torch.float32)
-        return cls(
-            sqrt_alpha=alphas.sqrt(),
-            sqrt_one_minus_alpha=(1 - alphas).sqrt(),
-            snr=alphas / (1 - alphas),
-            prediction_type=ddpm.config.prediction_type,
-            num_train_timesteps=ddpm.config.num_train_timesteps,
-        )
-
-
-def diffusion_loss(unet, latents, embeds, generator, schedule: NoiseSchedule, config: TrainConfig, n_instance: int,
-                   world: int = 1, rank: int = 0, added_cond_kwargs: dict | None = None) -> torch.Tensor:
+def diffusion_loss(denoiser, latents, embeds, generator, schedule, config: TrainConfig, n_instance: int,
+                   world: int = 1, rank: int = 0, extra: dict | None = None, *, family: Family) -> torch.Tensor:
     """DreamBooth loss for one batch: rows [:n_instance] are the subject, the rest class images (prior).
-    `added_cond_kwargs`: SDXL's pooled prompts and size/crop numbers, row by row (None for SD 1.x/2.x).
+    `schedule` is the family's noise schedule and target (`Family.noise_schedule`); `extra` the denoiser's extra
+    inputs (`Family.denoiser_inputs`: SDXL's pooled prompts and size/crop numbers, row by row; None for SD 1.x/2.x).
     Data parallel: noise and timesteps are drawn for every process's rows (one seeded generator, the same on
     each) and each process keeps its own, so processes do not repeat each other's noise."""
     batch, device = latents.shape[0], latents.device
@@ -126,17 +95,13 @@ def diffusion_loss(unet, latents, embeds, generator, schedule: NoiseSchedule, co
     noise = torch.randn((world * batch, *latents.shape[1:]), generator=generator, device=device)[mine]
     if config.offset_noise:
         noise = noise + config.offset_noise * torch.randn((world * batch, latents.shape[1], 1, 1), generator=generator, device=device)[mine]
-    timesteps = torch.randint(0, schedule.num_train_timesteps, (world * batch,), generator=generator, device=device)[mine]
-    a = schedule.sqrt_alpha[timesteps].view(-1, 1, 1, 1)
-    s = schedule.sqrt_one_minus_alpha[timesteps].view(-1, 1, 1, 1)
-    noisy = a * latents + s * noise
-    target = a * noise - s * latents if schedule.prediction_type == "v_prediction" else noise
-    pred = unet(noisy, timesteps, embeds, added_cond_kwargs=added_cond_kwargs).sample
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if config.min_snr_gamma:
-        snr = schedule.snr[timesteps]
-        clipped = torch.clamp(snr, max=config.min_snr_gamma)
-        per_sample = per_sample * (clipped / (snr + 1) if schedule.prediction_type == "v_prediction" else clipped / snr)
+    timesteps = schedule.draw_timesteps(world * batch, generator, device)[mine]
+    noisy, target = schedule.noisy_and_target(latents, noise, timesteps)
+    pred = family.predict(denoiser, noisy, timesteps, embeds, extra)
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.dim())))
+    weights = schedule.loss_weights(timesteps, config.min_snr_gamma)
+    if weights is not None:
+        per_sample = per_sample * weights
     loss = per_sample[:n_instance].mean()
     if batch > n_instance:
         loss = loss + config.prior_loss_weight * per_sample[n_instance:].mean()
@@ -149,8 +114,8 @@ def diffusion_loss(unet, latents, embeds, generator, schedule: NoiseSchedule, co
 @dataclass
 class TrainingData:
     """What every step draws from, on the training device: latent distributions of the photos (and class
-    images), their prompts as token ids (`data.tokenize_all`: a row per photo, one row for the class prompt) and, for
-    SDXL, each image's size and crop numbers (`data.image_time_ids`)."""
+    images), their prompts as token ids (`Family.tokenize`: a row per photo, one row for the class prompt) and, where
+    the family has any, each image's own conditioning (`Family.image_conditioning`: SDXL's size and crop numbers)."""
 
     instance_mean: torch.Tensor
     instance_std: torch.Tensor
@@ -158,17 +123,15 @@ class TrainingData:
     class_mean: torch.Tensor | None = None
     class_std: torch.Tensor | None = None
     class_ids: torch.Tensor | None = None
-    instance_time_ids: torch.Tensor | None = None  # SDXL only, [photos, 6]
-    class_time_ids: torch.Tensor | None = None     # SDXL only, [class images, 6]
+    instance_image_cond: torch.Tensor | None = None  # a row per photo (SDXL: [photos, 6]); None where the family has none
+    class_image_cond: torch.Tensor | None = None     # a row per class image
 
-    def added_cond_kwargs(self, pooled, rows, class_rows) -> dict | None:
-        """SDXL's extra UNet inputs for a batch (its rows of photos, then of class images); None for SD 1.x/2.x."""
-        if pooled is None:
+    def image_rows(self, rows, class_rows) -> torch.Tensor | None:
+        """A batch's rows of the images' own conditioning: its photos', then its class images'."""
+        if self.instance_image_cond is None:
             return None
-        time_ids = self.instance_time_ids[rows]
-        if class_rows is not None:
-            time_ids = torch.cat([time_ids, self.class_time_ids[class_rows]])
-        return {"text_embeds": pooled, "time_ids": time_ids}
+        cond = self.instance_image_cond[rows]
+        return cond if class_rows is None else torch.cat([cond, self.class_image_cond[class_rows]])
 
 
 @dataclass(frozen=True)
@@ -208,12 +171,23 @@ class TrainingModels:
     """The trainer's own copies of the parts it trains, and the formats and fast paths chosen for them (decided here
     once, from the config and the GPU). The caller's base model is never changed: its VAE and pipeline are only read."""
 
-    unet: Any
-    text_encoders: data.PromptEncoder  # the text encoder (SDXL: both)
+    family: Family
+    denoiser: Any                 # the part that paints (SD's UNet)
+    text_encoders: PromptEncoder  # the text encoder (SDXL: both)
     device: torch.device
     weights_dtype: torch.dtype   # the copies' weights
     precision: Precision
     use_graphs: bool
+
+    @property
+    def phases(self) -> tuple[str, str]:
+        """The phases in training order: the text encoders', then the denoiser's (named as the part is)."""
+        return TEXT_PHASE, self.family.denoiser
+
+    def parts(self) -> dict[str, torch.nn.Module]:
+        """The models a run may change, by the names their weights are saved under (the family's part names: unet,
+        text_encoder, ...), as checkpoint key prefixes and as final/'s folders and LoRA key prefixes."""
+        return {self.family.denoiser: self.denoiser, **self.text_encoders.parts()}
 
     def autocast(self):
         """The compute format for the forward passes (off on a CPU)."""
@@ -232,7 +206,7 @@ class Run:
     base_model: BaseModel
     models: TrainingModels
     data: TrainingData
-    schedule: NoiseSchedule
+    schedule: Any  # the family's noise schedule and target (`Family.noise_schedule`)
     generator: torch.Generator
     checkpoint: Path | None
     emit: Callable[[TrainEvent], None]
@@ -305,9 +279,12 @@ def _train(session: Session, config: TrainConfig, base_model: BaseModel | str | 
     check_training_data(config, examples)
     if isinstance(base_model, (str, Path)):  # loaded before anything is written: a model that cannot be used changes nothing
         base_model = load_base_model(base_model, config=config_source, vae=vae)
+    if config.method not in base_model.family.methods:
+        raise ConfigError(f"{base_model.family.label} can be trained with the {' or '.join(base_model.family.methods)} method "
+                          f"here, not {config.method!r}; choose that method (or leave it to the preset).")
 
     precision = plan_precision(config)
-    accelerator = make_accelerator(config, precision, sdxl=base_model.info.family == "sdxl")
+    accelerator = make_accelerator(config, precision, base_model.family)
     session, name = (session, attempt) if resume else new_attempt(session, attempt, accelerator)
     describe_lock(session.path, f"training {name}")  # whoever is refused meanwhile is told which attempt
     attempt_dir = session.attempt_dir(name)
@@ -357,22 +334,22 @@ def start_run(session: Session, name: str, config: TrainConfig, base_model: Base
     device = models.device
     generator = torch.cuda.default_generators[device.index or 0] if models.use_graphs else torch.Generator(device=device)
     generator.manual_seed(config.seed)
-    state = {"phase": PHASES[0], "phase_step": 0, "global_step": 0}
+    state = {"phase": TEXT_PHASE, "phase_step": 0, "global_step": 0}
     attempt_dir = session.attempt_dir(name)
     if checkpoint is not None:  # a checkpoint holds every weight that differs from the base, the parent's included
         with reading(checkpoint, RESUME_ADVICE):
-            state = load_checkpoint_weights(checkpoint, models.unet, models.text_encoders, generator, config)
+            state = load_checkpoint_weights(checkpoint, models, generator, config)
         truncate_log(attempt_dir, state["global_step"])
         emit(TrainEvent("info", message=f"Resuming {name} from step {state['global_step']}."))
     elif config.parent:
         parent_weights = attempt_weights_dir(session, config.parent)
         with reading(parent_weights, "continue from another checkpoint of that attempt"):
-            load_parent_weights(parent_weights, models.unet, models.text_encoders, config)
+            load_parent_weights(parent_weights, models, config)
         emit(TrainEvent("info", message=f"Continuing from {config.parent}."))
     update_attempt(session, name, status="training", message="", base_model=base_model.info.source, vae=base_model.info.vae,
                    parent=config.parent or None)
     run = Run(config=config, accelerator=accelerator, attempt_dir=attempt_dir, base_model=base_model, models=models,
-              data=training_data, schedule=NoiseSchedule.from_scheduler(base_model.pipeline.scheduler, device),
+              data=training_data, schedule=base_model.family.noise_schedule(base_model.pipeline.scheduler, device),
               generator=generator, checkpoint=checkpoint, emit=emit, stop=stop, state=state, started=time.time(),
               bar=_progress_bar(progress and accelerator.is_main_process, config.total_steps, state["global_step"]),
               first_step=state["global_step"])
@@ -385,14 +362,14 @@ def run_training(run: Run) -> tuple[str, str, Path | None]:
     weights' folder."""
     config, accelerator, models = run.config, run.accelerator, run.models
     try:
-        for phase in PHASES:
+        for phase in models.phases:
             run_phase(run, phase)
         if accelerator.num_processes > 1:
-            run.emit(TrainEvent("info", message=ranks_agree_message(accelerator, models.unet, models.text_encoders)))
-        final_dir = save_final(accelerator, run.attempt_dir, models.unet, models.text_encoders, config, run.base_model.info.family)
+            run.emit(TrainEvent("info", message=ranks_agree_message(accelerator, *models.parts().values())))
+        final_dir = save_final(accelerator, run.attempt_dir, models, config)
         return "finished", f"Finished {config.total_steps} steps; the trained model is in {final_dir}.", final_dir
     except KeyboardInterrupt:
-        path = save_checkpoint(accelerator, run.attempt_dir, run.state, models.unet, models.text_encoders, run.optimizer,
+        path = save_checkpoint(accelerator, run.attempt_dir, run.state, models, run.optimizer,
                                run.lr_scheduler, run.generator, config, run.loss_scaler)
         return ("interrupted", f"Stopped at step {run.state['global_step']} of {config.total_steps}; saved {path.name}. "
                                "Resume with --resume (or the Resume button).", None)
@@ -474,9 +451,10 @@ def _same_source(a: str, b: str) -> bool:
 def disk_estimate(config: TrainConfig, base_model: BaseModel) -> tuple[int, int]:
     """Bytes a run takes on disk: (at most; once "free space" dropped its optimizer state). The weights it changes are
     saved in final/ and in up to `keep_checkpoints` checkpoints; the newest checkpoint also holds the optimizer state."""
-    precision = plan_precision(config)
-    encoders = [base_model.text_encoder] + ([base_model.text_encoder_2] if base_model.text_encoder_2 is not None else [])
-    parts = [(base_model.unet, UNET_LORA_TARGETS)] + ([(e, TEXT_LORA_TARGETS) for e in encoders] if config.changes_text_encoder else [])
+    precision, family = plan_precision(config), base_model.family
+    parts = [(base_model.denoiser, family.lora_targets(family.denoiser))]
+    if config.changes_text_encoder:
+        parts += [(encoder, family.lora_targets(name)) for name, encoder in base_model.text_encoders.items()]
     if config.method == "lora":  # fp32 adapters, fp32 AdamW moments
         count = sum(config.lora_rank * (m.in_features + m.out_features) for model, targets in parts
                     for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name.endswith(tuple(targets)))
@@ -490,7 +468,7 @@ def disk_estimate(config: TrainConfig, base_model: BaseModel) -> tuple[int, int]
     return finished + count * optimizer_bytes + (count * weight_bytes if checkpoints == 0 else 0), finished
 
 
-def make_accelerator(config: TrainConfig, precision: Precision, sdxl: bool = False):
+def make_accelerator(config: TrainConfig, precision: Precision, family: Family):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs
@@ -498,9 +476,9 @@ def make_accelerator(config: TrainConfig, precision: Precision, sdxl: bool = Fal
     # A notebook trains attempt after attempt in one kernel, and accelerate keeps the first one's precision
     # ("restart your runtime") unless its state is cleared; the process group of `accelerate launch` stays.
     AcceleratorState._reset_state()
-    # SDXL reads the first text encoder's penultimate layer, so its last layer gets no gradient, which DDP would wait for
-    # (diffusers' SDXL script says the same); only told when that phase runs, since finding unused weights costs time.
-    unused = DistributedDataParallelKwargs(find_unused_parameters=sdxl and config.text_encoder_steps > 0)
+    # Weights that get no gradient (SDXL's first text encoder's last layer) DDP would wait for; only told when that
+    # phase runs, since finding unused weights costs time.
+    unused = DistributedDataParallelKwargs(find_unused_parameters=family.text_training_leaves_weights_unused() and config.text_encoder_steps > 0)
     return Accelerator(mixed_precision=precision.accelerate, gradient_accumulation_steps=config.gradient_accumulation_steps,
                        kwargs_handlers=[unused])
 
@@ -519,16 +497,15 @@ def prepare_data(session: Session, config: TrainConfig, examples: list[data.Exam
     (the GPU when there is one), before the trainer's copies take their memory."""
     info, device = base_model.info, accelerator.device
     model_key = info.cache_key
-    vae, tokenizers, sdxl = base_model.vae, prompt_tokenizers(base_model), info.family == "sdxl"
-    scaling = vae.config.scaling_factor
+    vae, tokenizers, family = base_model.vae, base_model.tokenizers, base_model.family
+    scaling, shift = vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0  # as the VAE's pipeline scales them
     paths = [e.path for e in examples]
     mean, std = data.cached_latents(vae, paths, config.resolution, session.cache_dir, model_key, flip=config.random_flip)
     captions = [e.caption or config.resolved_instance_prompt() for e in examples]
     if config.random_flip:  # the mirrored rows follow the originals (a mirrored centred crop is the same crop)
         captions, paths = captions + captions, paths + paths
-    result = TrainingData((mean * scaling).to(device), (std * scaling).to(device), data.tokenize_all(tokenizers, captions).to(device))
-    if sdxl:
-        result.instance_time_ids = time_ids(paths, config.resolution, device)
+    result = TrainingData(((mean - shift) * scaling).to(device), (std * scaling).to(device), family.tokenize(tokenizers, captions).to(device))
+    result.instance_image_cond = image_conditioning(family, paths, config.resolution, device)
     if config.with_prior_preservation:
         class_prompt = config.resolved_class_prompt()
         folder = data.class_images_dir(session.class_dir, model_key, class_prompt, config.resolution)
@@ -538,21 +515,15 @@ def prepare_data(session: Session, config: TrainConfig, examples: list[data.Exam
             paths = data.ensure_class_images(base_model.pipeline, folder, class_prompt, config.num_class_images, config.resolution,
                                              progress=progress and accelerator.is_main_process)
         class_mean, class_std = data.cached_latents(vae, paths, config.resolution, session.cache_dir, model_key)
-        result.class_mean, result.class_std = (class_mean * scaling).to(device), (class_std * scaling).to(device)
-        result.class_ids = data.tokenize_all(tokenizers, [class_prompt]).to(device)
-        if sdxl:
-            result.class_time_ids = time_ids(paths, config.resolution, device)
+        result.class_mean, result.class_std = ((class_mean - shift) * scaling).to(device), (class_std * scaling).to(device)
+        result.class_ids = family.tokenize(tokenizers, [class_prompt]).to(device)
+        result.class_image_cond = image_conditioning(family, paths, config.resolution, device)
     return result
 
 
-def prompt_tokenizers(base_model: BaseModel) -> list:
-    """The tokenizer of each text encoder, in `data.PromptEncoder`'s order."""
-    return [t for t in (base_model.tokenizer, base_model.tokenizer_2) if t is not None]
-
-
-def time_ids(paths: list[Path], resolution: int, device) -> torch.Tensor:
-    """SDXL's size and crop numbers of each image, a row each (fp32: the UNet embeds them as it does timesteps)."""
-    return torch.tensor([data.image_time_ids(p, resolution) for p in paths], dtype=torch.float32, device=device)
+def image_conditioning(family: Family, paths: list[Path], resolution: int, device) -> torch.Tensor | None:
+    cond = family.image_conditioning(paths, resolution)
+    return None if cond is None else cond.to(device)
 
 
 def place_models(base_model: BaseModel, config: TrainConfig, accelerator, precision: Precision) -> TrainingModels:
@@ -568,36 +539,37 @@ def place_models(base_model: BaseModel, config: TrainConfig, accelerator, precis
         weights_dtype = precision.compute_dtype
     else:
         weights_dtype = torch.float32
-    encoders = [copy_to(e, device, weights_dtype) for e in (base_model.text_encoder, base_model.text_encoder_2) if e is not None]
-    text_encoders = data.PromptEncoder(*encoders).requires_grad_(False)
-    unet = copy_to(base_model.unet, device, weights_dtype).requires_grad_(False)
+    family = base_model.family
+    encoders = {name: copy_to(encoder, device, weights_dtype) for name, encoder in base_model.text_encoders.items()}
+    text_encoders = family.prompt_encoder(**encoders).requires_grad_(False)
+    denoiser = copy_to(base_model.denoiser, device, weights_dtype).requires_grad_(False)
     if device.type == "cuda":
-        unet.to(memory_format=torch.channels_last)  # faster convolutions; before the optimizer sees the weights
+        denoiser.to(memory_format=torch.channels_last)  # faster convolutions; before the optimizer sees the weights
     if config.method == "lora":
-        add_lora_adapters(unet, text_encoders, config)
-        unet.requires_grad_(False)  # each phase unfreezes only its own adapters
+        add_lora_adapters(family, denoiser, text_encoders, config)
+        denoiser.requires_grad_(False)  # each phase unfreezes only its own adapters
         text_encoders.requires_grad_(False)
     if resolve_gradient_checkpointing(config, device):
-        unet.enable_gradient_checkpointing()
+        denoiser.enable_gradient_checkpointing()
         for encoder in text_encoders.parts().values():
             encoder.gradient_checkpointing_enable()
-    return TrainingModels(unet, text_encoders, device, weights_dtype, precision, use_graphs)
+    return TrainingModels(family, denoiser, text_encoders, device, weights_dtype, precision, use_graphs)
 
 
 def run_phase(run: Run, phase: str) -> None:
     """One phase (text encoder, then UNet), from where the run stands, with checkpoints, previews and Stop."""
     config, accelerator, models = run.config, run.accelerator, run.models
-    phase_steps = config.text_encoder_steps if phase == "text_encoder" else config.unet_steps
-    if PHASES.index(phase) < PHASES.index(run.state["phase"]) or phase_steps == 0:
+    phase_steps = config.text_encoder_steps if phase == TEXT_PHASE else config.unet_steps
+    if models.phases.index(phase) < models.phases.index(run.state["phase"]) or phase_steps == 0:
         return
     start_step = run.state["phase_step"] if phase == run.state["phase"] else 0
     if start_step >= phase_steps:
         return
-    trainable = models.text_encoders if phase == "text_encoder" else models.unet
+    trainable = models.text_encoders if phase == TEXT_PHASE else models.denoiser
     params = set_trainable(trainable, config)
     if models.use_graphs and accelerator.num_processes > 1:
         broadcast_weights(params)
-    lr = config.text_encoder_lr if phase == "text_encoder" else config.unet_lr
+    lr = config.text_encoder_lr if phase == TEXT_PHASE else config.unet_lr
     run.optimizer = make_optimizer(params, lr, models.precision.optimizer, models.device, run.generator, weight_decay=config.weight_decay)
     run.lr_scheduler = make_lr_scheduler(run.optimizer, config, phase_steps)
     run.loss_scaler = LossScaler() if models.precision.scales_loss_itself else None
@@ -624,13 +596,13 @@ def run_phase(run: Run, phase: str) -> None:
             running_loss.zero_()
             steps_since_log = 0
         if checkpoint_due:
-            path = save_checkpoint(accelerator, run.attempt_dir, run.state, models.unet, models.text_encoders, run.optimizer,
+            path = save_checkpoint(accelerator, run.attempt_dir, run.state, models, run.optimizer,
                                    run.lr_scheduler, run.generator, config, run.loss_scaler)
             run.emit(TrainEvent("checkpoint", step=step, total_steps=config.total_steps, path=str(path)))
         if config.sample_every and step % config.sample_every == 0:
             if accelerator.is_main_process:
                 with models.autocast():
-                    images, path = make_previews(config, step, models.unet, models.text_encoders, run.base_model, run.attempt_dir, models.device)
+                    images, path = make_previews(config, step, models.denoiser, models.text_encoders, run.base_model, run.attempt_dir, models.device)
                 run.emit(TrainEvent("sample", step=step, total_steps=config.total_steps, phase=phase, images=images, path=str(path)))
             accelerator.wait_for_everyone()
         if run.stop.is_set():
@@ -650,7 +622,7 @@ def make_step(run: Run, phase: str, trainable, params) -> Callable[[], torch.Ten
     (loss scaling, gradient accumulation, DDP). In the UNet phase the text encoders are frozen, so every prompt is
     embedded once and the text encoders leave the GPU."""
     config, accelerator, models, batches = run.config, run.accelerator, run.models, run.data
-    if phase == "unet":
+    if phase != TEXT_PHASE:
         with torch.no_grad(), models.autocast():
             instance_prompts = encode_for_unet(models, batches.instance_ids)
             class_prompts = None if batches.class_ids is None else encode_for_unet(models, batches.class_ids)
@@ -663,13 +635,13 @@ def make_step(run: Run, phase: str, trainable, params) -> Callable[[], torch.Ten
     def loss_for_batch() -> torch.Tensor:
         latents, rows, class_rows = draw_batch(run.generator, batches.instance_mean, batches.instance_std, batches.class_mean,
                                                batches.class_std, config, accelerator)
-        if phase == "unet":
+        if phase != TEXT_PHASE:
             embeds, pooled = cached_batch_prompts(instance_prompts, class_prompts, rows, class_rows)
         else:
             embeds, pooled = model(with_class_rows(batches.instance_ids[rows], batches.class_ids, class_rows))
-        return diffusion_loss(models.unet if phase == "text_encoder" else model, latents, embeds, run.generator, run.schedule, config,
-                              len(rows), accelerator.num_processes, accelerator.process_index,
-                              added_cond_kwargs=batches.added_cond_kwargs(pooled, rows, class_rows))
+        extra = models.family.denoiser_inputs(pooled, batches.image_rows(rows, class_rows))
+        return diffusion_loss(models.denoiser if phase == TEXT_PHASE else model, latents, embeds, run.generator, run.schedule, config,
+                              len(rows), accelerator.num_processes, accelerator.process_index, extra=extra, family=models.family)
 
     if models.use_graphs:
         def graph_body() -> torch.Tensor:
@@ -744,7 +716,7 @@ def log_loss(run: Run, phase: str, mean_loss: float) -> None:
 # Pieces of the loop
 
 @torch.no_grad()
-def make_previews(config: TrainConfig, step: int, unet, text_encoders: data.PromptEncoder, base_model: BaseModel, attempt_dir: Path,
+def make_previews(config: TrainConfig, step: int, denoiser, text_encoders: PromptEncoder, base_model: BaseModel, attempt_dir: Path,
                   device) -> tuple[list[Any], Path]:
     """Preview images of the model as it is at `step`, saved as samples/step-N.png. The prompts and seed are
     the same every time, so previews side by side show what training changed. Uses no training randomness
@@ -754,50 +726,30 @@ def make_previews(config: TrainConfig, step: int, unet, text_encoders: data.Prom
     from .sample import decode_latents, set_scheduler
 
     prompts = config.resolved_sample_prompts()
-    embeds, pooled = text_encoders(data.tokenize_all(prompt_tokenizers(base_model), prompts + [""]))
-    embeds, pooled = embeds.to(device, unet.dtype), None if pooled is None else pooled.to(device, unet.dtype)
-    pipe = preview_pipeline(base_model, unet)
-    set_scheduler(pipe, "dpm++")
+    family = base_model.family
+    embeds, pooled = text_encoders(family.tokenize(base_model.tokenizers, prompts + [""]))
+    embeds, pooled = embeds.to(device, denoiser.dtype), None if pooled is None else pooled.to(device, denoiser.dtype)
+    # the base model's pipeline around the training UNet, with no text encoder (prompts come embedded)
+    pipe = family.assemble(base_model.pipeline, **{family.denoiser: denoiser}, **dict.fromkeys(family.text_encoders))
+    set_scheduler(pipe, family.samplers[0])
     pipe.set_progress_bar_config(disable=True)
-    was_training = unet.training
-    unet.eval()
+    was_training = denoiser.training
+    denoiser.eval()
     try:
         latents = torch.cat([
-            pipe(**preview_prompt_kwargs(pipe, embeds, pooled, i), num_inference_steps=25, guidance_scale=7.5,
+            pipe(**family.pipeline_prompt_kwargs(pipe, embeds, pooled, i), num_inference_steps=25, guidance_scale=family.sampling_guidance,
                  height=config.resolution, width=config.resolution, generator=torch.Generator().manual_seed(config.seed),
                  output_type="latent").images
             for i in range(len(prompts))
         ])
     finally:
-        unet.train(was_training)
-    images = decode_latents(pipe, latents)
+        denoiser.train(was_training)
+    images = decode_latents(pipe, latents, config.resolution, config.resolution)
     grid = make_grid([[image] for image in images], prompts, [f"step {step}"])
     path = attempt_dir / "samples" / f"step-{step:06d}.png"
     path.parent.mkdir(exist_ok=True)
     fileio.save_with(path, lambda tmp: grid.save(tmp, format="PNG"))
     return images, path
-
-
-def preview_pipeline(base_model: BaseModel, unet):
-    """The base model's pipeline class around the training UNet, with no text encoder (prompts come embedded)."""
-    pipeline_class = family_pipeline_class(base_model.info.family)
-    common = dict(vae=base_model.vae, tokenizer=base_model.tokenizer, unet=unet, scheduler=base_model.pipeline.scheduler, text_encoder=None)
-    if base_model.info.family == "sdxl":
-        return pipeline_class(**common, text_encoder_2=None, tokenizer_2=base_model.tokenizer_2, add_watermarker=False,
-                              force_zeros_for_empty_prompt=base_model.pipeline.config.force_zeros_for_empty_prompt)
-    return pipeline_class(**common, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-
-
-def preview_prompt_kwargs(pipe, embeds, pooled, i: int) -> dict:
-    """Prompt `i` and the empty negative prompt (the last row) as a pipeline takes them embedded. SDXL's own pipeline
-    makes an empty negative prompt zeros (force_zeros_for_empty_prompt), so previews do too."""
-    if pooled is None:
-        return dict(prompt_embeds=embeds[i:i + 1], negative_prompt_embeds=embeds[-1:])
-    negative, negative_pooled = embeds[-1:], pooled[-1:]
-    if pipe.config.force_zeros_for_empty_prompt:
-        negative, negative_pooled = torch.zeros_like(negative), torch.zeros_like(negative_pooled)
-    return dict(prompt_embeds=embeds[i:i + 1], pooled_prompt_embeds=pooled[i:i + 1], negative_prompt_embeds=negative,
-                negative_pooled_prompt_embeds=negative_pooled)
 
 
 def copy_to(model, device, dtype):
@@ -839,17 +791,17 @@ def resolve_gradient_checkpointing(config: TrainConfig, device: torch.device) ->
     return gpu_memory_budget(device) / 2**30 < needed_gb * 1.2
 
 
-def add_lora_adapters(unet, text_encoders: data.PromptEncoder, config: TrainConfig) -> None:
+def add_lora_adapters(family: Family, unet, text_encoders: PromptEncoder, config: TrainConfig) -> None:
     """Adapters drawn from the run's seed (peft draws them from the global generator): the same seed, the same LoRA.
     Each text encoder (SDXL: both, with the same targets) gets its own, saved under its own name.
     The global generators are left as they were."""
     devices = [unet.device] if unet.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)
-        add_lora(unet, config.lora_rank, config.lora_alpha, UNET_LORA_TARGETS)
+        add_lora(unet, config.lora_rank, config.lora_alpha, family.lora_targets(family.denoiser))
         if config.changes_text_encoder:
-            for encoder in text_encoders.parts().values():
-                add_lora(encoder, config.lora_rank, config.lora_alpha, TEXT_LORA_TARGETS)
+            for name, encoder in text_encoders.parts().items():
+                add_lora(encoder, config.lora_rank, config.lora_alpha, family.lora_targets(name))
     for model in (unet, text_encoders):  # adapters are trained and kept in fp32, also over a bf16 base
         for name, param in model.named_parameters():
             if "lora_" in name:
@@ -1078,28 +1030,21 @@ def trainable_state(model, config: TrainConfig) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def model_parts(unet, text_encoders: data.PromptEncoder) -> dict[str, torch.nn.Module]:
-    """The models a run may change, by the names their weights are saved under: unet, text_encoder (SDXL: and
-    text_encoder_2), as checkpoint key prefixes and as final/'s folders and LoRA key prefixes."""
-    return {"unet": unet, **text_encoders.parts()}
-
-
-def save_checkpoint(accelerator, attempt_dir: Path, state: dict, unet, text_encoders, optimizer, lr_scheduler, generator, config: TrainConfig,
-                    loss_scaler: LossScaler | None = None) -> Path:
+def save_checkpoint(accelerator, attempt_dir: Path, state: dict, models: TrainingModels, optimizer, lr_scheduler, generator,
+                    config: TrainConfig, loss_scaler: LossScaler | None = None) -> Path:
     from safetensors.torch import save_file
 
     path = attempt_dir / CHECKPOINTS / f"step-{state['global_step']:06d}"
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return path
-    parts = model_parts(accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoders))
     with fileio.atomic_dir(path) as tmp:
         weights: dict[str, torch.Tensor] = {}  # every weight that differs from the base model's
-        inherited = bool(config.parent)
-        unet_changed = state["phase"] == "unet" or inherited
-        text_changed = config.changes_text_encoder and (state["phase"] == "unet" or state["phase_step"] > 0 or inherited)
-        for name, model in parts.items():
-            if unet_changed if name == "unet" else text_changed:
+        inherited, denoiser_phase = bool(config.parent), state["phase"] != TEXT_PHASE
+        denoiser_changed = denoiser_phase or inherited
+        text_changed = config.changes_text_encoder and (denoiser_phase or state["phase_step"] > 0 or inherited)
+        for name, model in models.parts().items():
+            if denoiser_changed if name == models.family.denoiser else text_changed:
                 weights.update({f"{name}.{k}": v for k, v in trainable_state(model, config).items()})
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
         if optimizer is not None:
@@ -1130,24 +1075,24 @@ RESUME_ADVICE = ("so the attempt cannot be resumed from it; continue it as a new
                  "(--from NAME@STEP) or start a new one")
 
 
-def load_checkpoint_weights(checkpoint: Path, unet, text_encoders, generator, config: TrainConfig) -> dict:
+def load_checkpoint_weights(checkpoint: Path, models: TrainingModels, generator, config: TrainConfig) -> dict:
     """Weights, random generator and step of a checkpoint; its optimizer file is opened (not read) to check it is whole."""
     from safetensors.torch import load_file
 
-    load_weights(load_file(str(checkpoint / "weights.safetensors")), unet, text_encoders, config)
+    load_weights(load_file(str(checkpoint / "weights.safetensors")), models, config)
     generator.set_state(load_file(str(checkpoint / "rng.safetensors"))["generator"])
     state = json.loads((checkpoint / "state.json").read_text())
-    if state["phase"] not in PHASES or not all(isinstance(state[k], int) for k in ("phase_step", "global_step")):
+    if state["phase"] not in models.phases or not all(isinstance(state[k], int) for k in ("phase_step", "global_step")):
         raise ValueError(f"state.json holds {state}")
     if state["phase_step"] > 0:
         torch.load(checkpoint / OPTIMIZER_FILE, map_location="cpu", weights_only=True, mmap=True)
     return state
 
 
-def load_weights(weights: dict[str, torch.Tensor], unet, text_encoders, config: TrainConfig) -> None:
-    """`unet.*`, `text_encoder.*` (and `text_encoder_2.*`) weights (whole models, or LoRA adapters in peft's names)
-    into the models."""
-    for name, model in model_parts(unet, text_encoders).items():
+def load_weights(weights: dict[str, torch.Tensor], models: TrainingModels, config: TrainConfig) -> None:
+    """`unet.*`, `text_encoder.*` (each part's name, then its own) weights (whole models, or LoRA adapters in peft's
+    names) into the models."""
+    for name, model in models.parts().items():
         part = {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")}
         if not part:
             continue
@@ -1159,7 +1104,7 @@ def load_weights(weights: dict[str, torch.Tensor], unet, text_encoders, config: 
             model.load_state_dict(part)
 
 
-def load_parent_weights(weights_dir: Path, unet, text_encoders, config: TrainConfig) -> None:
+def load_parent_weights(weights_dir: Path, models: TrainingModels, config: TrainConfig) -> None:
     """The weights of the attempt being continued: a checkpoint's, or its final/ (diffusers folders, or a LoRA file in
     diffusers' names, turned back into peft's)."""
     from safetensors.torch import load_file
@@ -1171,14 +1116,14 @@ def load_parent_weights(weights_dir: Path, unet, text_encoders, config: TrainCon
 
         saved = load_file(str(weights_dir / LORA_FILE))
         weights = {}
-        for name in model_parts(unet, text_encoders):
-            to_peft = convert_unet_state_dict_to_peft if name == "unet" else convert_state_dict_to_peft
+        for name in models.parts():
+            to_peft = convert_unet_state_dict_to_peft if name == models.family.denoiser else convert_state_dict_to_peft
             part = to_peft({k[len(name) + 1:]: v for k, v in saved.items() if k.startswith(name + ".")})
             weights.update({f"{name}.{k}": v for k, v in part.items()})
     else:
-        weights = {f"{name}.{k}": v for name in model_parts(unet, text_encoders)
+        weights = {f"{name}.{k}": v for name in models.parts()
                    for file in sorted((weights_dir / name).glob("*.safetensors")) for k, v in load_file(str(file)).items()}
-    load_weights(weights, unet, text_encoders, config)
+    load_weights(weights, models, config)
 
 
 def load_checkpoint_optimizer(checkpoint: Path, optimizer, lr_scheduler, loss_scaler: LossScaler | None = None) -> None:
@@ -1197,25 +1142,25 @@ def load_checkpoint_optimizer(checkpoint: Path, optimizer, lr_scheduler, loss_sc
         loss_scaler.load_state_dict(saved["loss_scaler"])
 
 
-def save_final(accelerator, attempt_dir: Path, unet, text_encoders, config: TrainConfig, family: str) -> Path:
-    """final/: unet/ (and text_encoder/, SDXL: text_encoder_2/, when trained) as diffusers folders, or one LoRA file."""
+def save_final(accelerator, attempt_dir: Path, models: TrainingModels, config: TrainConfig) -> Path:
+    """final/: unet/ (and text_encoder/, SDXL: text_encoder_2/, when trained: each part under its name) as diffusers
+    folders, or one LoRA file."""
     path = attempt_dir / FINAL
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return path
-    parts = model_parts(accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoders))
-    trained = {name: model for name, model in parts.items() if name == "unet" or config.changes_text_encoder}
+    trained = {name: model for name, model in models.parts().items() if name == models.family.denoiser or config.changes_text_encoder}
     with fileio.atomic_dir(path) as tmp:
         if config.method == "lora":
             adapters = {name: trainable_state(model, config) for name, model in trained.items()}
-            save_lora_file(tmp, adapters, config.lora_rank, config.lora_alpha, family)
+            save_lora_file(tmp, adapters, config.lora_rank, config.lora_alpha, models.family)
         else:
             for name, model in trained.items():
                 model.save_pretrained(tmp / name, safe_serialization=True)
     return path
 
 
-def save_lora_file(folder: Path, adapters: dict[str, dict[str, torch.Tensor]], rank: int, alpha: int, family: str) -> None:
+def save_lora_file(folder: Path, adapters: dict[str, dict[str, torch.Tensor]], rank: int, alpha: int, family: Family) -> None:
     """LORA_FILE from each part's adapters (peft's names), through diffusers' own writer (the family's pipeline): keys
     unet.*, text_encoder.* (text_encoder_2.*) in diffusers' names, each part's LoRA settings stored beside them so
     loaders apply alpha/rank, not alpha = rank. Training's final/ and export's checkpoint files are written here."""
@@ -1226,5 +1171,5 @@ def save_lora_file(folder: Path, adapters: dict[str, dict[str, torch.Tensor]], r
     layers = {}
     for name, state in adapters.items():
         layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(state)
-        layers[f"{name}_lora_adapter_metadata"] = LoraConfig(r=rank, lora_alpha=alpha, target_modules=lora_targets(name)).to_dict()
-    family_pipeline_class(family).save_lora_weights(folder, safe_serialization=True, **layers)
+        layers[f"{name}_lora_adapter_metadata"] = LoraConfig(r=rank, lora_alpha=alpha, target_modules=family.lora_targets(name)).to_dict()
+    family.pipeline_class().save_lora_weights(folder, safe_serialization=True, **layers)

@@ -31,6 +31,12 @@ def tiny_sd2(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    """A tiny FLUX.1 model as a diffusers folder (dreamnb.tiny.tiny_flux_pipeline)."""
+    return save_tiny_model(tmp_path_factory.mktemp("models"), "flux1", seed=0)
+
+
+@pytest.fixture(scope="session")
 def base_sd1(tiny_sd1):
     from dreamnb.models import load_base_model
 

@@ -73,7 +73,6 @@ UNET = "model.diffusion_model.input_blocks.0.0.weight"
 @pytest.mark.parametrize("keys, message", [
     (["conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight", UNET], "Stable Diffusion XL"),
     (["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"], "Stable Diffusion 3"),
-    (["double_blocks.0.img_attn.qkv.weight"], "Flux"),
     (["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"], "is a LoRA"),
     ([UNET], "has no text encoder weights"),
     (["some.other.weight"], "not a Stable Diffusion checkpoint"),

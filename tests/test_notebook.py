@@ -135,3 +135,29 @@ def test_notebook_runs_headless_from_top_to_bottom(tmp_path, tiny_sd1):
 
     with safe_open(str(export), framework="pt") as f:
         assert any(k.startswith("model.diffusion_model.") for k in f.keys())
+
+
+def test_the_notebook_trains_and_exports_flux_headless(tmp_path, tiny_flux):
+    """FLUX.1 through every section: the form takes FLUX.1's preset values (a LoRA of the transformer, no text-encoder
+    phase), the grid and playground sample with its own sampler, and the LoRA is exported in kohya's FLUX.1 layout."""
+    root = tmp_path / "sessions"
+    nb = run_headless(tmp_path, base_model=str(tiny_flux.folder), session_name="flux", unet_steps=4, unet_lr=1e-3,
+                      compare_seeds=[1], sample_steps=2, export_format="lora", compare_prompts=["photo of {token} {class}"])
+    for cell in code_cells(nb):
+        assert not [o for o in cell.outputs if o.output_type == "error"], cell.source
+    images = {cell.source.split("=")[0].strip(): image_outputs(cell) for cell in code_cells(nb)}
+    assert [label for label in images["grid"] if "comparison grid of base, attempt-1" in label]
+
+    session_dir = root / "flux"
+    state = json.loads((session_dir / "session.json").read_text())
+    assert [(a["name"], a["status"], a["steps_done"]) for a in state["attempts"]] == [("attempt-1", "finished", 4)]
+    config = json.loads((session_dir / "attempts" / "attempt-1" / "config.json").read_text())
+    assert (config["method"], config["text_encoder_steps"]) == ("lora", 0)
+    saved = sorted((session_dir / "attempts" / "attempt-1" / "samples").glob("playground-*.png"))
+    assert saved and read_png_settings(saved[0]).scheduler == "flow-euler"
+    (export,) = (session_dir / "exports").glob("*.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(export), framework="pt") as f:
+        assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv.") for k in f.keys())
+        assert f.metadata()["ss_base_model_version"] == "flux1"

@@ -1,4 +1,4 @@
-"""SDXL's foundation: tiny SDXL models load from every source kind, the refiner/SD3/Flux are refused,
+"""SDXL's foundation: tiny SDXL models load from every source kind, the refiner, SD3 and single FLUX.1 files are refused,
 training accepts SDXL (its own tests: test_sdxl_train.py, test_sdxl_export.py), and the token check reads both SDXL
 tokenizers."""
 import json
@@ -11,7 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dreamnb.config import TrainConfig
-from dreamnb.models import ModelError, Placement, classify_checkpoint, describe_pipeline, load_base_model
+from dreamnb import families
+from dreamnb.models import ModelError, Placement, describe_pipeline, load_base_model
 from dreamnb.tiny import save_tiny_model
 from dreamnb.tokens import check_token
 from test_cli import dreamnb
@@ -40,15 +41,15 @@ def _keys(path):
 
 def test_tiny_sdxl_has_sdxl_shape(base_sdxl):
     unet = base_sdxl.unet.config
-    te1, te2 = base_sdxl.text_encoder.config, base_sdxl.text_encoder_2.config
+    te1, te2 = base_sdxl.text_encoder.config, base_sdxl.pipeline.text_encoder_2.config
     assert unet.addition_embed_type == "text_time"
     assert unet.cross_attention_dim == te1.hidden_size + te2.hidden_size
     assert unet.projection_class_embeddings_input_dim == te2.projection_dim + 6 * unet.addition_time_embed_dim
-    assert type(base_sdxl.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    assert type(base_sdxl.pipeline.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
     assert type(base_sdxl.pipeline.scheduler).__name__ == "EulerDiscreteScheduler"
     # One vocabulary, two paddings: CLIP ViT-L pads with <|endoftext|>, OpenCLIP bigG with "!".
-    assert base_sdxl.tokenizer.get_vocab() == base_sdxl.tokenizer_2.get_vocab()
-    assert (base_sdxl.tokenizer.pad_token, base_sdxl.tokenizer_2.pad_token) == ("<|endoftext|>", "!")
+    assert base_sdxl.tokenizer.get_vocab() == base_sdxl.pipeline.tokenizer_2.get_vocab()
+    assert (base_sdxl.tokenizer.pad_token, base_sdxl.pipeline.tokenizer_2.pad_token) == ("<|endoftext|>", "!")
 
 
 def test_single_file_has_the_sdxl_key_layout(tiny_sdxl):
@@ -58,7 +59,7 @@ def test_single_file_has_the_sdxl_key_layout(tiny_sdxl):
     # the key diffusers' from_single_file recognises an SDXL base file by
     assert "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias" in keys
     assert "model.diffusion_model.label_emb.0.0.weight" in keys  # the "text_time" embedding
-    assert classify_checkpoint(keys, {}, "tiny.safetensors") == "sdxl"
+    assert families.from_checkpoint(keys, {}, "tiny.safetensors").key == "sdxl"
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -69,14 +70,15 @@ def test_sdxl_folder_loads_as_sdxl(base_sdxl, base_sd1):
     assert info.resolution == 64  # 8x8 latents, as the real 128x128 give 1024 px (below)
     assert type(base_sdxl.pipeline).__name__ == "StableDiffusionXLPipeline"
     assert "Stable Diffusion XL" in info.describe()
-    assert base_sd1.text_encoder_2 is None and base_sd1.tokenizer_2 is None
+    assert list(base_sd1.text_encoders) == ["text_encoder"] and len(base_sd1.tokenizers) == 1
+    assert list(base_sdxl.text_encoders) == ["text_encoder", "text_encoder_2"] and len(base_sdxl.tokenizers) == 2
 
 
 def test_sdxl_single_file_loads_the_same_weights(tiny_sdxl, base_sdxl):
     from_file = load_base_model(tiny_sdxl.single_file, config=tiny_sdxl.folder)
     assert (from_file.info.source_kind, from_file.info.family) == ("single_file", "sdxl")
     for part in SDXL_PARTS:
-        assert _same_weights(getattr(base_sdxl, part), getattr(from_file, part)), part
+        assert _same_weights(getattr(base_sdxl.pipeline, part), getattr(from_file.pipeline, part)), part
 
 
 def test_sdxl_hub_id_loads_from_the_cache_offline(tiny_sdxl, tmp_path):
@@ -99,14 +101,14 @@ def test_real_sdxl_config_is_described_as_1024_px():
         vae=SimpleNamespace(config=config(block_out_channels=[128, 256, 512, 512])),
         scheduler=SimpleNamespace(config={"prediction_type": "epsilon"}),
     )
-    info = describe_pipeline(pipe, "stabilityai/stable-diffusion-xl-base-1.0", "hub")
+    info = describe_pipeline(pipe, "stabilityai/stable-diffusion-xl-base-1.0", "hub", families.get("sdxl"))
     assert (info.family, info.resolution) == ("sdxl", 1024)
 
 
 def test_sdxl_vae_stays_fp32_in_fp16_unless_it_is_the_fp16_fix(tiny_sdxl, tmp_path):
     fp16 = Placement(torch.device("cpu"), torch.float16)
     model = load_base_model(tiny_sdxl.folder, placement=fp16)
-    assert (model.unet.dtype, model.text_encoder_2.dtype, model.vae.dtype) == (torch.float16, torch.float16, torch.float32)
+    assert (model.unet.dtype, model.pipeline.text_encoder_2.dtype, model.vae.dtype) == (torch.float16, torch.float16, torch.float32)
     fixed = shutil.copytree(tiny_sdxl.folder, tmp_path / "fp16-fix")
     config_path = fixed / "vae" / "config.json"
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "force_upcast": False}))
@@ -135,10 +137,9 @@ UNET = "model.diffusion_model.input_blocks.0.0.weight"
 
 @pytest.mark.parametrize("keys, message", [
     (["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "text_encoders.clip_l.x"], "is a Stable Diffusion 3 checkpoint"),
-    (["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"], "is a Flux checkpoint"),
     (["conditioner.embedders.0.model.transformer.resblocks.0.ln_1.weight", UNET], REFINER),
 ])
-def test_sd3_flux_and_refiner_keys_are_refused(tmp_path, keys, message):
+def test_sd3_and_refiner_keys_are_refused(tmp_path, keys, message):
     path = tmp_path / "model.safetensors"
     save_file({k: torch.zeros(2, 2) for k in keys}, str(path))
     with pytest.raises(ModelError, match=message) as err:
@@ -161,9 +162,9 @@ def test_train_accepts_sdxl_given_as_a_folder(photo_session, tiny_sdxl):
 # --- token check with both tokenizers ----------------------------------------------------------------
 
 def test_token_check_reads_both_sdxl_tokenizers(base_sdxl):
-    good = check_token("ohwx", base_sdxl.tokenizer, base_sdxl.text_encoder, tokenizer_2=base_sdxl.tokenizer_2)
+    good = check_token("ohwx", base_sdxl.tokenizer, base_sdxl.text_encoder, tokenizer_2=base_sdxl.pipeline.tokenizer_2)
     assert good.verdict == "good" and any("share this vocabulary" in reason for reason in good.reasons)
-    generic = check_token("Sid Shanker", base_sdxl.tokenizer, tokenizer_2=base_sdxl.tokenizer_2)
+    generic = check_token("Sid Shanker", base_sdxl.tokenizer, tokenizer_2=base_sdxl.pipeline.tokenizer_2)
     assert generic.verdict == "generic" and generic.suggestions
 
 

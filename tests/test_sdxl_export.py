@@ -13,7 +13,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dreamnb.attempts import TRAINED_PARTS, attempt_pipeline, comparison_grid, denoising_error, lora_targets, unet_text_inputs
+from dreamnb.attempts import attempt_pipeline, comparison_grid, denoising_error
+from dreamnb.families.sdxl import SDXL
+
+TRAINED_PARTS = SDXL.trained_parts
+lora_targets = SDXL.lora_targets
 from dreamnb.config import TrainConfig
 from dreamnb.export import export_attempt, model_card
 from dreamnb.models import Placement, load_base_model
@@ -50,7 +54,7 @@ def _lora_parts(base, scale: float, seed: int) -> dict:
     generator = torch.Generator().manual_seed(seed)
     parts = {}
     for part in TRAINED_PARTS:
-        model = copy.deepcopy(getattr(base, part))
+        model = copy.deepcopy(getattr(base.pipeline, part))
         add_lora(model, RANK, ALPHA, lora_targets(part))
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -98,7 +102,7 @@ def sdxl_session(tmp_path_factory, base_sdxl):
     full = _finish(session, "full", _config("full"))
     generator = torch.Generator().manual_seed(3)
     for part in TRAINED_PARTS:
-        model = copy.deepcopy(getattr(base_sdxl, part))
+        model = copy.deepcopy(getattr(base_sdxl.pipeline, part))
         for param in model.parameters():
             param.data += torch.randn(param.shape, generator=generator) * 1e-2
         model.save_pretrained(session.attempt_dir(full) / FINAL / part, safe_serialization=True)
@@ -110,8 +114,8 @@ def unet_output(pipe) -> torch.Tensor:
     """One UNet prediction on fixed latents under PROMPT: the text encoders (through the pooled embedding and the
     hidden states) and the UNet at work."""
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    embeds, extra = unet_text_inputs(pipe, PROMPT, latents)
-    return pipe.unet(latents, torch.tensor([500]), embeds, **extra).sample
+    embeds, extra = SDXL.text_inputs(pipe, PROMPT, latents)
+    return pipe.unet(latents, torch.tensor([500]), embeds, added_cond_kwargs=extra).sample
 
 
 def fresh_pipeline(base):
@@ -139,7 +143,7 @@ def pixels(samples) -> list[torch.Tensor]:
 def test_lora_attempt_samples_differently_from_the_base_and_the_same_twice(sdxl_session, base_sdxl):
     pipe = attempt_pipeline(base_sdxl, sdxl_session, "lora")
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
-    assert pipe.unet is not base_sdxl.unet and pipe.text_encoder_2 is not base_sdxl.text_encoder_2
+    assert pipe.unet is not base_sdxl.unet and pipe.text_encoder_2 is not base_sdxl.pipeline.text_encoder_2
     assert pipe.vae is base_sdxl.vae  # what the attempt did not change is shared
     first, again = (pixels(generate(pipe, [settings(1), settings(2)], progress=False)) for _ in range(2))
     alone = pixels(generate(pipe, [settings(2)], progress=False))
@@ -284,7 +288,7 @@ def test_single_file_of_a_full_fine_tune_loads_with_from_single_file(sdxl_sessio
         ours, theirs = getattr(expected, part).state_dict(), getattr(loaded, part).state_dict()
         assert theirs.keys() == ours.keys(), part
         assert all(torch.equal(theirs[k], v) for k, v in ours.items()), part
-    assert not torch.equal(loaded.text_encoder_2.text_projection.weight, base_sdxl.text_encoder_2.text_projection.weight)
+    assert not torch.equal(loaded.text_encoder_2.text_projection.weight, base_sdxl.pipeline.text_encoder_2.text_projection.weight)
 
 
 def test_diffusers_folder_of_a_full_fine_tune_loads_with_from_pretrained(sdxl_session, base_sdxl, tmp_path):

@@ -69,7 +69,7 @@ def test_lora_learns_the_photos_and_diffusers_loads_the_same_model(photo_session
     assert {k.split(".")[0] for k in saved} == {"unet", "text_encoder", "text_encoder_2"}
 
     pipe = diffusers_pipeline_with(base_sdxl, result.final_dir)
-    tokenizers = [base_sdxl.tokenizer, base_sdxl.tokenizer_2]
+    tokenizers = base_sdxl.tokenizers
     latents = photo_latents(photo_session, base_sdxl)
     with torch.no_grad():
         before, after = denoising_error(base_sdxl.pipeline, latents, PROMPT), denoising_error(pipe, latents, PROMPT)
@@ -80,11 +80,11 @@ def test_lora_learns_the_photos_and_diffusers_loads_the_same_model(photo_session
     ids = data.tokenize_all(tokenizers, [PROMPT, "an oil painting of zwx thing"])
     with torch.no_grad():
         our_embeds, our_pooled = ours.text_encoders.to("cpu")(ids)
-        their_embeds, their_pooled = data.PromptEncoder(pipe.text_encoder, pipe.text_encoder_2)(ids)
+        their_embeds, their_pooled = base_sdxl.family.prompt_encoder(text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2)(ids)
         assert torch.allclose(our_embeds, their_embeds, atol=1e-5) and torch.allclose(our_pooled, their_pooled, atol=1e-5)
         noisy, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([10, 600])
         added = {"text_embeds": our_pooled, "time_ids": torch.tensor([[64., 64, 0, 0, 64, 64]] * 2)}
-        our_pred = ours.unet(noisy, t, our_embeds, added_cond_kwargs=added).sample
+        our_pred = ours.denoiser(noisy, t, our_embeds, added_cond_kwargs=added).sample
         their_pred = pipe.unet(noisy, t, our_embeds, added_cond_kwargs=added).sample
         base_pred = base_sdxl.unet(noisy, t, our_embeds, added_cond_kwargs=added).sample
     assert torch.allclose(our_pred, their_pred, atol=1e-4), (our_pred - their_pred).abs().max()
@@ -98,19 +98,19 @@ def test_time_ids_are_made_per_photo_and_follow_flipped_rows(photo_session, base
     subject_photo(9, size=32).save(photo_session.instance_dir / "small.png")                                          # 32×32
     config = sdxl_config(random_flip=True, with_prior_preservation=True, num_class_images=1)
     precision = train_module.plan_precision(config)
-    accelerator = train_module.make_accelerator(config, precision, sdxl=True)
+    accelerator = train_module.make_accelerator(config, precision, base_sdxl.family)
     examples = data.list_examples(photo_session.instance_dir)
     batches = train_module.prepare_data(photo_session, config, examples, base_sdxl, accelerator, lambda e: None, False)
 
     by_name = {"wide.png": [64, 96, 0, 16, 64, 64], "small.png": [32, 32, 0, 0, 64, 64]}  # (orig h, w, crop top, left, target)
     expected = [by_name.get(e.path.name, [64, 64, 0, 0, 64, 64]) for e in examples]
-    assert batches.instance_time_ids.tolist() == expected + expected  # the mirrored rows follow the originals
+    assert batches.instance_image_cond.tolist() == expected + expected  # the mirrored rows follow the originals
     assert batches.instance_mean.shape[0] == batches.instance_ids.shape[0] == 2 * len(examples)
     assert batches.instance_ids.shape[1:] == (2, 77)  # one row per tokenizer
     assert batches.instance_ids[0, 1, -1] == 0 and batches.instance_ids[0, 0, -1] == 49407  # tokenizer_2 pads with "!"
-    assert batches.class_time_ids.tolist() == [[64, 64, 0, 0, 64, 64]]
+    assert batches.class_image_cond.tolist() == [[64, 64, 0, 0, 64, 64]]
 
-    added = batches.added_cond_kwargs(torch.ones(3, 48), torch.tensor([1, 0]), torch.tensor([0]))
+    added = base_sdxl.family.denoiser_inputs(torch.ones(3, 48), batches.image_rows(torch.tensor([1, 0]), torch.tensor([0])))
     assert added["time_ids"].tolist() == [expected[1], expected[0], [64, 64, 0, 0, 64, 64]]
 
 
@@ -118,16 +118,16 @@ def test_the_unet_gets_both_encoders_and_the_pooled_prompt(photo_session, base_s
     seen = []
     real = train_module.diffusion_loss
 
-    def recording(unet, latents, embeds, *rest, added_cond_kwargs=None):
-        seen.append((embeds.shape, {k: v.detach().clone() for k, v in added_cond_kwargs.items()}))
-        return real(unet, latents, embeds, *rest, added_cond_kwargs=added_cond_kwargs)
+    def recording(unet, latents, embeds, *rest, extra=None, **kwargs):
+        seen.append((embeds.shape, {k: v.detach().clone() for k, v in extra.items()}))
+        return real(unet, latents, embeds, *rest, extra=extra, **kwargs)
 
     monkeypatch.setattr(train_module, "diffusion_loss", recording)
     config = sdxl_config(text_encoder_steps=1, unet_steps=1, with_prior_preservation=True, num_class_images=1)
     assert train(photo_session, config, base_sdxl, progress=False).status == "finished"
     with torch.no_grad():
-        embeds, pooled = data.PromptEncoder(base_sdxl.text_encoder, base_sdxl.text_encoder_2)(
-            data.tokenize_all([base_sdxl.tokenizer, base_sdxl.tokenizer_2], [PROMPT, "photo of a thing"]))
+        embeds, pooled = base_sdxl.family.prompt_encoder(**base_sdxl.text_encoders)(
+            data.tokenize_all(base_sdxl.tokenizers, [PROMPT, "photo of a thing"]))
     assert embeds.shape == (2, 77, 32 + 48)  # penultimate layers of both encoders side by side
     for shape, added in seen:  # a photo, then a class image
         assert shape == (2, 77, 80) and added["time_ids"].shape == (2, 6) and added["text_embeds"].shape == (2, 48)
@@ -139,7 +139,7 @@ def test_the_unet_gets_both_encoders_and_the_pooled_prompt(photo_session, base_s
 def test_noise_schedule_builds_from_sdxls_euler_scheduler(base_sdxl):
     from diffusers import DDPMScheduler
 
-    schedule = train_module.NoiseSchedule.from_scheduler(base_sdxl.pipeline.scheduler, torch.device("cpu"))
+    schedule = base_sdxl.family.noise_schedule(base_sdxl.pipeline.scheduler, torch.device("cpu"))
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float32) ** 2
     assert torch.allclose(schedule.sqrt_alpha ** 2, torch.cumprod(1 - betas, 0), atol=1e-6)
     assert schedule.prediction_type == "epsilon" and schedule.num_train_timesteps == 1000
@@ -162,7 +162,7 @@ def test_text_encoder_phase_trains_both_encoders(photo_session, base_sdxl, metho
         if method == "lora":  # B starts at zero: moved means trained
             assert any("lora_B" in k and v.abs().sum() > 0 for k, v in mine.items()), name
         else:
-            base = getattr(base_sdxl, name).state_dict()
+            base = base_sdxl.text_encoders[name].state_dict()
             assert any(not torch.equal(v, base[k]) for k, v in mine.items()), name
     if method == "full":
         from transformers import CLIPTextModelWithProjection
@@ -200,13 +200,13 @@ def test_a_continued_attempt_starts_from_the_parents_weights(photo_session, base
     def on_event(event):
         if event.kind == "phase":
             starts.update({n: p.detach().clone() for n, p in placed[1].text_encoders.named_parameters() if "lora_" in n})
-            starts.update({n: p.detach().clone() for n, p in placed[1].unet.named_parameters() if "lora_" in n})
+            starts.update({n: p.detach().clone() for n, p in placed[1].denoiser.named_parameters() if "lora_" in n})
 
     child_config = continue_config(open_session(photo_session.path), parent.attempt, unet_steps=2)
     assert child_config.text_encoder_steps == 0 and child_config.changes_text_encoder
     child = train(open_session(photo_session.path), child_config, base_sdxl, progress=False, callback=on_event)
     assert child.status == "finished", child.message
-    trained = {n: p for model in (placed[0].text_encoders, placed[0].unet) for n, p in model.named_parameters() if "lora_" in n}
+    trained = {n: p for model in (placed[0].text_encoders, placed[0].denoiser) for n, p in model.named_parameters() if "lora_" in n}
     assert starts.keys() == trained.keys() and any(n.startswith("text_encoder_2.") for n in starts)
     assert all(torch.allclose(starts[n], trained[n].detach(), atol=1e-6) for n in trained)
     saved = load_file(str(child.final_dir / LORA_FILE))

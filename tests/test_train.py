@@ -96,7 +96,7 @@ def test_class_images_are_made_once_by_the_base_model_and_reused(photo_session, 
 def test_prior_preservation_trains_each_step_on_class_images_under_the_class_prompt(photo_session, base_sd1, monkeypatch):
     """Every UNet step sees the subject under the instance prompt and a class image under the class prompt,
     the class part weighted by prior_loss_weight."""
-    from dreamnb.data import PromptEncoder, tokenize_all
+    from dreamnb.data import tokenize_all
 
     batches = []
 
@@ -113,7 +113,7 @@ def test_prior_preservation_trains_each_step_on_class_images_under_the_class_pro
     class_latents = cached_latents(base_sd1.vae, sorted(folder.glob("*.png")), 64, photo_session.cache_dir, "eval")[0]
     subject_latents = instance_latents(photo_session, base_sd1)
     with torch.no_grad():
-        prompts = PromptEncoder(base_sd1.text_encoder)(tokenize_all([base_sd1.tokenizer], ["photo of zwx thing", "photo of a thing"]))[0]
+        prompts = base_sd1.family.prompt_encoder(text_encoder=base_sd1.text_encoder)(tokenize_all([base_sd1.tokenizer], ["photo of zwx thing", "photo of a thing"]))[0]
     scaled = class_latents * base_sd1.vae.config.scaling_factor
 
     def nearest(row, pool):
@@ -127,12 +127,12 @@ def test_prior_preservation_trains_each_step_on_class_images_under_the_class_pro
 
     # the class rows count with their weight: the loss is linear in prior_loss_weight with the class rows' loss as slope
     latents, embeds, _ = batches[0]
-    schedule = train_module.NoiseSchedule.from_scheduler(base_sd1.pipeline.scheduler, torch.device("cpu"))
+    schedule = base_sd1.family.noise_schedule(base_sd1.pipeline.scheduler, torch.device("cpu"))
 
     def loss(weight):
         with torch.no_grad():
             return real_loss(base_sd1.unet, latents, embeds, torch.Generator().manual_seed(1), schedule,
-                             dataclasses.replace(config, prior_loss_weight=weight), 1).item()
+                             dataclasses.replace(config, prior_loss_weight=weight), 1, family=base_sd1.family).item()
 
     class_rows_loss = loss(1.0) - loss(0.0)
     assert class_rows_loss > 0
@@ -142,7 +142,7 @@ def test_prior_preservation_trains_each_step_on_class_images_under_the_class_pro
 def test_data_parallel_processes_draw_their_own_noise_and_timesteps(base_sd1):
     """Each process takes its rows of one draw for all processes: together they equal one process with
     every row, and no two processes repeat each other's noise."""
-    schedule = train_module.NoiseSchedule.from_scheduler(base_sd1.pipeline.scheduler, torch.device("cpu"))
+    schedule = base_sd1.family.noise_schedule(base_sd1.pipeline.scheduler, torch.device("cpu"))
     config = quick_config(offset_noise=0.1)
     latents = torch.randn(2, 4, 8, 8)
     embeds = torch.zeros(2, 77, 32)
@@ -154,7 +154,7 @@ def test_data_parallel_processes_draw_their_own_noise_and_timesteps(base_sd1):
             seen.append((noisy, timesteps))
             return dataclasses.make_dataclass("Out", ["sample"])(torch.zeros_like(noisy))
 
-        train_module.diffusion_loss(unet, rows, embeds[: len(rows)], torch.Generator().manual_seed(3), schedule, config, len(rows), world, rank)
+        train_module.diffusion_loss(unet, rows, embeds[: len(rows)], torch.Generator().manual_seed(3), schedule, config, len(rows), world, rank, family=base_sd1.family)
         return seen[0]
 
     rank0, rank1 = unet_inputs(latents, 2, 0), unet_inputs(latents, 2, 1)
@@ -361,7 +361,7 @@ def test_each_photo_trains_under_its_own_caption(photo_session, base_sd1, monkey
     from transformers import CLIPTextModel
 
     from conftest import subject_photo
-    from dreamnb.data import PromptEncoder, tokenize_all
+    from dreamnb.data import tokenize_all
 
     ImageOps.invert(subject_photo(3)).save(photo_session.instance_dir / "photo-3.png")  # the fixture's photo-3 repeats photo-0
     for i, caption in CAPTIONS.items():
@@ -391,7 +391,8 @@ def test_each_photo_trains_under_its_own_caption(photo_session, base_sd1, monkey
     ids = tokenize_all([base_sd1.tokenizer], prompts)
     trained_te = CLIPTextModel.from_pretrained(result.final_dir / "text_encoder")
     with torch.no_grad():
-        expected = {"base": PromptEncoder(base_sd1.text_encoder)(ids)[0], "trained": PromptEncoder(trained_te)(ids)[0]}
+        encode = base_sd1.family.prompt_encoder
+        expected = {"base": encode(text_encoder=base_sd1.text_encoder)(ids)[0], "trained": encode(text_encoder=trained_te)(ids)[0]}
     assert not torch.allclose(expected["base"], expected["trained"], atol=1e-4)  # the phases can be told apart
 
     assert len(batches) == 4
@@ -452,12 +453,12 @@ def test_data_parallel_under_accelerate_launch_on_cpu_ends_identical_and_resumes
         from dreamnb.session import open_session
         t.resolve_mixed_precision = lambda config: "bf16"  # what a GPU gets; the CPU refuses it as a setting
         real = t.save_checkpoint
-        def spy(accelerator, attempt_dir, state, unet, text_encoder, *rest):
-            model = accelerator.unwrap_model(unet)
+        def spy(accelerator, attempt_dir, state, models, *rest):
+            model = models.denoiser
             digest = hashlib.sha256(b"".join(p.detach().float().numpy().tobytes() for p in model.parameters())).hexdigest()
             open(os.path.join({str(tmp_path)!r}, f"rank{{accelerator.process_index}}.txt"), "w").write(
                 f"{{accelerator.num_processes}} {{state['global_step']}} {{next(model.parameters()).dtype}} {{digest}} {{losses}}")
-            return real(accelerator, attempt_dir, state, unet, text_encoder, *rest)
+            return real(accelerator, attempt_dir, state, models, *rest)
         t.save_checkpoint = spy
         stop = threading.Event()
         losses = []  # each process's view of the loss: the mean over both, so the same on each
@@ -573,7 +574,7 @@ def test_lora_adapters_of_the_part_not_being_trained_stay_frozen(photo_session, 
 
     def on_event(event):
         if event.kind == "phase":
-            unet_lora = [p for n, p in placed[0].unet.named_parameters() if "lora_" in n]
+            unet_lora = [p for n, p in placed[0].denoiser.named_parameters() if "lora_" in n]
             seen[event.phase] = (any(p.requires_grad for p in unet_lora), [p.grad for p in unet_lora])
 
     assert train(photo_session, _lora_config(), base_sd1, progress=False, callback=on_event).status == "finished"

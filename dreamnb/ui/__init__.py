@@ -120,7 +120,7 @@ def train(session: Any, model: Any, *, token: Any = None, preset: str = "face", 
 
 
 def compare(session: Any, model: Any, *, attempts: Sequence[str] | None = None, prompts: Sequence[str] | None = None,
-            seeds: Sequence[int] = (1, 2), num_inference_steps: int = 25, guidance_scale: float = 7.5,
+            seeds: Sequence[int] = (1, 2), num_inference_steps: int = 25, guidance_scale: float | None = None,
             cell_size: int | None = None, auto: bool = False) -> CompareView:
     """One grid of the same prompts and seeds through several attempts, each at its final weights or a checkpoint
     ('attempt-1@500'); `auto` makes it at once (the base model against the newest finished attempt unless
@@ -135,7 +135,7 @@ def compare(session: Any, model: Any, *, attempts: Sequence[str] | None = None, 
 
 def playground(session: Any, model: Any, *, attempt: str | None = None, prompt: str = DEFAULT_PROMPT,
                negative_prompt: str = "", size: int | None = None, num_inference_steps: int = 25,
-               guidance_scale: float = 7.5, scheduler: str = "dpm++", seed: int | str = RANDOM, batch_size: int = 4,
+               guidance_scale: float | None = None, scheduler: str = "dpm++", seed: int | str = RANDOM, batch_size: int = 4,
                auto: bool = False) -> PlaygroundView:
     """Prompt an attempt (`attempt-1`, a checkpoint `attempt-1@500`, or `base`) and see the images, saved with
     their settings; `auto` generates at once (with the newest finished attempt unless `attempt` says otherwise)."""

@@ -282,8 +282,17 @@ def loaded_model(model: Any):
 
 
 def model_family(model: Any) -> str:
-    """The loaded base model's family ('sd1', 'sd2', 'sdxl'); 'sd1' while none is loaded yet."""
-    return getattr(getattr(loaded_model(model), "info", None), "family", None) or "sd1"
+    """The loaded base model's family key (`ModelInfo.family`); the default model's while none is loaded yet."""
+    from ..families import DEFAULT
+
+    return getattr(getattr(loaded_model(model), "info", None), "family", None) or DEFAULT
+
+
+def model_guidance(model: Any) -> float:
+    """The guidance strength the loaded base model's family samples with (the default model's while none is loaded)."""
+    from ..families import get
+
+    return get(model_family(model)).sampling_guidance
 
 
 def training_size(model: Any, preset: str = "face") -> int:

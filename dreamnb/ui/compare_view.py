@@ -20,7 +20,7 @@ from ..errors import UserError
 from ..sample import PROBE_PROMPTS
 from ..session import Session
 from .attempt_picker import BASE, AttemptPicker
-from .base import Results, View, idle_session, resolve_session, row, using_model
+from .base import Results, View, idle_session, model_guidance, resolve_session, row, using_model
 
 MIN_CELL_PX = 192
 
@@ -57,7 +57,7 @@ class CompareView(View):
     core names them ('base', 'attempt-1', 'attempt-1@500'), `.comparison` the result, `.grid_path` its PNG."""
 
     def __init__(self, session: Any, model: Any, *, attempts: list[str] | None = None, prompts: list[str] | None = None,
-                 seeds=(1, 2), num_inference_steps: int = 25, guidance_scale: float = 7.5,
+                 seeds=(1, 2), num_inference_steps: int = 25, guidance_scale: float | None = None,
                  cell_size: int | None = None, save_dir: str | Path | None = None,
                  comparer: Callable[..., Comparison] = comparison_grid) -> None:
         super().__init__()
@@ -76,7 +76,8 @@ class CompareView(View):
         self.prompts = W.Textarea(value="\n".join(prompts or PROBE_PROMPTS), rows=6, layout=W.Layout(width="620px"))
         self.seeds = W.Text(value=", ".join(str(s) for s in seeds), layout=W.Layout(width="160px"))
         self.steps = W.BoundedIntText(value=num_inference_steps, min=1, max=150, layout=W.Layout(width="100px"))
-        self.guidance = W.FloatText(value=guidance_scale, step=None, layout=W.Layout(width="100px"))
+        self.guidance = W.FloatText(value=model_guidance(model) if guidance_scale is None else guidance_scale, step=None,
+                                    layout=W.Layout(width="100px"))
         self.compile_unet = W.Checkbox(value=False, indent=False, layout=W.Layout(width="100px"))
         self.compare_button = W.Button(description="Make the grid", button_style="primary", icon="th")
         self.results = Results("grid")  # the grid is shown under the widget, as a plain output of the cell
@@ -90,7 +91,7 @@ class CompareView(View):
             row(self.prompts, "One per line; {token} and {class} are filled in from the attempt.", "Prompts"),
             row(self.seeds, "The same seeds for every attempt, so only the training differs.", "Seeds"),
             row(self.steps, "Denoising steps per image (25 is plenty with DPM++).", "Steps"),
-            row(self.guidance, "How closely images follow the prompt (7.5 is usual).", "Guidance"),
+            row(self.guidance, "How closely images follow the prompt (7.5 is usual for Stable Diffusion, 3.5 for FLUX.1).", "Guidance"),
             row(self.compile_unet, COMPILE_UNET_HELP, "Compile"),
             self.compare_button, self.status, self.error, self.out,
         ])

@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 import ipywidgets as W
 
-from ..config import METHODS, PRESET_FAMILIES, PRESETS, ConfigError, TrainConfig, preset_values, validate
+from .. import families
+from ..config import METHODS, PRESETS, ConfigError, TrainConfig, preset_values, validate
 from .base import ERROR_STYLE, OK_STYLE, row
 
 # Shown up front, in this order; every other field goes under "More settings".
@@ -41,14 +42,14 @@ def label_for(name: str) -> str:
     return LABELS.get(name, name.replace("_", " ").capitalize())
 
 
-def _preset_keys(family: str = "sd1") -> set[str]:
+def _preset_keys(family: str | None = None) -> set[str]:
     """Every field some preset (or method) sets for this model family: what a preset change refills."""
     return {key for p in PRESETS for m in METHODS for key in preset_values(p, m, family)}
 
 
 def family_keys() -> set[str]:
     """Every field some preset sets for some model family: what a change of base model family refills."""
-    return set().union(*(_preset_keys(f) for f in PRESET_FAMILIES))
+    return set().union(*(_preset_keys(f) for f in families.FAMILIES))
 
 
 def widget_for(field: dataclasses.Field, kind: type, value: Any) -> W.Widget:
@@ -73,9 +74,9 @@ class ConfigForm:
     """Widgets for a TrainConfig. `.config` is the current TrainConfig; `.problem` the validation sentence."""
 
     def __init__(self, config: TrainConfig | None = None, *, main_fields: tuple[str, ...] = MAIN_FIELDS,
-                 family: str = "sd1") -> None:
+                 family: str | None = None) -> None:
         config = config or TrainConfig()
-        self.family = family  # the base model's (`ModelInfo.family`): which presets' values a preset change refills
+        self.family = family or families.DEFAULT  # the base model's (`ModelInfo.family`): which presets' values a preset change refills
         hints = typing.get_type_hints(TrainConfig)
         self.fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
         self.widgets: dict[str, W.Widget] = {}

@@ -17,8 +17,8 @@ from .base import View, as_path, idle_session, resolve_session, row, using_model
 # One line per format of `dreamnb.export.FORMATS` (which decides what there is; a format without a line here shows
 # only its name).
 FORMAT_WORDS = {
-    "diffusers": "a diffusers folder: load it with from_pretrained (StableDiffusionPipeline, or StableDiffusionXLPipeline for SDXL)",
-    "safetensors": "one .safetensors file for AUTOMATIC1111, ComfyUI or civitai",
+    "diffusers": "a diffusers folder: load it with DiffusionPipeline.from_pretrained, which picks the model's own pipeline class",
+    "safetensors": "one .safetensors file for AUTOMATIC1111, ComfyUI or civitai (FLUX.1: its transformer, as ComfyUI loads it)",
     "lora": "small LoRA weights in the kohya layout, for AUTOMATIC1111, ComfyUI and civitai (an attempt trained with the 'lora' method)",
     "lora-diffusers": "the same LoRA weights in diffusers' own layout, for pipe.load_lora_weights (an attempt trained with the 'lora' method)",
 }

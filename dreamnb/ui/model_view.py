@@ -21,6 +21,7 @@ import ipywidgets as W
 
 from ..config import SDXL_FP16_VAE, VAE_HELP
 from ..errors import UserError
+from ..families.flux import FLUX1_DEV
 from ..models import DEFAULT_MODEL, SDXL_MODEL, BaseModel, ModelError, load_base_model, resolve_hf_token, source_kind
 from .base import View, row
 
@@ -32,6 +33,9 @@ CHOICES = {
     DEFAULT_MODEL: ("Stable Diffusion 1.5", "512 px; trains fastest and fits a free Colab T4; most tutorials use it."),
     SDXL_MODEL: ("Stable Diffusion XL", "Better images at 1024 px; needs more GPU memory and time, so it trains a LoRA by "
                                         "default (whether it fits a free T4 is not measured yet)."),
+    FLUX1_DEV: ("FLUX.1 [dev]", "The likeness people use today, at 512–1024 px; trains a LoRA on its transformer. Gated: "
+                                "accept its licence on its Hugging Face page and set HF_TOKEN; its licence is non-commercial. "
+                                "For now it needs a large GPU (an 80 GB A100/H100): the free T4's 4-bit plan is still to come."),
 }
 
 KIND_WORDS = {

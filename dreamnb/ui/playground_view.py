@@ -24,7 +24,7 @@ from ..models import BaseModel
 from ..sample import SCHEDULERS, Sample, SampleSettings, expand_prompt, generate, save_png
 from ..session import Session, attempt_weights_dir
 from .attempt_picker import BASE, FINAL, AttemptPicker, ref_of
-from .base import HELP_STYLE, Results, View, follow_model, idle_session, loaded_model, resolve_session, row, using_model
+from .base import HELP_STYLE, Results, View, follow_model, idle_session, loaded_model, model_guidance, resolve_session, row, using_model
 from .compare_view import readable_cell_size
 
 RANDOM = "random"
@@ -66,7 +66,7 @@ class PlaygroundView(View):
 
     def __init__(self, session: Any, model: Any, *, attempt: str | None = None, prompt: str = DEFAULT_PROMPT,
                  negative_prompt: str = "", size: int | None = None, num_inference_steps: int = 25,
-                 guidance_scale: float = 7.5, scheduler: str = "dpm++", seed: int | str = RANDOM,
+                 guidance_scale: float | None = None, scheduler: str = "dpm++", seed: int | str = RANDOM,
                  batch_size: int = 4, pipeline_for: Callable[..., Any] = attempt_pipeline) -> None:
         super().__init__()
         if scheduler not in SCHEDULERS:
@@ -89,7 +89,8 @@ class PlaygroundView(View):
         self.width = W.BoundedIntText(value=size, min=64, max=2048, step=64, layout=W.Layout(width="90px"))
         self.height = W.BoundedIntText(value=size, min=64, max=2048, step=64, layout=W.Layout(width="90px"))
         self.steps = W.BoundedIntText(value=num_inference_steps, min=1, max=150, layout=W.Layout(width="90px"))
-        self.guidance = W.FloatText(value=guidance_scale, step=None, layout=W.Layout(width="90px"))
+        self.guidance = W.FloatText(value=model_guidance(model) if guidance_scale is None else guidance_scale, step=None,
+                                    layout=W.Layout(width="90px"))
         self.scheduler = W.Dropdown(options=[(f"{key} ({choice.a1111_name})", key) for key, choice in SCHEDULERS.items()],
                                     value=scheduler, layout=W.Layout(width="200px"))
         self.seed = W.Text(value=str(seed), layout=W.Layout(width="120px"))
@@ -109,7 +110,7 @@ class PlaygroundView(View):
             row(self.negative, "What to keep out of the images (optional).", "Negative prompt"),
             row(W.HBox([self.width, W.HTML("×"), self.height]), "Width × height in pixels, multiples of 8; the model's own size looks best.", "Size"),
             row(self.steps, "Denoising steps per image (25 is plenty with DPM++; more is slower, rarely better).", "Steps"),
-            row(self.guidance, "How closely images follow the prompt (7.5 is usual; higher: stricter, harsher).", "Guidance"),
+            row(self.guidance, "How closely images follow the prompt (7.5 is usual for Stable Diffusion, 3.5 for FLUX.1; higher: stricter, harsher).", "Guidance"),
             row(self.scheduler, "The sampler; AUTOMATIC1111's name in brackets. DPM++ is fast and good.", "Scheduler"),
             row(self.seed, "The same seed and settings give the same image; 'random' draws a new one each time.", "Seed"),
             row(self.batch, "Images per press, made together (seeds seed, seed+1, …); more needs more GPU memory.", "Images"),

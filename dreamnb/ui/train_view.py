@@ -24,7 +24,7 @@ from typing import Any, Callable
 import ipywidgets as W
 
 from .. import colab
-from ..config import TrainConfig, default_method
+from ..config import TrainConfig
 from ..errors import UserError
 from ..fileio import describe_size
 from ..session import Session, split_ref
@@ -143,16 +143,10 @@ class LiveView:
 
 
 def model_note(family: str, preset: str = "face") -> str:
-    """One line on why the defaults differ for this model family (the values are `config.preset_values`'); '' for SD 1.x/2.x."""
-    if family != "sdxl":
-        return ""
-    config = TrainConfig.from_preset(preset, family=family)
-    parts = [f"{config.resolution} px, the size it paints at"]
-    if default_method(family) == "lora":
-        parts.append("LoRA, small add-on weights (a full fine-tune of its 2.6B-weight UNet needs far more GPU memory)")
-    if config.text_encoder_steps == 0:
-        parts.append("the UNet only, as its two text encoders already tell a rare token apart")
-    return f"Stable Diffusion XL: {'; '.join(parts)}."
+    """One line on why the defaults differ for this model family (`Family.settings_note`); '' where they don't."""
+    from .. import families
+
+    return families.get(family).settings_note(TrainConfig.from_preset(preset, family=family))
 
 
 class TrainView(View):
@@ -353,7 +347,7 @@ class TrainView(View):
         return continue_config(session, self._filled_from, **changed)
 
     def use_family(self, family: str) -> None:
-        """Refill the settings presets set for a base model of `family` ('sd1', 'sd2', 'sdxl'), keeping the cell's own
+        """Refill the settings presets set for a base model of `family` (its key), keeping the cell's own
         values and the user's token and class word; the base model section calls it when a model is loaded."""
         if family == self.form.family:
             return
