@@ -90,7 +90,7 @@ class TrainConfig:
 
     @classmethod
     def from_preset(cls, preset: str = "face", method: str | None = None, *, family: str | None = None, **overrides: Any) -> "TrainConfig":
-        """The preset's values for the chosen method (None: the model family's default, see `default_method`) and
+        """The preset's values for the chosen method (None: the model family's default, `Family.default_method`) and
         base model family (`ModelInfo.family`: SDXL has its own defaults), then the caller's overrides (None means 'keep')."""
         values = preset_values(preset, method, family)
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -155,13 +155,6 @@ _PRESETS: dict[str, dict[str, Any]] = {
 }
 # LoRA trains far fewer weights, so each may move much further (diffusers' LoRA script uses 1e-4).
 _LORA_OVERRIDES: dict[str, Any] = dict(unet_lr=1e-4, text_encoder_lr=5e-5)
-
-
-def default_method(family: str | None = None) -> str:
-    """What a model family trains with unless told: 'lora' or 'full' (`Family.default_method`)."""
-    from . import families
-
-    return families.get(family).default_method
 
 
 def preset_values(preset: str, method: str | None = None, family: str | None = None) -> dict[str, Any]:

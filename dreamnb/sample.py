@@ -5,9 +5,9 @@ An image here depends only on its own `SampleSettings`: each image gets its own
 inside a batch, and the settings written into the PNG (in AUTOMATIC1111's "parameters"
 format, which A1111, ComfyUI and civitai read) are enough to make it again.
 
-Loading the pipeline for an attempt is not done here: callers pass a ready `StableDiffusionPipeline` or
-`StableDiffusionXLPipeline` in whatever dtype (fp16/bf16/fp32) and on whatever device they chose; the
-native size (512/768 px, SDXL's 1024) is the pipeline's own.
+Loading the pipeline for an attempt is not done here: callers pass a ready pipeline of the model's family
+(`dreamnb.families`) in whatever dtype (fp16/bf16/fp32) and on whatever device they chose; the native size (512/768 px,
+SDXL's and FLUX.1's 1024), its samplers and its default guidance are the family's.
 """
 from __future__ import annotations
 

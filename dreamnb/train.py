@@ -729,7 +729,7 @@ def make_previews(config: TrainConfig, step: int, denoiser, text_encoders: Promp
     family = base_model.family
     embeds, pooled = text_encoders(family.tokenize(base_model.tokenizers, prompts + [""]))
     embeds, pooled = embeds.to(device, denoiser.dtype), None if pooled is None else pooled.to(device, denoiser.dtype)
-    # the base model's pipeline around the training UNet, with no text encoder (prompts come embedded)
+    # the base model's pipeline around the training denoiser, with no text encoder (prompts come embedded)
     pipe = family.assemble(base_model.pipeline, **{family.denoiser: denoiser}, **dict.fromkeys(family.text_encoders))
     set_scheduler(pipe, family.samplers[0])
     pipe.set_progress_bar_config(disable=True)

@@ -12,13 +12,13 @@ from typing import Any
 import torch
 
 from .base import Family, PromptEncoder
+from .sd import TEXT_LORA_TARGETS  # CLIP's; T5 is not trained
 
 # diffusers' train_dreambooth_lora_flux.py's default LoRA targets: every attention projection of both streams and
 # both feed-forwards of the double blocks; the single blocks' attention (to_q/k/v) is matched by the same names.
 LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                 "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
                 "ff_context.net.2"]
-TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP's; T5 is not trained
 FLUX1_DEV = "black-forest-labs/FLUX.1-dev"  # gated: its licence is accepted on its Hub page, then HF_TOKEN reads it
 TRAINING_GUIDANCE = 1.0  # the guidance input while training, as kohya's sd-scripts and SimpleTuner train FLUX.1 [dev]
 T5_TOKENS = 512          # the prompt length T5 reads, as FluxPipeline's default max_sequence_length
