@@ -206,7 +206,7 @@ def _tiny_base_model():
     from dreamnb.models import BaseModel
 
     part = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)
-    return BaseModel(info=SimpleNamespace(source="tiny/model"), pipeline=SimpleNamespace(unet=part, text_encoder=part))
+    return BaseModel(info=SimpleNamespace(source="tiny/model", family="sd1"), pipeline=SimpleNamespace(unet=part, text_encoder=part))
 
 
 def test_the_base_model_is_not_used_by_another_thread_while_training_parks_it():
