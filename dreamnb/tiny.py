@@ -215,10 +215,10 @@ def tiny_t5_tokenizer(vocab_size: int = 300):
                            model_max_length=512)
 
 
-def tiny_flux_pipeline(seed: int = 0):
+def tiny_flux_pipeline(seed: int = 0, schnell: bool = False):
     """A randomly initialised (seeded) tiny FluxPipeline: FLUX.1's transformer (one double and one single block, guidance
     embedding), a 16-channel VAE with FLUX.1's shift and scale, CLIP (pooled) and T5 text encoders, and FLUX.1 [dev]'s
-    flow-matching scheduler."""
+    flow-matching scheduler; `schnell`: FLUX.1 [schnell]'s shape (no guidance embedding, a fixed shift of 1)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
 
@@ -229,10 +229,11 @@ def tiny_flux_pipeline(seed: int = 0):
                                         vocab_size=49408, projection_dim=32, max_position_embeddings=77))
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
                                          num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-                                         guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+                                         guidance_embeds=not schnell, axes_dims_rope=(4, 6, 6))
     vae = tiny_vae(seed, latent_channels=16, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                base_image_seq_len=256, max_image_seq_len=4096)
+    scheduler = (FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False) if schnell else
+                 FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                 base_image_seq_len=256, max_image_seq_len=4096))
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR),
                         text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer)
     return pipe
@@ -242,13 +243,13 @@ def save_tiny_model(out_dir: str | Path, kind: str = "sd1", seed: int = 0, singl
     """Save a tiny model (a TINY_KINDS or TINY_SDXL_KINDS kind) as a diffusers folder and a single .safetensors file under out_dir."""
     out_dir = Path(out_dir)
     folder = out_dir / f"tiny-{kind}"
-    if kind == "flux1":
-        pipe = tiny_flux_pipeline(seed)
+    if kind.startswith("flux1"):
+        pipe = tiny_flux_pipeline(seed, schnell=kind == "flux1-schnell")
     else:
         pipe = tiny_sdxl_pipeline(kind, seed) if kind in TINY_SDXL_KINDS else tiny_pipeline(kind, seed)
     pipe.save_pretrained(folder, safe_serialization=True)
     file_path = None
-    if single_file and kind != "flux1":  # a single FLUX.1 file is not loaded yet
+    if single_file and not kind.startswith("flux1"):  # FLUX.1's own single file is its transformer's (families/flux_bfl.py)
         file_path = out_dir / f"tiny-{kind}.safetensors"
         from .convert import save_single_file
 

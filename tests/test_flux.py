@@ -180,3 +180,25 @@ def test_a_flux_attempt_exported_as_one_file_loads_back_as_the_base_with_its_lor
                       family="flux1")
     assert "FluxTransformer2DModel.from_single_file(path, config=\"black-forest-labs/FLUX.1-dev\"" in card
     assert "guidance_scale=3.5" in card and "torch.bfloat16" in card and "models/diffusion_models/" in card
+
+
+def test_flux_schnell_without_a_guidance_input_trains_and_diffusers_loads_its_lora(photo_session, tmp_path):
+    """FLUX.1 [schnell]'s shape: no guidance embedding (the trainer passes none) and a fixed-shift scheduler."""
+    from diffusers import FluxPipeline
+
+    from dreamnb.models import load_base_model
+    from dreamnb.tiny import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "models", "flux1-schnell").folder
+    base = load_base_model(folder)
+    assert base.family is FLUX1 and not base.denoiser.config.guidance_embeds
+    result = train(photo_session, flux_config(unet_steps=20), base, progress=False)
+    assert result.status == "finished", result.message
+    latents = photo_latents(photo_session, base)
+    with torch.no_grad():
+        before = denoising_error(base.pipeline, latents, PROMPT, timesteps=(250, 500, 750))
+        after = denoising_error(attempt_pipeline(base, photo_session, result.attempt), latents, PROMPT, timesteps=(250, 500, 750))
+        theirs = FluxPipeline.from_pretrained(folder)
+        theirs.load_lora_weights(str(result.final_dir), weight_name=LORA_FILE)
+        assert denoising_error(theirs, latents, PROMPT, timesteps=(250, 500, 750)) == pytest.approx(after, rel=1e-4)
+    assert after < before, (before, after)
