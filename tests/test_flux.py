@@ -13,7 +13,7 @@ from dreamnb import families
 from dreamnb.attempts import attempt_pipeline, denoising_error
 from dreamnb.config import ConfigError, TrainConfig
 from dreamnb.data import cached_latents
-from dreamnb.families.flux import FLUX1, pack, unpack
+from dreamnb.families.flux import FLUX1
 from dreamnb.session import LORA_FILE
 from dreamnb.train import train
 
@@ -56,13 +56,23 @@ def test_the_presets_train_a_lora_on_the_transformer_only():
     assert "LoRA on the transformer only" in FLUX1.settings_note(config)
 
 
-def test_packing_round_trips_as_diffusers_packs():
+def test_packing_round_trips_in_training_and_for_the_vae(base_flux):
+    """A transformer that hands back its packed input gives back the latents (non-square: rows and columns kept apart);
+    a pipeline's packed output is the VAE's latents again at the image's size."""
+    from types import SimpleNamespace
+
     from diffusers import FluxPipeline
 
+    class Echo:
+        config = SimpleNamespace(guidance_embeds=True)
+
+        def __call__(self, hidden_states, **inputs):
+            return (hidden_states,)
+
     latents = torch.randn(2, 16, 8, 6)
-    packed = pack(latents)
-    assert torch.equal(packed, FluxPipeline._pack_latents(latents, 2, 16, 8, 6))
-    assert torch.equal(unpack(packed, 8, 6), latents)
+    assert torch.equal(FLUX1.predict(Echo(), latents, torch.rand(2), torch.zeros(2, 5, 32), {"pooled": None}), latents)
+    packed = FluxPipeline._pack_latents(latents, 2, 16, 8, 6)
+    assert torch.equal(FLUX1.latents_for_vae(base_flux.pipeline, packed, 8 * 8, 6 * 8), latents)
 
 
 def test_prompts_are_encoded_as_fluxs_pipeline_encodes_them(base_flux):

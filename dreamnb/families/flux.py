@@ -62,18 +62,6 @@ class ClipT5PromptEncoder(PromptEncoder):
         return embeds, pooled
 
 
-def pack(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) latents as FLUX's sequence of 2×2 patches, (B, H/2·W/2, 4C) (FluxPipeline._pack_latents)."""
-    b, c, h, w = latents.shape
-    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack(packed: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """The inverse of `pack` for latents of h×w."""
-    b, _, c4 = packed.shape
-    return packed.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
-
-
 class Flux(Family):
     key = "flux1"
     label = "FLUX.1"
@@ -133,16 +121,21 @@ class Flux(Family):
         return self._ids[key]
 
     def predict(self, denoiser, noisy, timesteps, embeds, extra):
-        b, _, h, w = noisy.shape
+        """As diffusers' FLUX.1 script calls the transformer: latents packed into 2×2 patches with their positions
+        (FluxPipeline's own `_pack_latents`, `_prepare_latent_image_ids`, `_unpack_latents`)."""
+        from diffusers import FluxPipeline
+
+        b, c, h, w = noisy.shape
         device, dtype = noisy.device, embeds.dtype
-        img_ids = self._positions(("img", h, w, device, dtype), lambda: _image_ids(h // 2, w // 2, device, dtype))
+        img_ids = self._positions(("img", h, w, device, dtype),
+                                  lambda: FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype))
         txt_ids = self._positions(("txt", embeds.shape[1], device, dtype), lambda: torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype))
         config = getattr(denoiser, "module", denoiser).config  # under data parallel, DDP wraps the transformer
         guidance = torch.full((b,), TRAINING_GUIDANCE, device=device) if config.guidance_embeds else None
-        out = denoiser(hidden_states=pack(noisy), timestep=timesteps.to(noisy.dtype), guidance=guidance,
-                       pooled_projections=extra["pooled"], encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=img_ids,
-                       return_dict=False)[0]
-        return unpack(out, h, w)
+        out = denoiser(hidden_states=FluxPipeline._pack_latents(noisy, b, c, h, w), timestep=timesteps.to(noisy.dtype),
+                       guidance=guidance, pooled_projections=extra["pooled"], encoder_hidden_states=embeds, txt_ids=txt_ids,
+                       img_ids=img_ids, return_dict=False)[0]
+        return FluxPipeline._unpack_latents(out, h, w, 1)  # sizes in latents: a scale factor of 1
 
     def pipeline_prompt_kwargs(self, pipe, embeds, pooled, i):
         return dict(prompt_embeds=embeds[i:i + 1], pooled_prompt_embeds=pooled[i:i + 1])
@@ -156,8 +149,7 @@ class Flux(Family):
         return FlowMatchSchedule(scheduler, device)
 
     def latents_for_vae(self, pipe, latents, height: int, width: int):
-        scale = pipe.vae_scale_factor
-        return unpack(latents, height // scale, width // scale) if latents.dim() == 3 else latents
+        return pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor) if latents.dim() == 3 else latents
 
     def latent_channels(self, pipe) -> int:
         return pipe.transformer.config.in_channels // 4  # it reads 2×2 patches of them
@@ -189,14 +181,6 @@ class Flux(Family):
         from .flux_kohya import flux_lora_to_kohya
 
         return flux_lora_to_kohya(peft_state, rank, alpha)
-
-
-def _image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
-    """Each patch's (0, row, column), as FluxPipeline._prepare_latent_image_ids."""
-    ids = torch.zeros(h, w, 3)
-    ids[..., 1] += torch.arange(h)[:, None]
-    ids[..., 2] += torch.arange(w)[None, :]
-    return ids.reshape(h * w, 3).to(device=device, dtype=dtype)
 
 
 # What FLUX.1 changes in every preset (each with its reason).
