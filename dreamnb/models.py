@@ -31,11 +31,11 @@ from . import families
 from .config import SDXL_FP16_VAE
 from .errors import UserError
 from .families import SUPPORTED, Family, ModelError
+from .families.sd import SD15_MODEL as DEFAULT_MODEL
 from .families.sdxl import SDXL_MODEL
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

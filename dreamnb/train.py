@@ -624,8 +624,8 @@ def make_step(run: Run, phase: str, trainable, params) -> Callable[[], torch.Ten
     config, accelerator, models, batches = run.config, run.accelerator, run.models, run.data
     if phase != TEXT_PHASE:
         with torch.no_grad(), models.autocast():
-            instance_prompts = encode_for_unet(models, batches.instance_ids)
-            class_prompts = None if batches.class_ids is None else encode_for_unet(models, batches.class_ids)
+            instance_prompts = encode_for_denoiser(models, batches.instance_ids)
+            class_prompts = None if batches.class_ids is None else encode_for_denoiser(models, batches.class_ids)
         models.text_encoders.to("cpu")  # frees GPU memory for the UNet phase
     model, optimizer = trainable, run.optimizer
     if not models.use_graphs:  # both are on the device already: no placement (it would copy the optimizer's state there and back)
@@ -677,14 +677,14 @@ def make_step(run: Run, phase: str, trainable, params) -> Callable[[], torch.Ten
     return eager_step
 
 
-def encode_for_unet(models: TrainingModels, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(embeds, pooled) of prompts, in the training weights' format, computed once for the UNet phase."""
+def encode_for_denoiser(models: TrainingModels, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(embeds, pooled) of prompts, in the training weights' format, computed once for the denoiser's phase."""
     embeds, pooled = models.text_encoders(ids)
     return embeds.to(models.weights_dtype), None if pooled is None else pooled.to(models.weights_dtype)
 
 
 def cached_batch_prompts(prompts, class_prompts, rows, class_rows) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A batch's (embeds, pooled) from `encode_for_unet`'s: each drawn photo's, then the class prompt's per class image."""
+    """A batch's (embeds, pooled) from `encode_for_denoiser`'s: each drawn photo's, then the class prompt's per class image."""
     (embeds, pooled), (class_embeds, class_pooled) = prompts, class_prompts or (None, None)
     embeds = with_class_rows(embeds[rows], class_embeds, class_rows)
     return embeds, None if pooled is None else with_class_rows(pooled[rows], class_pooled, class_rows)
@@ -791,18 +791,18 @@ def resolve_gradient_checkpointing(config: TrainConfig, device: torch.device) ->
     return gpu_memory_budget(device) / 2**30 < needed_gb * 1.2
 
 
-def add_lora_adapters(family: Family, unet, text_encoders: PromptEncoder, config: TrainConfig) -> None:
+def add_lora_adapters(family: Family, denoiser, text_encoders: PromptEncoder, config: TrainConfig) -> None:
     """Adapters drawn from the run's seed (peft draws them from the global generator): the same seed, the same LoRA.
     Each text encoder (SDXL: both, with the same targets) gets its own, saved under its own name.
     The global generators are left as they were."""
-    devices = [unet.device] if unet.device.type == "cuda" else []
+    devices = [denoiser.device] if denoiser.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)
-        add_lora(unet, config.lora_rank, config.lora_alpha, family.lora_targets(family.denoiser))
+        add_lora(denoiser, config.lora_rank, config.lora_alpha, family.lora_targets(family.denoiser))
         if config.changes_text_encoder:
             for name, encoder in text_encoders.parts().items():
                 add_lora(encoder, config.lora_rank, config.lora_alpha, family.lora_targets(name))
-    for model in (unet, text_encoders):  # adapters are trained and kept in fp32, also over a bf16 base
+    for model in (denoiser, text_encoders):  # adapters are trained and kept in fp32, also over a bf16 base
         for name, param in model.named_parameters():
             if "lora_" in name:
                 param.data = param.data.float()

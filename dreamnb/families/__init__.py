@@ -9,12 +9,12 @@ from . import flux, sd, sdxl
 
 _MODULES = (sdxl, flux, sd)  # in the order single files and pipeline classes are matched: SDXL's checks before SD's
 FAMILIES: dict[str, Family] = {family.key: family for module in _MODULES for family in module.FAMILIES}
-DEFAULT = sd.SD1.key  # the family of models.DEFAULT_MODEL: whose presets apply while no model is chosen
+DEFAULT = sd.SD1.key  # the family of the default model (sd.SD15_MODEL): whose presets apply while no model is chosen
 _UNSUPPORTED_CLASSES = {
     "StableDiffusionXLInpaintPipeline": "Stable Diffusion XL inpainting",
     "StableDiffusion3Pipeline": "Stable Diffusion 3",
 }
-_EXAMPLE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+_EXAMPLE = sd.SD15_MODEL
 
 __all__ = ["FAMILIES", "Family", "ModelError", "PromptEncoder", "SUPPORTED", "from_checkpoint", "from_class_name", "get", "of_pipeline"]
 

@@ -1,8 +1,8 @@
 """What every model family answers: the one place where one family differs from another.
 
-A family is one object (a module's `FAMILY`), looked up by its key (`ModelInfo.family`: "sd1", "sd2", "sdxl") through
-`dreamnb.families.get`. The trainer's stages, sampling, previews, compare, export, the CLI and the notebook ask it and
-never name a family. What it answers, in the order a run needs it:
+A family is one object (listed in its module's `FAMILIES`), looked up by its key (`ModelInfo.family`: "sd1", "sd2",
+"sdxl", "flux1") through `dreamnb.families.get`. The trainer's stages, sampling, previews, compare, export, the CLI and
+the notebook ask it and never name a family. What it answers, in the order a run needs it:
 
 - recognising a model: its pipeline class names (model_index.json, a Hub id's), a single file's keys, a loaded
   pipeline's parts; a diffusers folder's parts; its label as shown to people;
@@ -33,7 +33,7 @@ class ModelError(UserError):
 
 class PromptEncoder(torch.nn.Module):
     """The one owner of how prompts become the denoiser's conditioning: a family's text encoder(s) as one module, token
-    ids from `data.tokenize_all` in, (embeds, pooled) out (pooled is None where the family has none). One module, so a
+    ids from `Family.tokenize` in, (embeds, pooled) out (pooled is None where the family has none). One module, so a
     phase trains, moves, freezes or wraps (DDP) all encoders alike. The encoders are attributes named as the pipeline
     names them (`text_encoder`, `text_encoder_2`), which are also their checkpoint key prefixes."""
 

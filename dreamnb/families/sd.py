@@ -12,6 +12,7 @@ import torch
 
 from .base import SUPPORTED, Family, ModelError, PromptEncoder
 
+SD15_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # dreamnb's default base model (`models.DEFAULT_MODEL`)
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
