@@ -3,7 +3,8 @@
 #   bash tests/gpu/lanes.sh OUTDIR "PYTEST ARGS OF LANE 1" "PYTEST ARGS OF LANE 2" ...     (each as a shell would read it)
 # Every test's figures go to OUTDIR/report.jsonl (gpu_util.record), every lane's outcomes to OUTDIR/lanes.json and the
 # lanes' output, one after another, to OUTDIR/lanes.log: three files, since what comes back from the device is limited.
-# Timings taken this way include the other lanes' load.
+# Timings taken this way include the other lanes' load. A lane still running after LANE_TIMEOUT seconds (default 560,
+# inside the device's 10-minute call) is stopped, so the others' outcomes still come back.
 set -u
 out=$1; shift
 work=$(mktemp -d)  # each lane's log and junit file, gathered into OUTDIR at the end
@@ -13,7 +14,7 @@ pids=()
 n=0
 for lane in "$@"; do
   n=$((n + 1))
-  eval "python3 -m pytest -q -p no:cacheprovider --junitxml='$work/lane-$n.xml' $lane" >"$work/lane-$n.log" 2>&1 &
+  eval "timeout ${LANE_TIMEOUT:-560} python3 -m pytest -q -p no:cacheprovider --junitxml='$work/lane-$n.xml' $lane" >"$work/lane-$n.log" 2>&1 &
   pids+=($!)
 done
 status=0

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from .gpu_util import (assert_images_tell_seeds_and_weights_apart, assert_logged_lr_follows_the_schedule,
+from .gpu_util import (ADAM_LARGEST_STEP, assert_images_tell_seeds_and_weights_apart, assert_logged_lr_follows_the_schedule,
                        assert_trained_as_configured, dreamnb, graphed_sampling_matches_eager, record)
 
 TOKEN = "squidarth"
@@ -35,18 +35,20 @@ def readme_flow(model, photos, work, *train_args, export_format="safetensors", p
     return session, out, trained.stderr, dict(train_s=round(train_s, 1), compare_s=round(compare_s, 1), export_s=round(export_s, 1))
 
 
-def sample_with_diffusers(model_folder, exported, kind, xl=False):
+def sample_with_diffusers(model_folder, exported, kind, xl=False, flux=False):
     """What a user does with the export: diffusers loads it (single file, or the LoRA onto the base) and samples."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipeline_class, extra = (StableDiffusionXLPipeline, {}) if xl else (StableDiffusionPipeline, dict(safety_checker=None))
+    pipeline_class, extra = ((FluxPipeline, {}) if flux else (StableDiffusionXLPipeline, {}) if xl
+                             else (StableDiffusionPipeline, dict(safety_checker=None)))
+    dtype = torch.bfloat16 if flux else torch.float16  # as FLUX.1's model card loads it
     if kind == "safetensors":
         pipe = pipeline_class.from_single_file(str(exported), config=str(model_folder), local_files_only=True,
-                                               torch_dtype=torch.float16, **extra)
+                                               torch_dtype=dtype, **extra)
     else:
-        pipe = pipeline_class.from_pretrained(model_folder, torch_dtype=torch.float16, **extra)
+        pipe = pipeline_class.from_pretrained(model_folder, torch_dtype=dtype, **extra)
         pipe.load_lora_weights(str(exported))
-    base = pipeline_class.from_pretrained(model_folder, torch_dtype=torch.float16, **extra).to("cuda")
+    base = pipeline_class.from_pretrained(model_folder, torch_dtype=dtype, **extra).to("cuda")
     pipe.to("cuda")
 
     def image(p, seed):
@@ -82,6 +84,56 @@ def test_the_readme_flow_with_sdxl_on_the_tiny_model(tiny_sdxl, photos_512, tmp_
     sample_with_diffusers(tiny_sdxl.folder, exported, "lora", xl=True)
     optimizer_line = next(line for line in log.splitlines() if "Optimizer" in line)
     record("readme flow, tiny SDXL, --preset face (LoRA, 1024 px)", **seconds, trainer=optimizer_line.strip())
+
+
+def test_the_readme_flow_with_flux_on_the_tiny_model(tiny_flux, photos_512, tmp_path):
+    """FLUX.1 through the same commands: the face preset's FLUX.1 values (a LoRA of the transformer, 512 px, no
+    text-encoder phase), class images made by FluxPipeline on the GPU, bf16 training that moves the LoRA as far as
+    its steps should, compare, and the kohya-layout LoRA, which diffusers' FluxPipeline loads and samples with."""
+    from safetensors.torch import load_file
+
+    session, exported, log, seconds = readme_flow(tiny_flux.folder, photos_512, tmp_path, "--preset", "face",
+                                                  export_format="lora")
+    assert "class images" in log and "on cuda" in log and "bf16" in log, log
+    config = json.loads((session / "attempts" / "attempt-1" / "config.json").read_text())
+    assert (config["method"], config["resolution"], config["text_encoder_steps"], config["with_prior_preservation"]) == (
+        "lora", 512, 0, True)
+    (folder,) = (session / "class").iterdir()
+    assert len(list(folder.glob("*.png"))) == config["num_class_images"]
+    lora = {k: v.float() for k, v in load_file(str(session / "attempts/attempt-1/final/pytorch_lora_weights.safetensors")).items()}
+    ups = [v for k, v in lora.items() if k.endswith("lora_B.weight")]
+    assert ups and all(torch.isfinite(v).all() for v in lora.values())
+    # LoRA's B starts at zero: its mean size after N steps at lr is more than a quarter of a random walk's and less
+    # than Adam's largest steps (a run that trained no step, or one in ten, fails the first)
+    moved = torch.cat([v.abs().flatten() for v in ups]).mean().item() / config["unet_lr"]
+    steps = config["unet_steps"]
+    assert 0.25 * steps ** 0.5 < moved < ADAM_LARGEST_STEP * steps, (moved, steps)
+    sample_with_diffusers(tiny_flux.folder, exported, "lora", flux=True)
+    record("readme flow, tiny FLUX.1, --preset face (LoRA, 512 px)", **seconds, lora_up_moved_in_lr=round(moved, 1))
+
+
+def test_the_notebook_headless_with_flux_on_the_tiny_model(tiny_flux, photos_512, tmp_path):
+    """Every section of the notebook with `auto_run` on the GPU for FLUX.1: the face preset (prior preservation, class
+    images on the GPU) with fewer steps and previews; the LoRA it exports loads in diffusers' FluxPipeline and samples."""
+    from nbclient import NotebookClient
+    from test_notebook import code_cells, inject_parameters, read_notebook
+
+    root = tmp_path / "sessions"
+    nb = read_notebook()
+    inject_parameters(nb, dict(base_model=str(tiny_flux.folder), session_root=str(root), session_name="nb", token=TOKEN,
+                               instance_images=str(photos_512), preset="face", unet_steps=200, sample_every=100,
+                               export_format="lora", auto_run=True))
+    started = time.time()
+    NotebookClient(nb, timeout=580, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    seconds = time.time() - started
+    errors = [o for cell in code_cells(nb) for o in cell.outputs if o.output_type == "error"]
+    assert not errors, errors
+    state = json.loads((root / "nb" / "session.json").read_text())
+    assert [(a["name"], a["status"], a["steps_done"]) for a in state["attempts"]] == [("attempt-1", "finished", 200)]
+    assert len(list((root / "nb" / "attempts" / "attempt-1" / "samples").glob("*.png"))) >= 2  # the previews
+    (exported,) = (root / "nb" / "exports").glob("*.safetensors")
+    sample_with_diffusers(tiny_flux.folder, exported, "lora", flux=True)
+    record("notebook headless (auto_run), tiny FLUX.1, face preset 200 steps", notebook_s=round(seconds, 1))
 
 
 def test_sdxl_with_an_fp16_vae_through_the_cli(tiny_sdxl, photos_512, tmp_path):
