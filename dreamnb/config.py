@@ -34,6 +34,7 @@ class TrainConfig:
     preset: str = _f("face", "Starting values for a face, an object/pet, or an art style.", choices=PRESETS)
     resolution: int = _f(512, "Training image size in pixels; the base model's own size (512 for SD 1.5, 1024 for SDXL) works best.", min=64, max=1024, step=64)
     seed: int = _f(1234, "Makes a run repeatable: the same seed and settings give the same model.")
+    held_out_photos: int = _f(-1, "Photos kept out of training, so the scores measure likeness on photos the model never saw; -1: 3 when you have 15 or more photos, else none (with fewer, every photo is needed to learn the likeness).", min=-1, max=20)
 
     # --- the two phases (TheLastBen's scheme) ---------------------------------------------------
     text_encoder_steps: int = _f(350, "Steps teaching the text encoder (the part that reads your prompt) what your token means; 0 keeps it frozen.", min=0, max=5000)

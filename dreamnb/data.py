@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from . import fileio
+from .config import ConfigError
 from .sample import decode_latents
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,25 @@ def list_examples(folder: Path) -> list[Example]:
             caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else None
             examples.append(Example(path=path, caption=caption or None))
     return examples
+
+
+HELD_OUT_FILE = "held_out.json"  # in an attempt's folder: the photos it never trained on, by name
+
+
+def choose_held_out(examples: list[Example], requested: int) -> list[str]:
+    """The names of the photos to keep out of training: `requested` of them (-1: 3 of 15 or more, else none), spread
+    evenly over the sorted photos, so a burst of near-identical shots is not held out whole."""
+    count = (3 if len(examples) >= 15 else 0) if requested < 0 else requested
+    if count and len(examples) - count < 5:
+        raise ConfigError(f"held_out_photos is {count} but the session has {len(examples)} photos, which would leave fewer than 5 "
+                        f"to learn from; hold out fewer (0 for none) or add photos.")
+    return [examples[int((i + 0.5) * len(examples) / count)].path.name for i in range(count)]
+
+
+def split_held_out(examples: list[Example], names: list[str]) -> tuple[list[Example], list[Example]]:
+    """(training photos, held-out photos): a held-out name no longer among the photos is left out of both."""
+    held = set(names)
+    return [e for e in examples if e.path.name not in held], [e for e in examples if e.path.name in held]
 
 
 def smallest_side(examples: list[Example]) -> int:

@@ -30,6 +30,8 @@ import torch
 from . import families
 from .config import SDXL_FP16_VAE
 from .errors import UserError
+from .hub import hub_file
+from .hub import short as _short
 from .families import SUPPORTED, Family, ModelError
 from .families.sd import SD15_MODEL as DEFAULT_MODEL
 from .families.sdxl import SDXL_MODEL
@@ -384,23 +386,9 @@ def check_hub_model(repo_id: str, *, token: str | None, local_files_only: bool |
 
 
 def _hub_file(repo_id: str, filename: str, *, token: str | None, local_files_only: bool | None, missing: str) -> Path:
-    """One small file of a Hub repository (downloaded, or from the cache), or a ModelError saying why not; `missing` is
-    the sentence for a repository without that file."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub import errors as hf_errors
-
-    try:
-        return Path(hf_hub_download(repo_id, filename, token=token, local_files_only=bool(local_files_only)))
-    except hf_errors.GatedRepoError as err:
-        raise ModelError(f"{repo_id} is gated: accept its licence on its Hugging Face page, then set HF_TOKEN (or add it to Colab's secrets).") from err
-    except hf_errors.RepositoryNotFoundError as err:
-        raise ModelError(f"There is no model {repo_id!r} on the Hugging Face Hub, or it is private; check the spelling, or set HF_TOKEN if it is yours.") from err
-    except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled) as err:  # before EntryNotFoundError: a subclass
-        raise ModelError(f"Cannot download {repo_id} (no connection to the Hugging Face Hub) and it is not in the local cache; connect to the internet, or give a local diffusers folder or .safetensors file.") from err
-    except hf_errors.EntryNotFoundError as err:
-        raise ModelError(missing) from err
-    except OSError as err:  # connection errors that huggingface_hub did not wrap
-        raise ModelError(f"Cannot download {repo_id} ({_short(err)}); check the internet connection, or give a local diffusers folder or .safetensors file.") from err
+    """One small file of a Hub repository, or a ModelError saying why not (hub.hub_file's sentences)."""
+    return hub_file(repo_id, filename, token=token, local_files_only=local_files_only, missing=missing,
+                    instead="give a local diffusers folder or .safetensors file", error=ModelError)
 
 
 # --- another VAE ------------------------------------------------------------------------------------
@@ -486,8 +474,3 @@ def describe_pipeline(pipe, source: str, kind: str, family: Family) -> ModelInfo
     family = family.check_pipeline(pipe, source)
     return ModelInfo(source=source, source_kind=kind, family=family.key, prediction_type=family.prediction(pipe),
                      resolution=family.native_resolution(pipe))
-
-
-def _short(err: BaseException) -> str:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return text[:200]

@@ -275,7 +275,7 @@ def _train(session: Session, config: TrainConfig, base_model: BaseModel | str | 
     elif config.parent:  # it starts from an attempt's weights, which were trained from one base model and VAE
         check_same_base(session.attempt(config.parent), base_model, "continue it", vae)
     validate(config)
-    examples = data.list_examples(session.instance_dir)
+    examples, held_out = held_out_split(session, config, data.list_examples(session.instance_dir), attempt if resume else None)
     check_training_data(config, examples)
     if isinstance(base_model, (str, Path)):  # loaded before anything is written: a model that cannot be used changes nothing
         base_model = load_base_model(base_model, config=config_source, vae=vae)
@@ -290,6 +290,10 @@ def _train(session: Session, config: TrainConfig, base_model: BaseModel | str | 
     attempt_dir = session.attempt_dir(name)
     if accelerator.is_main_process:
         fileio.write_json(attempt_dir / "config.json", config.to_dict())
+        fileio.write_json(attempt_dir / data.HELD_OUT_FILE, held_out)
+    if held_out and not resume:
+        emit(TrainEvent("info", message=f"{len(held_out)} photos are kept out of training for the scores ({', '.join(held_out)}); "
+                                        f"set held_out_photos to 0 to train on all of them."))
     checkpoint = latest_checkpoint(attempt_dir) if resume else None
 
     if session.base_model is None:
@@ -760,6 +764,22 @@ def copy_to(model, device, dtype):
         moved = tensor.detach().to(device, dtype if tensor.is_floating_point() else None, copy=True)
         memo[id(tensor)] = torch.nn.Parameter(moved, tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else moved
     return copy.deepcopy(model, memo)
+
+
+def held_out_split(session: Session, config: TrainConfig, examples: list[data.Example], resumed: str | None) -> tuple[list[data.Example], list[str]]:
+    """The photos to train on, and the names of those kept out for the scores: a resumed attempt keeps its own, one
+    continued from another attempt its parent's (the parent saw the rest), a new one chooses (`data.choose_held_out`)."""
+    source = resumed or split_ref(config.parent)[0]
+    names = (read_held_out(session.attempt_dir(session.attempt(source).name)) if source
+             else data.choose_held_out(examples, config.held_out_photos))
+    training, held = data.split_held_out(examples, names)
+    return training, [e.path.name for e in held]
+
+
+def read_held_out(attempt_dir: Path) -> list[str]:
+    """The photo names an attempt kept out of training (none for an attempt from before held-out photos)."""
+    path = attempt_dir / data.HELD_OUT_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
 
 
 def check_training_data(config: TrainConfig, examples: list[data.Example]) -> None:

@@ -8,6 +8,7 @@ import sys
 import textwrap
 import threading
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -762,3 +763,41 @@ def test_a_log_cut_short_by_a_crash_resumes_and_reads_straight(photo_session, ba
         f.write("1,unet,not a loss,0.001,0.5\n2,unet,0.41")
     assert train(photo_session, None, base_sd1, progress=False, attempt="cut", resume=True).status == "finished"
     assert [int(r["step"]) for r in train_module.read_log(photo_session.attempt_dir("cut"))] == [1, 2, 3, 4]
+
+
+def test_held_out_photos_never_reach_training_and_stay_the_same_through_resume_and_continue(photo_session, base_sd1, monkeypatch):
+    """The photos kept out for the scores are recorded with the attempt and never encoded for training; a resumed
+    attempt and one continued from it keep the same ones even after more photos arrive."""
+    from dreamnb import data
+    from conftest import subject_photo
+
+    for i in range(4, 8):
+        subject_photo(i).save(photo_session.instance_dir / f"photo-{i}.png")
+    encoded = []
+    real = data.cached_latents
+    monkeypatch.setattr(data, "cached_latents", lambda vae, paths, *a, **k: (encoded.append([p.name for p in paths]), real(vae, paths, *a, **k))[1])
+    config = quick_config(unet_steps=6, checkpoint_every=2, log_every=1, held_out_photos=2)
+    stop = threading.Event()
+    result = train(photo_session, config, base_sd1, progress=False, stop=stop,
+                   callback=lambda e: stop.set() if e.kind == "step" and e.step == 3 else None)
+    held = json.loads((photo_session.attempt_dir(result.attempt) / "held_out.json").read_text())
+    assert result.status == "interrupted" and held == ["photo-2.png", "photo-6.png"]  # spread over the 8
+    assert encoded[-1] == [f"photo-{i}.png" for i in (0, 1, 3, 4, 5, 7)]
+    subject_photo(9).save(photo_session.instance_dir / "photo-9.png")  # a new photo: the choice would differ now
+    train(photo_session, config, base_sd1, attempt=result.attempt, resume=True, progress=False)
+    assert encoded[-1] == [f"photo-{i}.png" for i in (0, 1, 3, 4, 5, 7, 9)]
+    child = train(photo_session, dataclasses.replace(config, parent=result.attempt), base_sd1, progress=False)
+    assert json.loads((photo_session.attempt_dir(child.attempt) / "held_out.json").read_text()) == held
+    assert "photo-2.png" not in encoded[-1] and "photo-6.png" not in encoded[-1]
+
+
+def test_held_out_photos_default_to_three_of_fifteen_and_refuse_too_few_left():
+    from dreamnb.data import Example, choose_held_out
+
+    def photos(n):
+        return [Example(path=Path(f"p{i:02d}.png"), caption=None) for i in range(n)]
+    assert choose_held_out(photos(14), -1) == []
+    assert choose_held_out(photos(15), -1) == ["p02.png", "p07.png", "p12.png"]
+    assert choose_held_out(photos(6), 0) == []
+    with pytest.raises(ConfigError, match="fewer than 5 to learn from"):
+        choose_held_out(photos(6), 2)
